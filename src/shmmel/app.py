@@ -1,0 +1,174 @@
+"""The Falcon WSGI app: resources take their backend through the constructor; library errors
+are mapped to HTTP statuses once, here; every error body is ``{"error": ..., "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import falcon
+
+from . import layout as L
+from .channel import Producer
+from .config import MAX_MESSAGE_BYTES, Config
+from .errors import BadRequest, RequestTimeout, ServiceUnavailable
+from .shm import Shm
+
+log = logging.getLogger("shmmel.http")
+
+MAX_JSON_BODY = 64 * 1024  # a 4 KiB message may grow six-fold as JSON \\u escapes
+
+
+def error_serializer(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    detail = exc.description
+    if not detail:
+        if exc.status_code == 404:
+            detail = f"no resource at {req.path}"
+        elif exc.status_code == 405:
+            detail = f"{req.method} is not allowed on {req.path}"
+        else:
+            detail = exc.title
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = json.dumps({"error": exc.title, "detail": detail}).encode()
+
+
+def _unavailable(req: Any, resp: Any, exc: ServiceUnavailable, params: Any) -> None:
+    raise falcon.HTTPServiceUnavailable(title="Service Unavailable", description=str(exc),
+                                        retry_after=exc.retry_after)
+
+
+def _timeout(req: Any, resp: Any, exc: RequestTimeout, params: Any) -> None:
+    raise falcon.HTTPGatewayTimeout(title="Gateway Timeout", description=str(exc))
+
+
+def _bad_request(req: Any, resp: Any, exc: BadRequest, params: Any) -> None:
+    raise falcon.HTTPBadRequest(title="Bad Request", description=str(exc))
+
+
+def _internal(req: Any, resp: Any, exc: Exception, params: Any) -> None:
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    raise falcon.HTTPInternalServerError(title="Internal Server Error",
+                                         description="unexpected error; see the service log")
+
+
+def require_media_type(req: falcon.Request, *types: str) -> str:
+    media = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media not in types:
+        raise falcon.HTTPUnsupportedMediaType(
+            title="Unsupported Media Type",
+            description=f"Content-Type must be {' or '.join(types)}, got {media or 'none'!r}")
+    return media
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    if req.content_length is not None and req.content_length > limit:
+        raise falcon.HTTPContentTooLarge(title="Content Too Large",
+                                         description=f"body is {req.content_length} bytes; "
+                                                     f"the limit is {limit}")
+    data = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise falcon.HTTPContentTooLarge(title="Content Too Large",
+                                         description=f"body exceeds {limit} bytes")
+    return data
+
+
+class ProcessResource:
+    """POST /process {"message": str, "op": "reverse"|"upper"|"prefix"} -> {"result": str}"""
+
+    def __init__(self, config: Config, producer: Producer) -> None:
+        self.config, self.producer = config, producer
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        require_media_type(req, falcon.MEDIA_JSON)
+        raw = read_body(req, MAX_JSON_BODY)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description=f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description="body must be a JSON object")
+        message = body.get("message")
+        if not isinstance(message, str):
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description='"message" is required and must be a string')
+        op = body.get("op", "reverse")
+        if op not in L.TEXT_OPS:
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description=f'"op" must be one of {", ".join(L.TEXT_OPS)}')
+        try:
+            data = message.encode("utf-8")
+        except UnicodeEncodeError:
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description='"message" is not valid Unicode '
+                                                    "(lone surrogate)") from None
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise falcon.HTTPContentTooLarge(
+                title="Content Too Large",
+                description=f'"message" is {len(data)} bytes of UTF-8; the limit is '
+                            f"{MAX_MESSAGE_BYTES}")
+        reply = self.producer.call(L.OP_TEXT, data, args=(L.TEXT_OPS.index(op),),
+                                   timeout=self.config.request_timeout)
+        if reply.status == L.R_BAD_INPUT:
+            raise BadRequest(reply.data.decode(errors="replace"))
+        if reply.status != L.R_OK:
+            raise RuntimeError(f"worker error: {reply.data.decode(errors='replace')}")
+        resp.media = {"result": reply.data.decode("utf-8")}
+
+
+class HealthResource:
+    """GET /healthz: the HTTP process is up."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class ReadyResource:
+    """GET /readyz: at least one worker is ready (engines, GPU included, initialised)."""
+
+    def __init__(self, shm: Shm) -> None:
+        self.shm = shm
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        w = self.shm.workers
+        ready = int((w["state"] == L.W_READY).sum())
+        body = {"ready": ready, "workers": len(w),
+                "state": L.INST_STATES.get(int(self.shm.header["state"]), "?")}
+        if ready == 0 or self.shm.header["state"] != L.INST_RUNNING:
+            resp.status = falcon.HTTP_503
+            resp.append_header("Retry-After", "1")
+            body["error"], body["detail"] = "Not Ready", "no worker is ready"
+        resp.media = body
+
+
+class CountRequests:
+    """Middleware: per-process request counter in the HTTP table, for `shmmel status`."""
+
+    def __init__(self, shm: Shm, row: int) -> None:
+        self.shm, self.row = shm, row
+        self._lock = threading.Lock()
+
+    def process_response(self, req: Any, resp: Any, resource: Any, req_succeeded: bool) -> None:
+        if self.row >= 0:
+            with self._lock:
+                self.shm.http["requests"][self.row] += 1
+
+
+def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> falcon.App:
+    app = falcon.App(middleware=[CountRequests(shm, row)])
+    app.req_options.strip_url_path_trailing_slash = True
+    app.set_error_serializer(error_serializer)
+    app.add_error_handler(Exception, _internal)
+    app.add_error_handler(ServiceUnavailable, _unavailable)
+    app.add_error_handler(RequestTimeout, _timeout)
+    app.add_error_handler(BadRequest, _bad_request)
+    app.add_route("/process", ProcessResource(config, producer))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(shm))
+    return app

@@ -1,0 +1,171 @@
+"""One frozen Config, resolved once and passed down.
+
+Precedence, highest first: command-line flags > config file (TOML) > environment
+(``SHMMEL_<NAME>``) > built-in defaults. Only :func:`resolve` reads the environment; the
+supervisor, the workers and the HTTP app receive the resulting :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+WorkerKind = Literal["auto", "cpu", "cuda"]
+INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+ENV_PREFIX = "SHMMEL_"
+MAX_MESSAGE_BYTES = 4096  # the /process contract: 4 KiB of UTF-8, counted in bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    instance: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    http_workers: int = 2
+    http_threads: int = 16
+    worker_kind: WorkerKind = "auto"
+    slots: int = 128
+    slot_bytes: int = 128 * 1024
+    queue_depth: int = 64
+    max_streams: int = 256
+    request_timeout: float = 30.0
+    stream_idle_timeout: float = 60.0
+    heartbeat_interval: float = 0.2
+    heartbeat_timeout: float = 30.0
+    boot_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
+    prefix: str = "shmmel: "
+    max_body_bytes: int = 64 * 1024 * 1024
+    log_file: str = ""
+    log_level: str = "info"
+    # Where each value came from ("default", "env", "file:<path>", "flag"); not part of equality.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def to_json(self) -> str:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+        data["sources"] = dict(self.sources)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        data = json.loads(text)
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+_SETTINGS = {f.name: f for f in fields(Config) if f.name != "sources"}
+
+
+def _validate(c: Config) -> None:
+    def need(cond: bool, name: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"invalid setting {name}={getattr(c, name)!r}: {what}")
+
+    need(bool(INSTANCE_RE.match(c.instance)), "instance", "use 1-40 of A-Z a-z 0-9 _ -")
+    need(0 <= c.port <= 65535, "port", "must be 0..65535")
+    need(1 <= c.workers <= 256, "workers", "must be 1..256")
+    need(1 <= c.http_workers <= 256, "http_workers", "must be 1..256")
+    need(1 <= c.http_threads <= 1024, "http_threads", "must be 1..1024")
+    need(c.worker_kind in ("auto", "cpu", "cuda"), "worker_kind", "must be auto, cpu or cuda")
+    need(2 <= c.slots <= 65536, "slots", "must be 2..65536")
+    need(16 * 1024 <= c.slot_bytes <= 64 * 1024 * 1024 and c.slot_bytes % 4096 == 0,
+         "slot_bytes", "must be a multiple of 4096 between 16 KiB and 64 MiB")
+    need(1 <= c.queue_depth <= 65536, "queue_depth", "must be 1..65536")
+    need(1 <= c.max_streams <= 65536, "max_streams", "must be 1..65536")
+    for name in ("request_timeout", "stream_idle_timeout", "heartbeat_timeout", "boot_timeout",
+                 "shutdown_timeout"):
+        need(getattr(c, name) > 0, name, "must be > 0 seconds")
+    need(0.01 <= c.heartbeat_interval <= 5, "heartbeat_interval", "must be 0.01..5 seconds")
+    need(c.heartbeat_timeout > 2 * c.heartbeat_interval, "heartbeat_timeout",
+         "must exceed twice heartbeat_interval")
+    need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
+    need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+    need(c.log_level in ("debug", "info", "warning", "error"), "log_level",
+         "must be debug, info, warning or error")
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    f = _SETTINGS.get(name)
+    if f is None:
+        raise ConfigError(f"unknown setting {name!r} (from {origin})")
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid setting {name}={value!r} (from {origin}): expected {kind}") from None
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    # Accept both a flat file and one with a [shmmel] table.
+    section = data.get("shmmel", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {p}: [shmmel] must be a table")
+    return section
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the Config: flags (None values ignored) > file > environment > defaults.
+
+    ``config_file`` falls back to ``SHMMEL_CONFIG`` from the environment.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {name: "default" for name in _SETTINGS}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in _SETTINGS:
+            values[name] = _coerce(name, raw, f"environment {key}")
+            sources[name] = "env"
+    path = config_file or env.get(ENV_PREFIX + "CONFIG") or None
+    if path:
+        for name, raw in load_file(path).items():
+            values[name] = _coerce(name, raw, f"file {path}")
+            sources[name] = f"file:{path}"
+    for name, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        values[name] = _coerce(name, raw, "command line")
+        sources[name] = "flag"
+    return Config(**values, sources=sources)

@@ -1,0 +1,208 @@
+"""The shared-memory layout: declared once here, imported by supervisor, workers and HTTP side.
+
+Two POSIX shared-memory segments and two families of semaphores per instance ``I``::
+
+    /shmmel.I.ctl    control segment (small, all metadata)
+    +--------------------+  offset 0
+    | HEADER             |  magic, version, sizes, pids, times, instance state
+    +--------------------+  CtlLayout.workers_off
+    | WORKER x workers   |  pid, kind, state, generation, heartbeat, counters
+    +--------------------+  CtlLayout.http_off
+    | HTTP   x MAX_HTTP  |  gunicorn worker processes: pid, start, requests
+    +--------------------+  CtlLayout.slots_off
+    | SLOT   x slots     |  request/response header of each data slot
+    +--------------------+  CtlLayout.streams_off
+    | STREAM x max_streams| audio stream table (owner worker, token, idle clock)
+    +--------------------+  CtlLayout.size
+
+    /shmmel.I.data   data segment: slots x slot_bytes of payload, page aligned, so a CUDA
+                     worker can register the whole mapping as pinned memory once.
+
+    /shmmel.I.w<k>   semaphore: doorbell of worker k (producers post after a submit)
+    /shmmel.I.s<j>   semaphore: reply of slot j (the worker posts when the slot is DONE)
+
+Every offset below derives from the numpy dtypes; ``tests/test_layout.py`` pins them, so a
+change here is a deliberate act (bump ``VERSION``).
+
+Slot life cycle (who writes ``state``)::
+
+    FREE --claim (producer, under the instance lock)--> CLAIMED
+    CLAIMED --submit (producer)--> SUBMITTED --take (worker)--> TAKEN --answer (worker)--> DONE
+    DONE/CLAIMED --release (producer)--> FREE
+
+Exactly one party may write a slot at each state, so no lock is held while a request is in
+flight: a worker killed at any instant holds nothing that others wait for. A waiting producer
+notices the death through the worker's generation (bumped by the supervisor when it reaps)
+and frees its slot itself. A slot whose producer died, or gave up waiting on a live worker, is
+marked orphaned (owner 0) and freed by the supervisor once it is DONE or its worker is gone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAGIC = b"SHMMEL\x00\x01"
+VERSION = 1
+MAX_HTTP = 64  # rows for gunicorn worker processes (respawned ones reuse dead rows)
+PAGE = 4096
+
+# instance state (HEADER.state)
+INST_STARTING, INST_RUNNING, INST_STOPPING = 0, 1, 2
+INST_STATES = {INST_STARTING: "starting", INST_RUNNING: "running", INST_STOPPING: "stopping"}
+
+# worker state (WORKER.state) and kind (WORKER.kind)
+W_EMPTY, W_BOOTING, W_READY, W_STOPPING, W_DEAD = 0, 1, 2, 3, 4
+W_STATES = {W_EMPTY: "empty", W_BOOTING: "booting", W_READY: "ready",
+            W_STOPPING: "stopping", W_DEAD: "dead"}
+K_NONE, K_CPU, K_CUDA = 0, 1, 2
+W_KINDS = {K_NONE: "-", K_CPU: "cpu", K_CUDA: "cuda"}
+
+# slot state (SLOT.state)
+S_FREE, S_CLAIMED, S_SUBMITTED, S_TAKEN, S_DONE = 0, 1, 2, 3, 4
+
+# slot ops (SLOT.op); the worker dispatches on these
+OP_PING = 0          # echo the payload (IPC benchmark)
+OP_TEXT = 1          # arg0 = text op (TEXT_OPS); payload UTF-8 in, UTF-8 out
+OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, arg1 = padding, stream = table index
+OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = final flag
+OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away)
+
+TEXT_OPS = ("reverse", "upper", "prefix")
+
+# audio sample formats (OP_AUDIO_PUSH arg0)
+FMT_S16LE, FMT_F32LE = 0, 1
+FMT_WIDTH = {FMT_S16LE: 2, FMT_F32LE: 4}
+
+# reply status (SLOT.status)
+R_OK, R_BAD_INPUT, R_ERROR = 0, 1, 2
+
+# stream table state (STREAM.state)
+ST_FREE, ST_OPEN, ST_CLOSED = 0, 1, 2
+
+HEADER = np.dtype([
+    ("magic", "S8"),
+    ("version", "<u4"),
+    ("state", "<u4"),
+    ("n_workers", "<u4"),
+    ("n_slots", "<u4"),
+    ("slot_bytes", "<u4"),
+    ("max_streams", "<u4"),
+    ("supervisor_pid", "<i8"),
+    ("gunicorn_pid", "<i8"),
+    ("started_wall", "<f8"),
+    ("started_mono", "<f8"),
+    ("port", "<u4"),
+    ("http_workers", "<u4"),
+    ("host", "S64"),
+    ("instance", "S48"),
+], align=True)
+
+WORKER = np.dtype([
+    ("pid", "<i8"),
+    ("kind", "<u4"),
+    ("state", "<u4"),
+    ("gen", "<u4"),
+    ("device", "<i4"),
+    ("restarts", "<u4"),
+    ("streams", "<u4"),      # open audio streams held by this worker
+    ("heartbeat", "<f8"),    # time.monotonic() of the last loop (CLOCK_MONOTONIC: system wide)
+    ("started", "<f8"),
+    ("served", "<u8"),       # requests answered
+    ("errors", "<u8"),       # requests answered with an error status
+    ("batches", "<u8"),      # worker wake-ups that found work
+    ("busy_s", "<f8"),       # seconds spent computing
+], align=True)
+
+HTTP = np.dtype([
+    ("pid", "<i8"),
+    ("started", "<f8"),
+    ("requests", "<u8"),
+], align=True)
+
+SLOT = np.dtype([
+    ("state", "<u4"),
+    ("op", "<u4"),
+    ("worker", "<u4"),
+    ("gen", "<u4"),
+    ("seq", "<u8"),          # request id, unique per instance run: (pid << 32) | counter
+    ("resp_seq", "<u8"),     # the seq the reply answers; a stale wake-up is told apart by it
+    ("owner", "<i8"),        # producer pid; 0 = orphaned (freed by the supervisor)
+    ("req_len", "<u4"),
+    ("resp_len", "<u4"),
+    ("status", "<u4"),
+    ("stream", "<i4"),       # stream table index or -1
+    ("arg0", "<i8"),
+    ("arg1", "<i8"),
+    ("arg2", "<i8"),
+    ("arg3", "<i8"),
+    ("r0", "<i8"),           # op-specific reply integers (frame offset, frame count)
+    ("r1", "<i8"),
+    ("f0", "<f8"),           # op-specific reply floats (running max)
+    ("f1", "<f8"),
+    ("t_submit", "<f8"),     # time.monotonic() stamps, for the latency breakdown
+    ("t_taken", "<f8"),
+    ("t_done", "<f8"),
+], align=True)
+
+STREAM = np.dtype([
+    ("state", "<u4"),
+    ("worker", "<u4"),
+    ("gen", "<u4"),
+    ("n_mels", "<u4"),
+    ("token", "<u8"),        # random; the public stream id is "<index>-<token hex>"
+    ("last_used", "<f8"),    # time.monotonic()
+    ("frames", "<i8"),
+    ("samples", "<i8"),
+    ("busy", "<i8"),         # pid of the HTTP process using it now, 0 when idle
+], align=True)
+
+
+def _align(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+class CtlLayout:
+    """Offsets of the control segment for given sizes (all derived from the dtypes above)."""
+
+    def __init__(self, n_workers: int, n_slots: int, max_streams: int) -> None:
+        self.n_workers, self.n_slots, self.max_streams = n_workers, n_slots, max_streams
+        self.header_off = 0
+        self.workers_off = _align(HEADER.itemsize)
+        self.http_off = _align(self.workers_off + WORKER.itemsize * n_workers)
+        self.slots_off = _align(self.http_off + HTTP.itemsize * MAX_HTTP)
+        self.streams_off = _align(self.slots_off + SLOT.itemsize * n_slots)
+        self.size = _align(self.streams_off + STREAM.itemsize * max_streams, PAGE)
+
+    def views(self, buf) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(header record, workers, http, slots, streams) as numpy views over ``buf``."""
+        header = np.frombuffer(buf, HEADER, 1, self.header_off)
+        workers = np.frombuffer(buf, WORKER, self.n_workers, self.workers_off)
+        http = np.frombuffer(buf, HTTP, MAX_HTTP, self.http_off)
+        slots = np.frombuffer(buf, SLOT, self.n_slots, self.slots_off)
+        streams = np.frombuffer(buf, STREAM, self.max_streams, self.streams_off)
+        return header, workers, http, slots, streams
+
+
+def data_size(n_slots: int, slot_bytes: int) -> int:
+    return n_slots * slot_bytes
+
+
+# Names. Instance names cannot contain ".", so "shmmel.<instance>." prefixes never collide.
+def prefix(instance: str) -> str:
+    return f"shmmel.{instance}."
+
+
+def ctl_name(instance: str) -> str:
+    return f"/{prefix(instance)}ctl"
+
+
+def data_name(instance: str) -> str:
+    return f"/{prefix(instance)}data"
+
+
+def doorbell_name(instance: str, worker: int) -> str:
+    return f"/{prefix(instance)}w{worker}"
+
+
+def reply_name(instance: str, slot: int) -> str:
+    return f"/{prefix(instance)}s{slot}"

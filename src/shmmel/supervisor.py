@@ -1,0 +1,345 @@
+"""The supervisor: owns the shared memory, forks compute workers, runs gunicorn in a child.
+
+Shaped after gunicorn's arbiter and uvicorn's multiprocess supervisor: signal handlers only
+record the signal (and wake the loop through a pipe); one loop acts::
+
+    while running: wait(); handle_signals(); reap(); check_workers(); keep_workers_alive();
+                   reclaim()
+
+gunicorn runs in a child of its own (its arbiter reaps every child of its process, so it must
+not share a process with our workers), in its own process group so a terminal's Ctrl-C reaches
+only the supervisor, which then shuts everything down in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from types import FrameType
+
+import numpy as np
+
+from . import layout as L
+from .channel import pid_alive
+from .config import Config
+from .errors import BootError
+from .shm import Shm, unlink_instance
+from .worker import EXIT_BOOT_FAILED, set_parent_death_signal, worker_main
+
+log = logging.getLogger("shmmel.supervisor")
+
+CRASH_WINDOW = 60.0   # seconds
+CRASH_LIMIT = 10      # respawns of one worker within CRASH_WINDOW before giving up
+RECLAIM_EVERY = 0.5   # seconds between sweeps for orphaned slots and streams
+
+
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise BootError(f"cannot listen on {host}:{port}: the port is in use") from None
+        raise BootError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.shm: Shm | None = None
+        self.sock: socket.socket | None = None
+        self.pids: dict[int, int] = {}          # worker pid -> index
+        self.gunicorn_pid = 0
+        self.gunicorn_pgid = 0  # kept after the arbiter is reaped, to sweep its workers
+        self.signals: list[int] = []
+        self.running = True
+        self.exit_code = 0
+        self.failure = ""
+        self.crashes: dict[int, list[float]] = {}
+        self._wake_r = self._wake_w = -1
+        self._next_reclaim = 0.0
+
+    # -- signals: record only ----------------------------------------------------------------
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._record)
+
+    def _reset_signals_in_child(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        c = self.config
+        self.sock = bind_socket(c.host, c.port)
+        port = self.sock.getsockname()[1]
+        self.shm = Shm.create(c)
+        h = self.shm.header
+        h["supervisor_pid"] = os.getpid()
+        h["started_wall"] = time.time()
+        h["started_mono"] = time.monotonic()
+        h["port"] = port
+        h["state"] = L.INST_STARTING
+        self._install_signals()
+        log.info("instance %s: %d workers, %d slots x %d KiB, listening on %s:%d",
+                 c.instance, c.workers, c.slots, c.slot_bytes // 1024, c.host, port)
+        for k in range(c.workers):
+            self.spawn_worker(k)
+        self.spawn_gunicorn()
+        h["state"] = L.INST_RUNNING
+
+    def spawn_worker(self, k: int) -> None:
+        assert self.shm is not None
+        rec = self.shm.workers[k : k + 1]
+        gen = int(rec["gen"][0]) + 1
+        rec["gen"] = gen
+        rec["state"] = L.W_BOOTING
+        rec["kind"] = L.K_NONE
+        rec["heartbeat"] = time.monotonic()
+        rec["started"] = time.monotonic()
+        rec["streams"] = 0
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # child
+            self._reset_signals_in_child()
+            os.setpgid(0, 0)
+            if self.sock is not None:
+                self.sock.close()
+            worker_main(self.config, self.shm, k, gen, parent)
+        rec["pid"] = pid
+        self.pids[pid] = k
+        log.info("spawned worker %d (pid %d, gen %d)", k, pid, gen)
+
+    def spawn_gunicorn(self) -> None:
+        assert self.sock is not None
+        fd = self.sock.fileno()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                self._reset_signals_in_child()
+                os.setpgid(0, 0)
+                set_parent_death_signal(signal.SIGTERM)
+                from .server import GunicornServer
+
+                GunicornServer(self.config, fd).run()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001
+                log.exception("gunicorn failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.gunicorn_pid = self.gunicorn_pgid = pid
+        assert self.shm is not None
+        self.shm.header["gunicorn_pid"] = pid
+        log.info("spawned gunicorn (pid %d) with %d HTTP workers", pid, self.config.http_workers)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, supervise until told to stop, shut down; return the exit code."""
+        try:
+            self.start()
+            while self.running:
+                self.wait(0.1)
+                self.handle_signals()
+                self.reap()
+                if not self.running:
+                    break
+                self.check_workers()
+                self.reclaim()
+        finally:
+            self.shutdown()
+        if self.failure:
+            log.error("stopped: %s", self.failure)
+        return self.exit_code
+
+    def wait(self, timeout: float) -> None:
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select([self._wake_r], [], [], timeout)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s, shutting down", signal.Signals(sig).name)
+                self.running = False
+            elif sig == signal.SIGHUP:
+                log.info("received SIGHUP: ignored (restart the service to reload config)")
+
+    def fail(self, message: str) -> None:
+        self.failure = message
+        self.exit_code = 1
+        self.running = False
+
+    def reap(self) -> None:
+        assert self.shm is not None
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.gunicorn_pid:
+                self.gunicorn_pid = 0
+                if self.running:
+                    code = os.waitstatus_to_exitcode(status)
+                    self.fail(f"the HTTP server (gunicorn) exited unexpectedly (code {code}); "
+                              "see its error above")
+                continue
+            k = self.pids.pop(pid, None)
+            if k is None:
+                continue
+            rec = self.shm.workers[k : k + 1]
+            was = int(rec["state"][0])
+            rec["state"] = L.W_DEAD
+            rec["gen"] += 1  # invalidates requests queued on the dead generation
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0:
+                name = signal.Signals(-code).name
+                (log.error if -code == signal.SIGKILL else log.warning)(
+                    "worker %d (pid %d) killed by %s", k, pid, name)
+            elif self.running:
+                log.warning("worker %d (pid %d) exited with code %d", k, pid, code)
+            if not self.running:
+                continue
+            if code == EXIT_BOOT_FAILED or was == L.W_BOOTING:
+                self.fail(f"worker {k} could not boot (exit code {code}); see the log above")
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.crashes.get(k, []) if now - t < CRASH_WINDOW] + [now]
+            self.crashes[k] = recent
+            if len(recent) > CRASH_LIMIT:
+                self.fail(f"worker {k} died {len(recent)} times within {CRASH_WINDOW:.0f} s")
+                continue
+            rec["restarts"] += 1
+            self.spawn_worker(k)
+
+    def check_workers(self) -> None:
+        """Kill workers that stopped beating (stuck) or never finished booting."""
+        assert self.shm is not None
+        now = time.monotonic()
+        w = self.shm.workers
+        for pid, k in list(self.pids.items()):
+            state, beat = int(w["state"][k]), float(w["heartbeat"][k])
+            if state == L.W_READY and now - beat > self.config.heartbeat_timeout:
+                log.error("worker %d (pid %d): no heartbeat for %.1f s, killing it", k, pid,
+                          now - beat)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            elif state == L.W_BOOTING and now - float(w["started"][k]) > self.config.boot_timeout:
+                log.error("worker %d (pid %d) did not boot within %.0f s", k, pid,
+                          self.config.boot_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def reclaim(self) -> None:
+        """Free slots whose producer died or gave up, and streams whose worker died."""
+        now = time.monotonic()
+        if now < self._next_reclaim:
+            return
+        self._next_reclaim = now + RECLAIM_EVERY
+        assert self.shm is not None
+        s, w = self.shm.slots, self.shm.workers
+        busy = np.flatnonzero(s["state"] != L.S_FREE)
+        for j in busy.tolist():
+            owner = int(s["owner"][j])
+            if owner and pid_alive(owner):
+                continue
+            state = int(s["state"][j])
+            k = int(s["worker"][j])
+            worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
+            if state in (L.S_CLAIMED, L.S_DONE) or worker_gone:
+                s["state"][j] = L.S_FREE
+        t = self.shm.streams
+        for k in np.flatnonzero(t["state"] != L.ST_FREE).tolist():
+            wk = int(t["worker"][k])
+            if wk >= len(w) or int(w["gen"][wk]) != int(t["gen"][k]):
+                t["state"][k] = L.ST_FREE
+        h = self.shm.http
+        for r in np.flatnonzero(h["pid"] != 0).tolist():
+            if not pid_alive(int(h["pid"][r])):
+                h["pid"][r] = 0
+
+    # -- stop --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Graceful: HTTP first (finishes in-flight requests), then workers, then unlink."""
+        if self.shm is None:
+            if self.sock is not None:
+                self.sock.close()
+            return
+        c = self.config
+        self.shm.header["state"] = L.INST_STOPPING
+        if self.gunicorn_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.gunicorn_pid, signal.SIGTERM)
+            if not self._wait_pid(self.gunicorn_pid, c.shutdown_timeout + 2.0):
+                log.error("gunicorn did not stop within %.0f s, killing it", c.shutdown_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.gunicorn_pid, signal.SIGKILL)
+                self._wait_pid(self.gunicorn_pid, 2.0)
+        # gunicorn's workers are in its process group; none may survive the arbiter
+        if self.gunicorn_pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.gunicorn_pgid, signal.SIGKILL)
+        if self.sock is not None:
+            self.sock.close()
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for pid in list(self.pids):
+            if not self._wait_pid(pid, max(0.0, deadline - time.monotonic())):
+                log.error("worker pid %d did not exit, killing it", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._wait_pid(pid, 2.0)
+        for k in range(len(self.shm.workers)):
+            self.shm.workers["state"][k] = L.W_DEAD
+        self.pids.clear()
+        self.shm.close()
+        unlink_instance(c.instance)
+        self.shm = None
+        log.info("instance %s stopped; shared memory unlinked", c.instance)
+
+    def _wait_pid(self, pid: int, timeout: float) -> bool:
+        """Reap ``pid`` within ``timeout``; True when it is gone."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return True
+            if done == pid:
+                self.pids.pop(pid, None)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)

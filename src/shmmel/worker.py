@@ -1,0 +1,167 @@
+"""Compute worker: runs in a child forked by the supervisor.
+
+One loop: wait on the doorbell (timeout = heartbeat interval), stamp the heartbeat, take every
+slot submitted to this worker, answer each. Signal handlers only record. CUDA (through the mel
+engine) is initialised here, after the fork, never in the supervisor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from types import FrameType
+
+from . import layout as L
+from .channel import Inbox
+from .config import Config
+from .shm import Shm
+
+log = logging.getLogger("shmmel.worker")
+
+EXIT_OK = 0
+EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to signal us when the parent (the supervisor) dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the getppid() check in the loop remains
+        pass
+
+
+def text_result(op: str, message: str, prefix: str) -> str:
+    if op == "reverse":
+        return message[::-1]
+    if op == "upper":
+        return message.upper()
+    if op == "prefix":
+        return prefix + message
+    raise ValueError(f"unknown op {op!r}")
+
+
+class Worker:
+    def __init__(self, config: Config, shm: Shm, index: int, gen: int, parent: int) -> None:
+        self.config, self.shm, self.index, self.gen, self.parent = config, shm, index, gen, parent
+        self.rec = shm.workers[index : index + 1]
+        self.inbox = Inbox(shm, index, gen)
+        self.stop_signal: int | None = None
+        self.engine = None
+        self.audio = None
+        self.kind = L.K_CPU
+
+    # -- signals: record only ---------------------------------------------------------------
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def boot(self) -> None:
+        """Initialise the compute engine. Raises on failure (the caller exits EXIT_BOOT_FAILED)."""
+        want = self.config.worker_kind
+        from .engine import create_worker_engine  # imports CuPy, if at all, only here
+
+        self.engine, self.kind, device = create_worker_engine(want, self.index)
+        self.rec["kind"] = self.kind
+        self.rec["device"] = device
+        from .audio_worker import AudioStreams
+
+        self.audio = AudioStreams(self.config, self.shm, self.index, self.gen, self.engine)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._record)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        set_parent_death_signal()
+        self.rec["heartbeat"] = time.monotonic()
+        try:
+            self.boot()
+        except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
+            log.error("worker %d failed to boot: %s", self.index, exc)
+            return EXIT_BOOT_FAILED
+        self.rec["state"] = L.W_READY
+        log.info("worker %d ready (%s, gen %d)", self.index, L.W_KINDS[self.kind], self.gen)
+        interval = self.config.heartbeat_interval
+        rec = self.rec
+        while self.stop_signal is None:
+            woke = self.inbox.wait(interval)
+            now = time.monotonic()
+            rec["heartbeat"] = now
+            if os.getppid() != self.parent:
+                log.error("worker %d: supervisor is gone, exiting", self.index)
+                break
+            if woke:
+                self.serve_pending()
+            if self.audio is not None:
+                self.audio.expire(now)
+        rec["state"] = L.W_STOPPING
+        self.serve_pending()  # answer what was already submitted
+        if self.audio is not None:
+            self.audio.close()
+        if self.engine is not None:
+            self.engine.close()
+        log.info("worker %d exiting (signal %s)", self.index, self.stop_signal)
+        return EXIT_OK
+
+    def serve_pending(self) -> None:
+        taken = self.inbox.pending()
+        if not taken:
+            return
+        t0 = time.perf_counter()
+        slots = self.shm.slots
+        audio: list[int] = []
+        errors = 0
+        for j in taken:
+            op = int(slots["op"][j])
+            if op == L.OP_TEXT:
+                errors += self.serve_text(j)
+            elif op == L.OP_PING:
+                self.inbox.answer(j, L.R_OK, int(slots["req_len"][j]))
+            elif op in (L.OP_AUDIO_OPEN, L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE) and self.audio:
+                audio.append(j)
+            else:
+                errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
+        if audio:
+            errors += self.audio.serve(audio, self.inbox)
+        rec = self.rec
+        rec["served"] += len(taken)
+        rec["errors"] += errors
+        rec["batches"] += 1
+        rec["busy_s"] += time.perf_counter() - t0
+
+    def fail(self, j: int, status: int, message: str) -> int:
+        data = message.encode()[: self.shm.slot_bytes]
+        self.shm.payload[j, : len(data)] = memoryview(data)
+        self.inbox.answer(j, status, len(data))
+        return 1
+
+    def serve_text(self, j: int) -> int:
+        slots = self.shm.slots
+        n = int(slots["req_len"][j])
+        try:
+            message = bytes(self.shm.payload[j, :n]).decode("utf-8")
+            op = L.TEXT_OPS[int(slots["arg0"][j])]
+        except (UnicodeDecodeError, IndexError) as exc:
+            return self.fail(j, L.R_BAD_INPUT, str(exc))
+        out = text_result(op, message, self.config.prefix).encode("utf-8")
+        if len(out) > self.shm.slot_bytes:
+            return self.fail(j, L.R_ERROR, "result larger than a slot")
+        self.shm.payload[j, : len(out)] = memoryview(out)
+        self.inbox.answer(j, L.R_OK, len(out))
+        return 0
+
+
+def worker_main(config: Config, shm: Shm, index: int, gen: int, parent: int) -> None:
+    """Entry point in the forked child. Never returns."""
+    code = 1
+    try:
+        code = Worker(config, shm, index, gen, parent).run()
+    except BaseException:  # noqa: BLE001
+        log.exception("worker %d crashed", index)
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

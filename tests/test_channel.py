@@ -1,0 +1,185 @@
+"""The request/response channel with real processes: many producers, many consumers, kills."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+from shmmel import layout as L
+from shmmel.channel import Inbox, Producer
+from shmmel.config import Config
+from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied
+from shmmel.shm import Shm, instance_names
+
+
+@pytest.fixture
+def shm():
+    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=3, slots=32,
+                    slot_bytes=16 * 1024)
+    shm = Shm.create(config)
+    children: list[int] = []
+    shm.children = children  # type: ignore[attr-defined]
+    try:
+        yield shm
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        shm.close()
+        shm.unlink()
+        assert instance_names(config.instance) == []
+
+
+def fork(shm, fn) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    shm.children.append(pid)
+    return pid
+
+
+def echo_worker(shm: Shm, k: int, gen: int, delay: float = 0.0) -> int:
+    """Answers each request with reversed payload + "|k"; exits when its generation changes."""
+    inbox = Inbox(shm, k, gen)
+    while shm.workers["gen"][k] == gen:
+        if not inbox.wait(0.05):
+            continue
+        for j in inbox.pending():
+            n = int(shm.slots["req_len"][j])
+            out = bytes(shm.payload[j, :n])[::-1] + b"|%d" % k
+            if delay:
+                time.sleep(delay)
+            shm.payload[j, : len(out)] = memoryview(out)
+            inbox.answer(j, L.R_OK, len(out), r0=int(shm.slots["seq"][j]))
+    return 0
+
+
+def start_workers(shm: Shm, n: int, delay: float = 0.0) -> list[int]:
+    pids = []
+    for k in range(n):
+        shm.workers["gen"][k] = 1
+        shm.workers["state"][k] = L.W_READY
+        pids.append(fork(shm, lambda k=k: echo_worker(shm, k, 1, delay)))
+    return pids
+
+
+def test_many_producer_processes_and_threads_each_get_their_own_reply(shm):
+    start_workers(shm, 3)
+
+    def producer_process() -> int:
+        mine = Shm.attach(shm.instance)
+        prod = Producer(mine, queue_depth=64)
+        bad: list[str] = []
+
+        def run(t: int) -> None:
+            rng = random.Random(os.getpid() * 100 + t)
+            for i in range(150):
+                payload = f"{os.getpid()}:{t}:{i}:".encode() + rng.randbytes(rng.randrange(0, 2000))
+                try:
+                    reply = prod.call(L.OP_PING, payload, timeout=10)
+                except ServiceUnavailable:
+                    continue  # all slots busy is a legal answer under this load
+                body, _, k = reply.data.rpartition(b"|")
+                if body != payload[::-1] or not 0 <= int(k) < 3:
+                    bad.append(f"mismatch at {t}:{i}")
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return 3 if bad else 0
+
+    producers = [fork(shm, producer_process) for _ in range(4)]
+    for pid in producers:
+        _, status = os.waitpid(pid, 0)
+        shm.children.remove(pid)
+        assert os.waitstatus_to_exitcode(status) == 0
+    # every slot went back to FREE, every worker queue is empty
+    assert (shm.slots["state"] == L.S_FREE).all()
+    prod = Producer(shm, queue_depth=64)
+    assert prod.queue_depths().sum() == 0
+    assert prod.call(L.OP_PING, b"abc", timeout=5).data.startswith(b"cba|")
+
+
+def test_killed_worker_gives_worker_died_and_frees_the_slot(shm):
+    pids = start_workers(shm, 1, delay=5.0)  # takes the request, then sleeps: we kill it
+    prod = Producer(shm, queue_depth=8)
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        t0 = time.monotonic()
+        try:
+            prod.call(L.OP_PING, b"x", timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            result["exc"] = exc
+        result["elapsed"] = time.monotonic() - t0
+
+    th = threading.Thread(target=call)
+    th.start()
+    deadline = time.monotonic() + 5
+    while (shm.slots["state"] != L.S_TAKEN).all() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (shm.slots["state"] == L.S_TAKEN).sum() == 1
+    os.kill(pids[0], signal.SIGKILL)
+    os.waitpid(pids[0], 0)
+    shm.children.remove(pids[0])
+    killed_at = time.monotonic()
+    # what the supervisor does when it reaps a worker
+    shm.workers["state"][0] = L.W_DEAD
+    shm.workers["gen"][0] += 1
+    th.join(5)
+    assert not th.is_alive()
+    assert isinstance(result["exc"], WorkerDied)
+    assert time.monotonic() - killed_at < 1.0
+    assert (shm.slots["state"] == L.S_FREE).all()
+
+
+def test_timeout_orphans_the_slot_instead_of_reusing_it(shm):
+    start_workers(shm, 1, delay=0.6)
+    prod = Producer(shm, queue_depth=8)
+    with pytest.raises(RequestTimeout):
+        prod.call(L.OP_PING, b"slow", timeout=0.2)
+    taken = (shm.slots["state"] != L.S_FREE) & (shm.slots["owner"] == 0)
+    assert taken.sum() == 1  # orphaned, not freed: the worker still writes into it
+    # a new request gets another slot and its own answer, never the late one
+    assert prod.call(L.OP_PING, b"next", timeout=5).data == b"txen|0"
+
+
+def test_no_worker_and_full_queue_are_unavailable(shm):
+    prod = Producer(shm, queue_depth=1)
+    with pytest.raises(ServiceUnavailable, match="no live worker"):
+        prod.pick_worker()
+    shm.workers["state"][0] = L.W_READY
+    slot = prod.claim()
+    slot.submit(0, int(shm.workers["gen"][0]), L.OP_PING, 0, prod.next_seq())
+    with pytest.raises(ServiceUnavailable, match="queues are full"):
+        prod.pick_worker()
+    slot.release()
+
+
+def test_slots_exhausted_is_unavailable(shm):
+    prod = Producer(shm, queue_depth=8)
+    held = [prod.claim() for _ in range(len(shm.slots))]
+    assert len({s.index for s in held}) == len(shm.slots)
+    with pytest.raises(ServiceUnavailable, match="slots are busy"):
+        prod.claim()
+    for s in held:
+        s.release()
+    prod.claim().release()
