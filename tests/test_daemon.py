@@ -82,7 +82,8 @@ def test_health_and_status(daemon):
     assert all(w["state"] == "ready" and pid_alive(w["pid"]) for w in info["workers"])
     assert all(w["heartbeat_age_s"] < 2 for w in info["workers"])
     assert len(info["http"]) == 2
-    assert info["slots"]["free"] == info["slots"]["total"]
+    slots = info["slots"]
+    assert slots["free"] + slots["parked"] == slots["total"] == 128
     text = run_cli("status", "--instance", daemon.instance, env=daemon.env).stdout
     assert "workers" in text and str(info["pid"]) in text
 
@@ -162,7 +163,8 @@ def test_sigkill_of_a_worker_mid_traffic(daemon_factory):
     assert "killed by SIGKILL" in d.log()
     # the service answers normally afterwards, and no slot was lost
     assert d.post_json("/process", {"message": "after"}) == (200, {"result": "retfa"})
-    wait_for(lambda: d.status()["slots"]["free"] == 128, timeout=3, what="all slots free")
+    wait_for(lambda: (lambda s: s["free"] + s["parked"] == 128)(d.status()["slots"]),
+             timeout=3, what="every slot free or parked")
 
 
 def test_down_leaves_nothing_behind(daemon_factory, tmp_path):

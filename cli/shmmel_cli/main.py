@@ -115,7 +115,7 @@ def status(
         h.add_row(str(p["pid"]), str(p["requests"]), f"{p['age_s']:.0f} s")
     out.print(h)
     s = info["slots"]
-    out.print(f"slots: {s['free']}/{s['total']} free, {s['queued']} queued, {s['working']} "
+    out.print(f"slots: {s['free']}/{s['total']} free, {s['parked']} parked, {s['queued']} queued, {s['working']} "
               f"working, {s['orphaned']} orphaned ({s['bytes'] // 1024} KiB each); streams: "
               f"{info['streams']['open']}/{info['streams']['max']} open", highlight=False)
 

@@ -179,8 +179,8 @@ def snapshot(shm: Shm) -> dict[str, Any]:
     h = shm.header
     s = shm.slots
     st = s["state"]
-    active = (st == L.S_SUBMITTED) | (st == L.S_TAKEN)
-    depth = np.bincount(s["worker"][active], minlength=len(shm.workers))
+    queued = st >= L.S_QUEUED_MIN
+    depth = np.bincount(st[queued] & 0xFF, minlength=len(shm.workers))
     workers = []
     for k, w in enumerate(shm.workers):
         workers.append({
@@ -208,8 +208,11 @@ def snapshot(shm: Shm) -> dict[str, Any]:
         "http": http,
         "slots": {
             "total": len(s), "free": int((st == L.S_FREE).sum()),
-            "claimed": int((st == L.S_CLAIMED).sum()), "queued": int((st == L.S_SUBMITTED).sum()),
-            "working": int((st == L.S_TAKEN).sum()), "done": int((st == L.S_DONE).sum()),
+            "parked": int((st == L.S_PARKED).sum()),  # idle in an HTTP process's local pool
+            "claimed": int((st == L.S_CLAIMED).sum()),
+            "queued": int(((st & 0xF00) == L.S_SUBMITTED).sum()),
+            "working": int(((st & 0xF00) == L.S_TAKEN).sum()),
+            "done": int((st == L.S_DONE).sum()),
             "orphaned": int(((st != L.S_FREE) & (s["owner"] == 0)).sum()),
             "bytes": shm.slot_bytes,
         },

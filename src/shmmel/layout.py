@@ -27,8 +27,9 @@ change here is a deliberate act (bump ``VERSION``).
 Slot life cycle (who writes ``state``)::
 
     FREE --claim (producer, under the instance lock)--> CLAIMED
-    CLAIMED --submit (producer)--> SUBMITTED --take (worker)--> TAKEN --answer (worker)--> DONE
-    DONE/CLAIMED --release (producer)--> FREE
+    CLAIMED --submit (producer)--> SUBMITTED|k --take (worker k)--> TAKEN|k --answer--> DONE
+    DONE/CLAIMED --release (producer)--> PARKED (its process-local pool, reused without the
+    lock) or FREE when that pool is full
 
 Exactly one party may write a slot at each state, so no lock is held while a request is in
 flight: a worker killed at any instant holds nothing that others wait for. A waiting producer
@@ -57,8 +58,11 @@ W_STATES = {W_EMPTY: "empty", W_BOOTING: "booting", W_READY: "ready",
 K_NONE, K_CPU, K_CUDA = 0, 1, 2
 W_KINDS = {K_NONE: "-", K_CPU: "cpu", K_CUDA: "cuda"}
 
-# slot state (SLOT.state)
-S_FREE, S_CLAIMED, S_SUBMITTED, S_TAKEN, S_DONE = 0, 1, 2, 3, 4
+# slot state (SLOT.state). SUBMITTED and TAKEN carry the target worker in their low byte, so
+# a worker finds its work, and a producer a worker's queue depth, with one vectorised compare.
+S_FREE, S_CLAIMED, S_PARKED, S_DONE = 0, 1, 2, 4  # PARKED: in a producer's local pool
+S_SUBMITTED, S_TAKEN = 0x100, 0x200   # | worker index (workers <= 256)
+S_QUEUED_MIN = S_SUBMITTED            # state >= this: queued on (state & 0xFF)
 
 # slot ops (SLOT.op); the worker dispatches on these
 OP_PING = 0          # echo the payload (IPC benchmark)

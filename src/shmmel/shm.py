@@ -46,6 +46,7 @@ class Shm:
         self.payload = np.frombuffer(self._data_map, np.uint8).reshape(self.layout.n_slots,
                                                                        self.slot_bytes)
         self.data_view = memoryview(self._data_map)
+        self.ctl_view = memoryview(self._ctl_map)  # for struct access on hot paths
         self.doorbells = [posix_ipc.Semaphore(L.doorbell_name(instance, k))
                           for k in range(self.layout.n_workers)]
         self.replies = [posix_ipc.Semaphore(L.reply_name(instance, j))
@@ -151,6 +152,7 @@ class Shm:
         self.header = self.workers = self.http = self.slots = self.streams = None  # type: ignore[assignment]
         self.payload = None  # type: ignore[assignment]
         self.data_view.release()
+        self.ctl_view.release()
         self._unmap()
         for s in (self._ctl_shm, self._data_shm):
             with contextlib.suppress(posix_ipc.Error):

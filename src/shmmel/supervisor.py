@@ -276,7 +276,7 @@ class Supervisor:
             state = int(s["state"][j])
             k = int(s["worker"][j])
             worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
-            if state in (L.S_CLAIMED, L.S_DONE) or worker_gone:
+            if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
                 s["state"][j] = L.S_FREE
         t = self.shm.streams
         for k in np.flatnonzero(t["state"] != L.ST_FREE).tolist():

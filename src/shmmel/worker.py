@@ -11,6 +11,7 @@ import ctypes
 import logging
 import os
 import signal
+import struct
 import sys
 import time
 from types import FrameType
@@ -21,6 +22,11 @@ from .config import Config
 from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
+
+_WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
+_F64 = struct.Struct("<d")
+_COUNTERS = struct.Struct("<QQQd")  # served, errors, batches, busy_s
+assert _WO["busy_s"] == _WO["served"] + 24
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
@@ -49,6 +55,9 @@ class Worker:
     def __init__(self, config: Config, shm: Shm, index: int, gen: int, parent: int) -> None:
         self.config, self.shm, self.index, self.gen, self.parent = config, shm, index, gen, parent
         self.rec = shm.workers[index : index + 1]
+        self._w_off = shm.layout.workers_off + index * L.WORKER.itemsize
+        self.served = self.errors = self.batches = 0
+        self.busy_s = 0.0
         self.inbox = Inbox(shm, index, gen)
         self.stop_signal: int | None = None
         self.engine = None
@@ -85,10 +94,11 @@ class Worker:
         log.info("worker %d ready (%s, gen %d)", self.index, L.W_KINDS[self.kind], self.gen)
         interval = self.config.heartbeat_interval
         rec = self.rec
+        ctl, beat_off = self.shm.ctl_view, self._w_off + _WO["heartbeat"]
         while self.stop_signal is None:
             woke = self.inbox.wait(interval)
             now = time.monotonic()
-            rec["heartbeat"] = now
+            _F64.pack_into(ctl, beat_off, now)
             if os.getppid() != self.parent:
                 log.error("worker %d: supervisor is gone, exiting", self.index)
                 break
@@ -110,26 +120,26 @@ class Worker:
         if not taken:
             return
         t0 = time.perf_counter()
-        slots = self.shm.slots
         audio: list[int] = []
         errors = 0
         for j in taken:
-            op = int(slots["op"][j])
+            op, req_len, _stream, arg0, *_ = self.inbox.request(j)
             if op == L.OP_TEXT:
-                errors += self.serve_text(j)
+                errors += self.serve_text(j, req_len, arg0)
             elif op == L.OP_PING:
-                self.inbox.answer(j, L.R_OK, int(slots["req_len"][j]))
+                self.inbox.answer(j, L.R_OK, req_len)
             elif op in (L.OP_AUDIO_OPEN, L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE) and self.audio:
                 audio.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
         if audio:
             errors += self.audio.serve(audio, self.inbox)
-        rec = self.rec
-        rec["served"] += len(taken)
-        rec["errors"] += errors
-        rec["batches"] += 1
-        rec["busy_s"] += time.perf_counter() - t0
+        self.served += len(taken)
+        self.errors += errors
+        self.batches += 1
+        self.busy_s += time.perf_counter() - t0
+        _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
+                            self.errors, self.batches, self.busy_s)
 
     def fail(self, j: int, status: int, message: str) -> int:
         data = message.encode()[: self.shm.slot_bytes]
@@ -137,12 +147,10 @@ class Worker:
         self.inbox.answer(j, status, len(data))
         return 1
 
-    def serve_text(self, j: int) -> int:
-        slots = self.shm.slots
-        n = int(slots["req_len"][j])
+    def serve_text(self, j: int, n: int, text_op: int) -> int:
         try:
             message = bytes(self.shm.payload[j, :n]).decode("utf-8")
-            op = L.TEXT_OPS[int(slots["arg0"][j])]
+            op = L.TEXT_OPS[text_op]
         except (UnicodeDecodeError, IndexError) as exc:
             return self.fail(j, L.R_BAD_INPUT, str(exc))
         out = text_result(op, message, self.config.prefix).encode("utf-8")

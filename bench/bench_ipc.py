@@ -1,0 +1,179 @@
+"""Bare IPC round trip: enqueue -> worker -> reply, no HTTP.
+
+Creates a private instance (shared memory + semaphores), forks real shmmel workers (the same
+``worker_main`` the supervisor runs, NumPy engine), then P producer processes each run
+sequential OP_PING round trips with a small payload and record latencies in HdrHistogram;
+the histograms are merged. A raw two-semaphore ping-pong between two processes is measured
+first, as the floor any design built on these semaphores can reach.
+
+    python bench/bench_ipc.py --producers 1 8 --seconds 5 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import uuid
+
+import posix_ipc
+from hdrh.histogram import HdrHistogram
+
+from shmmel import layout as L
+from shmmel.channel import Producer
+from shmmel.config import Config
+from shmmel.shm import Shm, unlink_instance
+from shmmel.worker import worker_main
+
+US = 1_000  # histogram unit: nanoseconds
+
+
+def new_hist() -> HdrHistogram:
+    return HdrHistogram(1, 10_000_000_000, 3)
+
+
+def summarise(h: HdrHistogram, seconds: float) -> dict[str, float]:
+    return {
+        "count": h.get_total_count(),
+        "per_s": round(h.get_total_count() / seconds),
+        "p50_us": h.get_value_at_percentile(50) / US,
+        "p90_us": h.get_value_at_percentile(90) / US,
+        "p99_us": h.get_value_at_percentile(99) / US,
+        "p999_us": h.get_value_at_percentile(99.9) / US,
+        "max_us": h.get_max_value() / US,
+    }
+
+
+def sem_pingpong(seconds: float) -> dict[str, float]:
+    tag = uuid.uuid4().hex[:8]
+    a = posix_ipc.Semaphore(f"/shmmel-bench-{tag}-a", posix_ipc.O_CREX, initial_value=0)
+    b = posix_ipc.Semaphore(f"/shmmel-bench-{tag}-b", posix_ipc.O_CREX, initial_value=0)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    a.acquire()
+                    b.release()
+            finally:
+                os._exit(0)
+        h = new_hist()
+        end = time.perf_counter() + seconds
+        t_start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter_ns()
+            a.release()
+            b.acquire()
+            h.record_value(max(1, time.perf_counter_ns() - t0))
+            if time.perf_counter() > end:
+                break
+        elapsed = time.perf_counter() - t_start
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return summarise(h, elapsed)
+    finally:
+        for s in (a, b):
+            s.unlink()
+            s.close()
+
+
+def producer(instance: str, seconds: float, payload: bytes, wfd: int) -> None:
+    shm = Shm.attach(instance)
+    prod = Producer(shm, queue_depth=1 << 16)
+    h = new_hist()
+    for _ in range(200):  # warm-up
+        prod.call(L.OP_PING, payload, timeout=5)
+    end = time.perf_counter() + seconds
+    t_start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter_ns()
+        prod.call(L.OP_PING, payload, timeout=5)
+        h.record_value(max(1, time.perf_counter_ns() - t0))
+        if time.perf_counter() > end:
+            break
+    elapsed = time.perf_counter() - t_start
+    os.write(wfd, (json.dumps({"hist": h.encode().decode(), "elapsed": elapsed}) + "\n").encode())
+
+
+def channel_round_trip(n_producers: int, seconds: float, workers: int,
+                       payload_bytes: int) -> dict[str, float]:
+    config = Config(instance=f"bench{uuid.uuid4().hex[:8]}", workers=workers, slots=128,
+                    worker_kind="cpu")
+    shm = Shm.create(config)
+    pids: list[int] = []
+    try:
+        parent = os.getpid()
+        for k in range(workers):
+            shm.workers["gen"][k] = 1
+            shm.workers["state"][k] = L.W_BOOTING
+            pid = os.fork()
+            if pid == 0:
+                worker_main(config, shm, k, 1, parent)
+            pids.append(pid)
+        deadline = time.monotonic() + 30
+        while (shm.workers["state"] != L.W_READY).any():
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not boot")
+            time.sleep(0.01)
+        r, w = os.pipe()
+        prods = []
+        payload = os.urandom(payload_bytes)
+        for _ in range(n_producers):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    producer(config.instance, seconds, payload, w)
+                finally:
+                    os._exit(0)
+            prods.append(pid)
+        os.close(w)
+        for pid in prods:
+            os.waitpid(pid, 0)
+        with os.fdopen(r) as fh:
+            lines = [json.loads(line) for line in fh]
+        merged = new_hist()
+        for line in lines:
+            merged.decode_and_add(line["hist"])
+        elapsed = max(line["elapsed"] for line in lines)
+        return summarise(merged, elapsed)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        shm.close()
+        unlink_instance(config.instance)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--producers", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--payload", type=int, default=64, help="bytes per request")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+               "date": time.strftime("%Y-%m-%d"), "workers": args.workers,
+               "payload": args.payload, "semaphore_pingpong": sem_pingpong(min(args.seconds, 3))}
+    for p in args.producers:
+        results[f"producers_{p}"] = channel_round_trip(p, args.seconds, args.workers, args.payload)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"# IPC round trip, {results['date']}, {results['cpus']} CPUs, Python "
+          f"{results['python']}, {args.workers} workers, {args.payload} B payload")
+    print("| case | round trips/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        if isinstance(r, dict):
+            print(f"| {key} | {r['per_s']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | "
+                  f"{r['p99_us']:.1f} | {r['p999_us']:.1f} | {r['max_us']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
