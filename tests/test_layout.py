@@ -15,7 +15,7 @@ def test_record_sizes_are_pinned():
     assert L.WORKER.itemsize == 80
     assert L.HTTP.itemsize == 24
     assert L.SLOT.itemsize == 144
-    assert L.STREAM.itemsize == 56
+    assert L.STREAM.itemsize == 64
 
 
 def test_slot_field_offsets_are_pinned():

@@ -120,6 +120,30 @@ def status(
               f"{info['streams']['open']}/{info['streams']['max']} open", highlight=False)
 
 
+@app.command("mel")
+def mel_cmd(
+    file: Annotated[Path, typer.Argument(help="WAV file (16 kHz mono, 16-bit or float32).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .npy.")],
+    n_mels: Annotated[int, typer.Option(help="80 or 128.")] = 80,
+    windows: Annotated[bool, typer.Option(help="Whisper's 30 s windows of 3000 frames.")] = False,
+    url: Annotated[Optional[str], typer.Option(help="Service URL (default: the instance's).")] = None,
+    instance: Instance = None,
+) -> None:
+    """Compute FILE's log-mel spectrogram through a running instance; save it as .npy."""
+    import numpy as np
+
+    from shmmel.client import ClientError, MelClient
+
+    c = resolve(instance=instance)
+    try:
+        target = url or daemon.status(c.instance)["url"]
+        spec = MelClient(target).mel(file, n_mels=n_mels, windows=windows)
+    except (ShmmelError, ClientError, OSError) as exc:
+        raise fail(exc) from None
+    np.save(output, spec)
+    out.print(f"{file} -> {output}: shape {tuple(spec.shape)}", highlight=False)
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigFile = None,

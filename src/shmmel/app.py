@@ -12,9 +12,11 @@ from typing import Any
 import falcon
 
 from . import layout as L
+from .audio_http import add_routes as add_audio_routes
 from .channel import Producer
 from .config import MAX_MESSAGE_BYTES, Config
 from .errors import BadRequest, RequestTimeout, ServiceUnavailable
+from .httputil import read_body, require_media_type
 from .shm import Shm
 
 log = logging.getLogger("shmmel.http")
@@ -54,27 +56,6 @@ def _internal(req: Any, resp: Any, exc: Exception, params: Any) -> None:
     log.exception("unhandled error on %s %s", req.method, req.path)
     raise falcon.HTTPInternalServerError(title="Internal Server Error",
                                          description="unexpected error; see the service log")
-
-
-def require_media_type(req: falcon.Request, *types: str) -> str:
-    media = (req.content_type or "").split(";", 1)[0].strip().lower()
-    if media not in types:
-        raise falcon.HTTPUnsupportedMediaType(
-            title="Unsupported Media Type",
-            description=f"Content-Type must be {' or '.join(types)}, got {media or 'none'!r}")
-    return media
-
-
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    if req.content_length is not None and req.content_length > limit:
-        raise falcon.HTTPContentTooLarge(title="Content Too Large",
-                                         description=f"body is {req.content_length} bytes; "
-                                                     f"the limit is {limit}")
-    data = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
-        raise falcon.HTTPContentTooLarge(title="Content Too Large",
-                                         description=f"body exceeds {limit} bytes")
-    return data
 
 
 class ProcessResource:
@@ -171,4 +152,5 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/process", ProcessResource(config, producer))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(shm))
+    add_audio_routes(app, config, producer)
     return app

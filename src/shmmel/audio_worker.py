@@ -44,20 +44,19 @@ class AudioStreams:
 
     def serve(self, taken: list[int], inbox: Inbox) -> int:
         """Answer OPEN/PUSH/CLOSE slots; all PUSHes go to the engine as one batch."""
-        slots, table = self.shm.slots, self.shm.streams
+        table = self.shm.streams
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
         batch_slots: list[tuple[int, int, bool]] = []
         for j in taken:
-            op, k = int(slots["op"][j]), int(slots["stream"][j])
+            op, n, k, arg0, arg1, arg2, _ = inbox.request(j)
             if not 0 <= k < len(table):
                 errors += self._bad(inbox, j, L.R_ERROR, f"stream index {k} out of range")
                 continue
             token = int(table["token"][k])
             if op == L.OP_AUDIO_OPEN:
                 try:
-                    st = self.engine.new_stream(n_mels=int(slots["arg0"][j]),
-                                                padding=int(slots["arg1"][j]))
+                    st = self.engine.new_stream(n_mels=arg0)
                 except ValueError as exc:
                     errors += self._bad(inbox, j, L.R_BAD_INPUT, str(exc))
                     continue
@@ -73,8 +72,7 @@ class AudioStreams:
                 self._drop(k)
                 inbox.answer(j, L.R_OK, 0)
                 continue
-            fmt, final = int(slots["arg0"][j]), bool(slots["arg1"][j])
-            n = int(slots["req_len"][j])
+            fmt, final = arg0, bool(arg1)
             dt = DTYPES.get(fmt)
             if dt is None or n % dt.itemsize:
                 errors += self._bad(inbox, j, L.R_BAD_INPUT, "bad sample format or byte count")

@@ -67,7 +67,7 @@ S_QUEUED_MIN = S_SUBMITTED            # state >= this: queued on (state & 0xFF)
 # slot ops (SLOT.op); the worker dispatches on these
 OP_PING = 0          # echo the payload (IPC benchmark)
 OP_TEXT = 1          # arg0 = text op (TEXT_OPS); payload UTF-8 in, UTF-8 out
-OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, arg1 = padding, stream = table index
+OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, stream = table index
 OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = final flag
 OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away)
 
@@ -158,6 +158,7 @@ STREAM = np.dtype([
     ("frames", "<i8"),
     ("samples", "<i8"),
     ("busy", "<i8"),         # pid of the HTTP process using it now, 0 when idle
+    ("padding", "<i8"),      # zero samples the HTTP side appends at the end of the stream
 ], align=True)
 
 

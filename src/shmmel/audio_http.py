@@ -1,0 +1,366 @@
+"""Audio resources: ``POST /audio/stream`` (streaming both ways) and the session API.
+
+``/audio/stream`` reads the body in pieces, pushes each through one slot to the worker that
+holds the stream, and (for NDJSON and binary output) yields the frames each piece completed
+while the body is still arriving. The first piece is processed before the response starts,
+so a bad header or bad first samples get a real 4xx; a problem found later arrives in-band as
+a last error record. JSON and .npy outputs are assembled at the end, normalised exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+import numpy as np
+
+from . import layout as L
+from . import wire
+from .audio_io import BadAudio, BodyReader, Media, UnsupportedMedia, parse_media, read_wav_header
+from .channel import Producer, Slot
+from .httputil import read_body
+from .config import Config
+from .errors import BadRequest, ShmmelError
+from .mel import N_SAMPLES, FrameBatch
+from .streams import Handle, StreamBusy, StreamTable, UnknownStream
+
+log = logging.getLogger("shmmel.audio")
+READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio per read
+
+
+def _int_param(req: falcon.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise falcon.HTTPBadRequest(title="Bad Request",
+                                    description=f"{name} must be an integer") from None
+    if not lo <= v <= hi:
+        raise falcon.HTTPBadRequest(title="Bad Request",
+                                    description=f"{name} must be between {lo} and {hi}")
+    return v
+
+
+def audio_params(req: falcon.Request) -> tuple[int, int, bool]:
+    n_mels = _int_param(req, "n_mels", 80, 80, 128)
+    if n_mels not in (80, 128):
+        raise falcon.HTTPBadRequest(title="Bad Request", description="n_mels must be 80 or 128")
+    padding = _int_param(req, "padding", 0, 0, 2 * N_SAMPLES)
+    windows = (req.get_param("windows") or "false").lower() in ("1", "true", "yes")
+    return n_mels, padding, windows
+
+
+def output_media(req: falcon.Request, default: str, allowed: tuple[str, ...]) -> str:
+    fmt = req.get_param("format")
+    if fmt is not None:
+        media = wire.FORMATS.get(fmt.lower())
+        if media is None or media not in allowed:
+            names = [k for k, v in wire.FORMATS.items() if v in allowed]
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description=f"format must be one of {', '.join(names)}")
+        return media
+    accept = req.get_header("Accept")
+    if not accept or "*/*" in accept:
+        return default
+    best = req.client_prefers(list(allowed))
+    if best is None:
+        raise falcon.HTTPNotAcceptable(title="Not Acceptable",
+                                       description=f"can produce {', '.join(allowed)}")
+    return best
+
+
+def media_of(req: falcon.Request) -> Media:
+    try:
+        return parse_media(req.content_type)
+    except UnsupportedMedia as exc:
+        raise falcon.HTTPUnsupportedMediaType(title="Unsupported Media Type",
+                                              description=str(exc)) from None
+
+
+class Run:
+    """One /audio/stream request: a sequence of mel streams (one, or one per 30 s window)."""
+
+    def __init__(self, table: StreamTable, slot: Slot, fmt: int, n_mels: int, padding: int,
+                 windows: bool, out: str) -> None:
+        self.table, self.slot, self.fmt, self.out = table, slot, fmt, out
+        self.n_mels, self.padding, self.windows = n_mels, padding, windows
+        self.width = L.FMT_WIDTH[fmt]
+        self.carry = b""          # a partial sample left by the last read
+        self.window = 0
+        self.in_window = 0        # samples pushed into the current window
+        self.handle: Handle | None = None
+        self.done = False
+        self.whole: list[tuple[int, list[np.ndarray], float | None]] = []
+        self.total_samples = 0
+
+    def _open(self) -> Handle:
+        self.handle = self.table.open(self.slot, self.n_mels, 0 if self.windows else self.padding)
+        self.in_window = 0
+        if self.out not in wire.STREAMING:
+            self.whole.append((self.window, [], None))
+        return self.handle
+
+    def _emit(self, fb: FrameBatch, final: bool) -> bytes:
+        if self.out not in wire.STREAMING:
+            w, parts, _ = self.whole[-1]
+            parts.append(fb.log10)
+            if final:
+                self.whole[-1] = (w, parts, None if np.isinf(fb.running_max) else fb.running_max)
+            return b""
+        if not final and fb.log10.shape[0] == 0:
+            return b""
+        final_max = None if np.isinf(fb.running_max) else fb.running_max
+        prov = fb.provisional()
+        if self.out == wire.NDJSON:
+            total = fb.start + fb.log10.shape[0]
+            return wire.ndjson_line(self.window, fb.start, prov, fb.running_max, final_max,
+                                    total, final)
+        return wire.binary_record(self.window, fb.start, prov, fb.running_max, final_max, final)
+
+    def feed(self, data: bytes) -> bytes:
+        """Push newly arrived body bytes; return the output they produced."""
+        data = self.carry + data
+        usable = len(data) - len(data) % self.width
+        self.carry = data[usable:]
+        view = memoryview(data)[:usable]
+        out = []
+        while len(view):
+            h = self.handle or self._open()
+            n = len(view) // self.width
+            if self.windows:
+                n = min(n, N_SAMPLES - self.in_window)
+            piece, view = view[: n * self.width], view[n * self.width :]
+            closes = self.windows and self.in_window + n == N_SAMPLES
+            fb = self.table.push(self.slot, h, piece, self.fmt, final=closes)
+            self.in_window += n
+            self.total_samples += n
+            out.append(self._emit(fb, closes))
+            if closes:
+                self.handle = None
+                self.window += 1
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self.carry:
+            raise BadAudio(f"the body ends with {len(self.carry)} stray byte(s): not a whole "
+                           f"number of {self.width}-byte samples")
+        if self.total_samples == 0:
+            raise BadAudio("the body holds no audio samples")
+        out = b""
+        if self.handle is not None or not self.windows:
+            h = self.handle or self._open()
+            extra = N_SAMPLES - self.in_window if self.windows else 0
+            fb = self.table.finish(self.slot, h, extra)
+            self.handle = None
+            out = self._emit(fb, True)
+        self.done = True
+        return out
+
+    def abort(self) -> None:
+        if self.handle is not None:
+            self.table.abort(self.slot, self.handle)
+            self.handle = None
+
+    def whole_result(self) -> tuple[np.ndarray, list[float | None]]:
+        mels, maxima = [], []
+        for _w, parts, final_max in self.whole:
+            log10 = np.concatenate(parts) if parts else np.empty((0, self.n_mels), np.float32)
+            fb = FrameBatch(0, log10, float("-inf") if final_max is None else final_max, True)
+            mels.append(np.ascontiguousarray(fb.provisional().T))
+            maxima.append(final_max)
+        return (np.stack(mels) if self.windows else mels[0]), maxima
+
+
+class AudioStreamResource:
+    """POST /audio/stream"""
+
+    OUTPUTS = (wire.NDJSON, wire.JSON, wire.BINARY, wire.NPY)
+
+    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
+        self.config, self.producer, self.table = config, producer, table
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        media = media_of(req)
+        n_mels, padding, windows = audio_params(req)
+        out = output_media(req, wire.NDJSON, self.OUTPUTS)
+        limit = self.config.max_body_bytes
+        if req.content_length is not None:
+            if req.content_length == 0:
+                raise BadRequest("empty body: send audio")
+            if req.content_length > limit:
+                raise falcon.HTTPContentTooLarge(
+                    title="Content Too Large",
+                    description=f"body is {req.content_length} bytes; the limit is {limit}")
+        reader = BodyReader(req.env["wsgi.input"], limit, block=1 << 16)
+        fmt = media.fmt
+        data_left: int | None = None
+        try:
+            if media.container == "wav":
+                info = read_wav_header(reader.read)
+                fmt, data_left = info.fmt, info.data_bytes
+                reader.unread(info.rest)
+        except BadAudio as exc:
+            raise BadRequest(str(exc)) from None
+        except OverflowError as exc:
+            raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+        # chunked uploads: read at most READ_BLOCK_S of audio at a time (latency bound)
+        block = L.FMT_WIDTH[fmt] * int(16000 * READ_BLOCK_S)
+        reader.block = block if req.content_length is None else max(block, 1 << 16)
+        slot = self.producer.claim()
+        run = Run(self.table, slot, fmt, n_mels, padding, windows, out)
+
+        def read() -> bytes:
+            nonlocal data_left
+            if data_left is not None and data_left <= 0:
+                return b""
+            data = reader.read(reader.block if data_left is None else min(reader.block, data_left))
+            if data_left is not None:
+                data_left -= len(data)
+                if not data:
+                    raise BadAudio("the WAV data chunk is shorter than its header says")
+            return data
+
+        try:
+            first = read()
+            head = run.feed(first) if first else run.finish()
+        except BaseException as exc:
+            run.abort()
+            slot.release()
+            if isinstance(exc, BadAudio):
+                raise BadRequest(str(exc)) from None
+            if isinstance(exc, OverflowError):
+                raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+            raise
+        resp.content_type = out
+        if out in wire.STREAMING:
+            resp.stream = self._stream(run, slot, head, read)
+            return
+        try:
+            while not run.done:
+                data = read()
+                run.feed(data) if data else run.finish()
+        except BadAudio as exc:
+            raise BadRequest(str(exc)) from None
+        except OverflowError as exc:
+            raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+        finally:
+            run.abort()
+            slot.release()
+        mel, maxima = run.whole_result()
+        resp.data = wire.whole_npy(mel) if out == wire.NPY else wire.whole_json(mel, maxima)
+
+    def _stream(self, run: Run, slot: Slot, head: bytes, read) -> Iterator[bytes]:
+        try:
+            if head:
+                yield head
+            while not run.done:
+                data = read()
+                chunk = run.feed(data) if data else run.finish()
+                if chunk:
+                    yield chunk
+        except (BadAudio, BadRequest) as exc:
+            yield wire.error_bytes(run.out, "Bad Request", str(exc))
+        except OverflowError as exc:
+            yield wire.error_bytes(run.out, "Content Too Large", str(exc))
+        except ShmmelError as exc:
+            yield wire.error_bytes(run.out, "Service Unavailable", str(exc))
+        finally:  # also runs when the client goes away (the server closes the iterator)
+            run.abort()
+            slot.release()
+
+
+def session_reply(out: str, fb: FrameBatch) -> bytes:
+    final_max = None if np.isinf(fb.running_max) else fb.running_max
+    prov = fb.provisional()
+    if out == wire.BINARY:
+        return wire.binary_record(0, fb.start, prov, fb.running_max, final_max, fb.final)
+    total = fb.start + fb.log10.shape[0]
+    return wire.ndjson_line(0, fb.start, prov, fb.running_max, final_max, total,
+                            fb.final).rstrip(b"\n")
+
+
+class StreamsResource:
+    """POST /audio/streams -> 201 {"stream_id", ...}"""
+
+    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
+        self.config, self.producer, self.table = config, producer, table
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        n_mels, padding, windows = audio_params(req)
+        if windows:
+            raise BadRequest("windows=true is only supported on /audio/stream")
+        with self.producer.claim() as slot:
+            h = self.table.open(slot, n_mels, padding)
+        self.table.release(h)
+        resp.status = falcon.HTTP_201
+        resp.location = f"/audio/streams/{h.stream_id}"
+        resp.media = {"stream_id": h.stream_id, "n_mels": n_mels, "padding": padding,
+                      "idle_timeout_s": self.config.stream_idle_timeout}
+
+
+class StreamResource:
+    """POST (a chunk) / DELETE (finish) / GET (info) /audio/streams/{stream_id}"""
+
+    OUTPUTS = (wire.JSON, wire.BINARY)
+
+    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
+        self.config, self.producer, self.table = config, producer, table
+
+    def _reply(self, req: falcon.Request, resp: falcon.Response, stream_id: str,
+               data: bytes | None, fmt: int = L.FMT_S16LE) -> None:
+        """Push ``data`` (None: finish the stream) and answer with the frames it made."""
+        out = output_media(req, wire.JSON, self.OUTPUTS)
+        h = self.table.find(stream_id)
+        try:
+            with self.producer.claim() as slot:
+                if data is None:
+                    fb = self.table.finish(slot, h)
+                else:
+                    fb = self.table.push(slot, h, data, fmt, final=False)
+        finally:
+            self.table.release(h)  # after finish the entry is free: release checks the token
+        resp.content_type = out
+        resp.data = session_reply(out, fb)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
+        media = media_of(req)
+        if media.container != "raw":
+            raise falcon.HTTPUnsupportedMediaType(
+                title="Unsupported Media Type",
+                description="session chunks are raw PCM: audio/L16;rate=16000, "
+                            "application/octet-stream or audio/x-f32le;rate=16000")
+        data = read_body(req, min(self.config.max_body_bytes, 16 << 20))
+        self._reply(req, resp, stream_id, data, media.fmt)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
+        self._reply(req, resp, stream_id, None)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
+        h = self.table.find(stream_id)
+        try:
+            e = self.table.shm.streams[h.index]
+            resp.media = {"stream_id": stream_id, "n_mels": h.n_mels, "worker": h.worker,
+                          "frames": int(e["frames"]), "samples": int(e["samples"])}
+        finally:
+            self.table.release(h)
+
+
+def add_routes(app: falcon.App, config: Config, producer: Producer) -> StreamTable:
+    table = StreamTable(config, producer)
+    app.add_route("/audio/stream", AudioStreamResource(config, producer, table))
+    app.add_route("/audio/streams", StreamsResource(config, producer, table))
+    app.add_route("/audio/streams/{stream_id}", StreamResource(config, producer, table))
+
+    def unknown(req: Any, resp: Any, exc: UnknownStream, params: Any) -> None:
+        raise falcon.HTTPNotFound(title="Not Found", description=str(exc))
+
+    def busy(req: Any, resp: Any, exc: StreamBusy, params: Any) -> None:
+        raise falcon.HTTPConflict(title="Conflict", description=str(exc))
+
+    app.add_error_handler(UnknownStream, unknown)
+    app.add_error_handler(StreamBusy, busy)
+    return table  # StreamLost is a ServiceUnavailable: the app's 503 handler covers it

@@ -1,0 +1,171 @@
+"""Audio input for the HTTP side: media types, WAV headers, and a body reader that returns
+what has arrived instead of waiting for a fixed size.
+
+Accepted bodies (16 kHz mono only; shmmel does not resample):
+
+=================================  ==========================================
+``audio/wav`` (``audio/x-wav``,    RIFF/WAVE, PCM 16-bit or IEEE float 32-bit
+``audio/wave``)                    (also WAVE_FORMAT_EXTENSIBLE of those)
+``audio/L16;rate=16000``           raw signed 16-bit little-endian (see note)
+``application/octet-stream``       raw s16le
+``audio/x-f32le;rate=16000``       raw float32 little-endian (shmmel's own name)
+=================================  ==========================================
+
+Note: RFC 2586 defines ``audio/L16`` as big-endian; like most speech services we take the
+common little-endian reading, which is what every Whisper client sends.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import layout as L
+
+WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
+S16_TYPES = ("audio/l16", "application/octet-stream")
+F32_TYPES = ("audio/x-f32le",)
+SAMPLE_RATE = 16000
+WAVE_FORMAT_PCM, WAVE_FORMAT_FLOAT, WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
+
+
+class UnsupportedMedia(ValueError):
+    """415: a content type (or its parameters) shmmel does not take."""
+
+
+class BadAudio(ValueError):
+    """400: the body is not valid audio of the declared type."""
+
+
+@dataclass(frozen=True)
+class Media:
+    container: str  # "wav" or "raw"
+    fmt: int        # L.FMT_S16LE or L.FMT_F32LE (for wav: known after the header)
+
+
+def parse_media(content_type: str | None) -> Media:
+    if not content_type:
+        raise UnsupportedMedia("Content-Type is required (audio/wav, audio/L16;rate=16000, "
+                               "application/octet-stream or audio/x-f32le;rate=16000)")
+    main, *params = [p.strip() for p in content_type.split(";")]
+    main = main.lower()
+    opts = {}
+    for p in params:
+        k, _, v = p.partition("=")
+        opts[k.strip().lower()] = v.strip().strip('"')
+    if main in WAV_TYPES:
+        return Media("wav", -1)
+    if main in S16_TYPES or main in F32_TYPES:
+        rate = opts.get("rate", str(SAMPLE_RATE))
+        channels = opts.get("channels", "1")
+        if rate != str(SAMPLE_RATE):
+            raise UnsupportedMedia(f"sample rate {rate} is not supported: send 16000 Hz audio")
+        if channels != "1":
+            raise UnsupportedMedia(f"{channels} channels are not supported: send mono audio")
+        return Media("raw", L.FMT_F32LE if main in F32_TYPES else L.FMT_S16LE)
+    raise UnsupportedMedia(f"unsupported Content-Type {main!r}")
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    fmt: int
+    data_bytes: int | None  # None: unknown (streaming WAV writes 0 or 0xFFFFFFFF)
+    rest: bytes             # body bytes after the header, already read
+
+
+def read_wav_header(read: Callable[[int], bytes], limit: int = 1 << 20) -> WavInfo:
+    """Parse RIFF/WAVE up to the start of the ``data`` chunk; ``read(n)`` returns up to n
+    bytes, b"" at the end. Skips LIST and other chunks. Raises BadAudio."""
+    buf = bytearray()
+
+    def need(n: int) -> None:
+        while len(buf) < n:
+            if len(buf) > limit:
+                raise BadAudio("WAV header too large (no data chunk in the first MiB)")
+            piece = read(max(n - len(buf), 4096))
+            if not piece:
+                raise BadAudio("truncated WAV header")
+            buf.extend(piece)
+
+    need(12)
+    if buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
+        raise BadAudio("not a RIFF/WAVE file")
+    pos, fmt = 12, None
+    while True:
+        need(pos + 8)
+        cid, size = bytes(buf[pos : pos + 4]), struct.unpack_from("<I", buf, pos + 4)[0]
+        pos += 8
+        if cid == b"data":
+            if fmt is None:
+                raise BadAudio("WAV data chunk before its fmt chunk")
+            data_bytes = None if size in (0, 0xFFFFFFFF) else size
+            return WavInfo(fmt, data_bytes, bytes(buf[pos:]))
+        need(pos + size + (size & 1))
+        if cid == b"fmt ":
+            if size < 16:
+                raise BadAudio("WAV fmt chunk too short")
+            tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", buf, pos)
+            if tag == WAVE_FORMAT_EXTENSIBLE and size >= 40:
+                tag = struct.unpack_from("<H", buf, pos + 24)[0]
+            if channels != 1:
+                raise BadAudio(f"WAV has {channels} channels: send mono audio")
+            if rate != SAMPLE_RATE:
+                raise BadAudio(f"WAV sample rate is {rate} Hz: send 16000 Hz audio")
+            if tag == WAVE_FORMAT_PCM and bits == 16:
+                fmt = L.FMT_S16LE
+            elif tag == WAVE_FORMAT_FLOAT and bits == 32:
+                fmt = L.FMT_F32LE
+            else:
+                raise BadAudio(f"WAV encoding (format {tag}, {bits} bits) is not supported: "
+                               "send 16-bit PCM or 32-bit float")
+        pos += size + (size & 1)
+
+
+class BodyReader:
+    """Reads a WSGI request body in pieces, returning what has arrived.
+
+    For a chunked upload under gunicorn it takes each piece as the socket delivers it (through
+    the ChunkedReader's parser), so frames can go out while the client is still sending;
+    other servers and Content-Length bodies fall back to ``read(n)``. Counts bytes against
+    ``limit`` (413 beyond).
+    """
+
+    def __init__(self, stream, limit: int, block: int) -> None:
+        self.stream, self.limit, self.block = stream, limit, block
+        self.total = 0
+        self.pending = b""
+        reader = getattr(stream, "reader", None)
+        parser = getattr(reader, "parser", None)
+        self._parser = parser if type(reader).__name__ == "ChunkedReader" else None
+
+    def unread(self, data: bytes) -> None:
+        self.pending = data + self.pending
+
+    def read(self, n: int | None = None) -> bytes:
+        """Up to ``n`` (default ``block``) bytes; b"" at the end of the body."""
+        n = n or self.block
+        if self.pending:
+            out, self.pending = self.pending[:n], self.pending[n:]
+            return out
+        data = self._read_some(n)
+        self.total += len(data)
+        if self.total > self.limit:
+            raise OverflowError(f"body exceeds {self.limit} bytes")
+        if len(data) > n:
+            data, self.pending = data[:n], data[n:]
+        return data
+
+    def _read_some(self, n: int) -> bytes:
+        if self._parser is not None and self._buffers_empty():
+            try:
+                return next(self._parser)
+            except StopIteration:
+                self._parser = None
+                self.stream.reader.parser = None
+                return b""
+        return self.stream.read(n)
+
+    def _buffers_empty(self) -> bool:
+        s = self.stream
+        return s.buf.tell() == 0 and s.reader.buf.tell() == 0

@@ -1,0 +1,183 @@
+"""HTTP side of audio streams: the shared stream table and pushes through a slot.
+
+A stream is pinned to the worker that holds its state (chosen at open: the least loaded
+CUDA worker, or any worker where none has a GPU). Its table entry carries that worker's
+generation: if the worker dies, the entry is stale and the supervisor frees it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layout as L
+from .channel import Producer, Slot, pid_alive
+from .config import Config
+from .errors import BadRequest, ServiceUnavailable, ShmmelError
+from .mel import FrameBatch
+
+OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
+
+
+class UnknownStream(ShmmelError):
+    """404: no such stream (never opened, expired, or closed)."""
+
+
+class StreamBusy(ShmmelError):
+    """409: another request is using this stream right now."""
+
+
+class StreamLost(ServiceUnavailable):
+    """503: the worker holding the stream's state died; the stream cannot continue."""
+
+
+@dataclass
+class Handle:
+    index: int
+    token: int
+    worker: int
+    gen: int
+    n_mels: int
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.index}-{self.token:016x}"
+
+
+class StreamTable:
+    def __init__(self, config: Config, producer: Producer) -> None:
+        self.config, self.producer, self.shm = config, producer, producer.shm
+        self.pid = os.getpid()
+        # samples per push: float32 in, at most ~3.2 output bytes per sample for 128 mels
+        self.max_samples = (self.shm.slot_bytes - OUT_MARGIN) // 4
+
+    # -- open / find / release ---------------------------------------------------------
+    def open(self, slot: Slot, n_mels: int, padding: int) -> Handle:
+        """Open a stream on the least loaded (CUDA, where there is one) worker.
+
+        ``padding`` is kept in the table and sent as zero samples by :meth:`finish`, in
+        pieces whose frames fit a slot (a worker never answers more than one slot holds).
+        """
+        if n_mels not in (80, 128):
+            raise BadRequest("n_mels must be 80 or 128")
+        w = self.shm.workers
+        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
+        k, gen = self.producer.pick_worker([L.K_CUDA] if cuda_ready else None)
+        t = self.shm.streams
+        with self.shm.lock():
+            free = np.flatnonzero(t["state"] == L.ST_FREE)
+            if free.size == 0:
+                raise ServiceUnavailable(f"too many open streams (max {len(t)})")
+            i = int(free[0])
+            token = secrets.randbits(63) | 1
+            e = t[i : i + 1]
+            e["worker"], e["gen"], e["n_mels"], e["token"] = k, gen, n_mels, token
+            e["last_used"], e["frames"], e["samples"], e["busy"] = time.monotonic(), 0, 0, self.pid
+            e["padding"] = padding
+            e["state"] = L.ST_OPEN
+        h = Handle(i, token, k, gen, n_mels)
+        try:
+            self._call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
+        except BaseException:
+            t["state"][i] = L.ST_FREE  # the worker holds no state for it
+            raise
+        return h
+
+    def find(self, stream_id: str) -> Handle:
+        """Look up a session stream and mark it busy (409 if another request holds it)."""
+        try:
+            a, b = stream_id.split("-", 1)
+            i, token = int(a), int(b, 16)
+        except ValueError:
+            raise UnknownStream(f"no stream {stream_id!r}") from None
+        t, w = self.shm.streams, self.shm.workers
+        if not 0 <= i < len(t):
+            raise UnknownStream(f"no stream {stream_id!r}")
+        with self.shm.lock():
+            e = t[i]
+            if e["state"] != L.ST_OPEN or int(e["token"]) != token:
+                raise UnknownStream(f"no stream {stream_id!r} (never opened, expired after "
+                                    f"{self.config.stream_idle_timeout:g} s idle, or closed)")
+            k, gen = int(e["worker"]), int(e["gen"])
+            if int(w["gen"][k]) != gen:
+                raise StreamLost("the worker holding this stream restarted; open a new stream")
+            busy = int(e["busy"])
+            if busy and busy != self.pid and pid_alive(busy):
+                raise StreamBusy("another request is using this stream")
+            if busy == self.pid:
+                raise StreamBusy("another request is using this stream")
+            t["busy"][i] = self.pid
+        return Handle(i, token, k, gen, int(e["n_mels"]))
+
+    def release(self, h: Handle) -> None:
+        t = self.shm.streams
+        if int(t["token"][h.index]) == h.token:
+            t["last_used"][h.index] = time.monotonic()
+            t["busy"][h.index] = 0
+
+    def abort(self, slot: Slot | None, h: Handle) -> None:
+        """Drop the stream's state on its worker (client gone or error); best effort."""
+        try:
+            if slot is None:
+                with self.producer.claim() as s:
+                    self._call(s, h, L.OP_AUDIO_CLOSE, 0, ())
+            else:
+                self._call(slot, h, L.OP_AUDIO_CLOSE, 0, ())
+        except ShmmelError:
+            pass  # the worker is gone or busy: idle expiry or the supervisor frees the entry
+
+    # -- pushes ------------------------------------------------------------------------------
+    def _call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...]) -> None:
+        slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(), args, h.index)
+        slot.wait(self.config.request_timeout)
+        status = int(slot.reply(copy=False).status)
+        if status != L.R_OK:
+            msg = bytes(slot.view(int(self.shm.slots["resp_len"][slot.index]))).decode(
+                errors="replace")
+            if status == L.R_BAD_INPUT:
+                raise BadRequest(msg)
+            raise RuntimeError(f"worker error: {msg}")
+
+    def finish(self, slot: Slot, h: Handle, extra_padding: int = 0) -> FrameBatch:
+        """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames
+        and the final max. The worker frees the table entry."""
+        pad = int(self.shm.streams["padding"][h.index]) + extra_padding
+        return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True)
+
+    def push(self, slot: Slot, h: Handle, data: memoryview | bytes, fmt: int,
+             final: bool) -> FrameBatch:
+        """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
+        return the frames it completed as one batch (raw log10, frame-major)."""
+        width = L.FMT_WIDTH[fmt]
+        if len(data) % width:
+            raise BadRequest(f"{len(data)} bytes is not a whole number of {width}-byte samples")
+        step = self.max_samples * width
+        view = memoryview(data)
+        parts: list[np.ndarray] = []
+        start, running_max, pos = -1, float("-inf"), 0
+        while True:
+            piece = view[pos : pos + step]
+            pos += len(piece)
+            last = pos >= len(view)
+            is_final = final and last
+            slot.view(len(piece))[:] = piece
+            self._call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, int(is_final)))
+            r = slot.reply(copy=False)
+            k = r.r1
+            if k:
+                frames = np.frombuffer(slot.view(k * h.n_mels * 4), "<f4").reshape(k, h.n_mels)
+                parts.append(frames.copy())
+                if start < 0:
+                    start = r.r0
+            else:
+                start = r.r0 if start < 0 else start
+            running_max = r.f0
+            if last:
+                break
+        log10 = np.concatenate(parts) if len(parts) > 1 else (
+            parts[0] if parts else np.empty((0, h.n_mels), np.float32))
+        return FrameBatch(max(start, 0), log10, running_max, final)

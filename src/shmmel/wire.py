@@ -1,0 +1,87 @@
+"""Output encodings of mel frames (the response side of the audio API).
+
+* ``application/x-ndjson`` - one JSON object per line, as frames are computed::
+
+    {"window": 0, "offset": 0, "frames": 37, "running_max": -1.83, "mel": [[...80...], ...]}
+    ...
+    {"window": 0, "offset": 300, "frames": 2, "running_max": -1.5, "mel": [...],
+     "final": true, "final_max": -1.5, "floor": -0.875, "total_frames": 302}
+
+  ``mel`` is frame-major (frames x n_mels) and *provisionally* normalised with the running
+  max; apply ``max(value, floor)`` with the final line's ``floor`` (float32) to get exactly
+  Whisper's output. An error after the response started arrives as a last line
+  ``{"error": ..., "detail": ...}``.
+
+* ``application/octet-stream`` - a sequence of records, little-endian::
+
+    magic "SMEL" | u32 flags (1 final, 2 error) | i32 window | i64 offset | u32 frames |
+    u32 n_mels | f32 running_max | f32 final_max (NaN unless final)      (36 bytes)
+    then frames x n_mels float32, provisional as above (for an error record: u32 length and
+    a UTF-8 JSON error body instead)
+
+* ``application/json`` and ``application/x-npy`` - the whole result at the end, normalised
+  exactly like Whisper: shape (n_mels, T), or (windows, n_mels, 3000) with ``windows=true``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+
+import numpy as np
+
+from .mel import final_floor
+
+NDJSON, JSON, BINARY, NPY = ("application/x-ndjson", "application/json",
+                             "application/octet-stream", "application/x-npy")
+FORMATS = {"ndjson": NDJSON, "json": JSON, "binary": BINARY, "npy": NPY}
+STREAMING = (NDJSON, BINARY)
+RECORD = struct.Struct("<4sIiqIIff")
+F_FINAL, F_ERROR = 1, 2
+
+
+def floor_of(final_max: float | None) -> float | None:
+    return None if final_max is None else float(final_floor(final_max))
+
+
+def ndjson_line(window: int, offset: int, provisional: np.ndarray, running_max: float,
+                final_max: float | None = None, total: int | None = None,
+                final: bool = False) -> bytes:
+    rec: dict = {"window": window, "offset": offset, "frames": int(provisional.shape[0]),
+                 "running_max": None if math.isinf(running_max) else running_max,
+                 "mel": provisional.tolist()}
+    if final:
+        rec.update(final=True, final_max=final_max, floor=floor_of(final_max),
+                   total_frames=total)
+    return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+
+
+def binary_record(window: int, offset: int, provisional: np.ndarray, running_max: float,
+                  final_max: float | None = None, final: bool = False) -> bytes:
+    k, n_mels = provisional.shape
+    head = RECORD.pack(b"SMEL", F_FINAL if final else 0, window, offset, k, n_mels,
+                       running_max, math.nan if final_max is None else final_max)
+    return head + np.ascontiguousarray(provisional, "<f4").tobytes()
+
+
+def error_bytes(media: str, title: str, detail: str) -> bytes:
+    body = json.dumps({"error": title, "detail": detail}).encode()
+    if media == BINARY:
+        return RECORD.pack(b"SMEL", F_ERROR, -1, 0, 0, 0, math.nan, math.nan) + \
+            struct.pack("<I", len(body)) + body
+    return body + b"\n"
+
+
+def whole_json(mel: np.ndarray, maxima: list[float | None]) -> bytes:
+    """mel: (n_mels, T) or (windows, n_mels, 3000), already normalised."""
+    out = {"shape": list(mel.shape), "max": maxima if mel.ndim == 3 else maxima[0],
+           "mel": mel.tolist()}
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
+def whole_npy(mel: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(mel, "<f4"), allow_pickle=False)
+    return buf.getvalue()
