@@ -1,0 +1,62 @@
+"""Whisper log-mel spectrograms: offline, streaming, on the CPU (NumPy) or GPU (CuPy).
+
+    from shmmel import mel
+    spec = mel.log_mel_spectrogram(audio)            # (80, T) float32, like Whisper
+    engine = mel.create_engine("auto")               # CUDA if available, else NumPy
+    stream = engine.new_stream(n_mels=80)
+    batches = engine.process([(stream, chunk, False), ...])   # many streams, one call
+
+Importing this package never imports CuPy or touches CUDA. See docs/MEL.md.
+"""
+
+from __future__ import annotations
+
+from .api import (
+    MelStream,
+    create_engine,
+    cuda_available,
+    default_engine,
+    log10_mel,
+    log_mel_spectrogram,
+    log_mel_windows,
+    normalise,
+)
+from .cuda import CudaEngine
+from .engine import Engine, NumpyEngine
+from .spec import (
+    CHUNK_LENGTH,
+    HOP_LENGTH,
+    N_FFT,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    mel_filters,
+    pad_or_trim,
+)
+from .stream import FrameBatch, StreamState, final_floor
+
+
+__all__ = [
+    "CHUNK_LENGTH",
+    "CudaEngine",
+    "Engine",
+    "FrameBatch",
+    "HOP_LENGTH",
+    "MelStream",
+    "N_FFT",
+    "N_FRAMES",
+    "N_SAMPLES",
+    "NumpyEngine",
+    "SAMPLE_RATE",
+    "StreamState",
+    "create_engine",
+    "cuda_available",
+    "default_engine",
+    "final_floor",
+    "log10_mel",
+    "log_mel_spectrogram",
+    "log_mel_windows",
+    "mel_filters",
+    "normalise",
+    "pad_or_trim",
+]

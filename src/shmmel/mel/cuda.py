@@ -1,0 +1,322 @@
+"""The CUDA engine (CuPy). CuPy is imported inside ``CudaEngine.__init__`` only, so
+importing this module never initialises CUDA.
+
+One ``process`` call is one host-to-device copy, one kernel launch over every item's
+frames, one device-to-host copy. Inputs, descriptors and output share pinned host
+staging buffers and device buffers that only grow; stream state stays on the host.
+
+Host staging layout of one call (device buffer ``_dev_in`` mirrors it byte for byte):
+
+    [descriptors: n x 16 int64][tile starts: n + 1 int32][pad to 256]
+    [pre/post samples: float32, per item][pad to 256][bodies: raw chunk bytes, 16-aligned]
+
+Output (``_dev_out`` / ``_host_out``): [frames: float32, per item (k, n_mels)][pad][max: n uint32]
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from . import _kernels as K
+from .engine import Computed, Engine
+from .spec import MEL_CHOICES, PAD, check_n_mels, check_padding, hann_window, sparse_filters
+from .stream import Segment
+
+
+def _align(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+def _decode_max(bits: np.ndarray) -> np.ndarray:
+    """uint32 order-preserving images -> float32 (inverse of the kernel's ordered_bits)."""
+    bits = bits.astype(np.uint32)
+    neg = (bits & np.uint32(0x80000000)) == 0
+    raw = np.where(neg, ~bits, bits & np.uint32(0x7FFFFFFF)).astype(np.uint32)
+    return raw.view(np.float32)
+
+
+class CudaEngine(Engine):
+    """Mel frames on one CUDA device. Not thread-safe; one per worker process."""
+
+    kind: ClassVar[Literal["cpu", "cuda"]] = "cuda"
+
+    def __init__(self, device: int = 0, *, timing: bool = False) -> None:
+        import cupy as cp  # here, never at module import: the supervisor must not touch CUDA
+
+        self._cp = cp
+        self.device = int(device)
+        self.timing = timing
+        self.last_kernel_ms: float | None = None  # process(): the kernel alone, if timing
+        self.last_gpu_ms: float | None = None  # process(): copy in + kernel + copy out
+        self._closed = False
+        self._device = cp.cuda.Device(self.device)
+        with self._device:
+            self._stream = cp.cuda.Stream(non_blocking=True)
+            module = cp.RawModule(code=K.kernel_source(), options=("-std=c++17",))
+            self._frames_kernel = module.get_function("shmmel_mel_frames")
+            self._normalise_kernel = module.get_function("shmmel_normalise")
+            self._decode_kernel = module.get_function("shmmel_decode_max")
+            self._window = cp.asarray(hann_window().astype(np.float32))
+            self._twiddle = cp.asarray(K.twiddles())
+            self._tables: dict[int, tuple[Any, Any]] = {}
+            for n_mels in MEL_CHOICES:
+                starts, lengths, offsets, packed = sparse_filters(n_mels)
+                table = np.stack([starts, lengths, offsets], axis=1).astype(np.int32)
+                self._tables[n_mels] = (cp.asarray(table.reshape(-1)), cp.asarray(packed))
+            self._events = tuple(cp.cuda.Event() for _ in range(4))
+        self._in_cap = self._out_cap = 0
+        self._pinned_in = self._pinned_out = None  # pinned host memory (kept alive here)
+        self._host_in = self._host_out = None  # numpy uint8 views of it
+        self._dev_in = self._dev_out = None  # CuPy uint8 arrays (memory pool)
+        self._last_launch: tuple[Any, ...] | None = None
+
+    # -- buffers -------------------------------------------------------------------
+
+    def _reserve(self, in_bytes: int, out_bytes: int) -> None:
+        """Grow (never shrink) the staging and device buffers to hold one call."""
+        cp = self._cp
+        if in_bytes > self._in_cap:
+            cap = _align(max(in_bytes, 2 * self._in_cap, 1 << 20), 1 << 16)
+            self._dev_in = None
+            self._pinned_in = cp.cuda.alloc_pinned_memory(cap)
+            self._host_in = np.frombuffer(self._pinned_in, np.uint8, cap)
+            self._dev_in = cp.empty(cap, cp.uint8)
+            self._in_cap = cap
+        if out_bytes > self._out_cap:
+            cap = _align(max(out_bytes, 2 * self._out_cap, 1 << 20), 1 << 16)
+            self._dev_out = None
+            self._pinned_out = cp.cuda.alloc_pinned_memory(cap)
+            self._host_out = np.frombuffer(self._pinned_out, np.uint8, cap)
+            self._dev_out = cp.empty(cap, cp.uint8)
+            self._out_cap = cap
+
+    # -- the launch ----------------------------------------------------------------
+
+    def _launch(self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any) -> None:
+        tables = self._tables
+        args = (
+            desc, tile_starts, np.int32(n_items), self._window, self._twiddle,
+            tables[80][0], tables[80][1], tables[128][0], tables[128][1], item_max,
+        )
+        self._last_launch = ((n_tiles,), (K.THREADS,), args)
+        self._frames_kernel(*self._last_launch)
+
+    def replay_last_launch(self, times: int) -> float:
+        """Benchmark aid: launch the last kernel again ``times`` times back to back on the
+        engine's stream (it rewrites the same values) and return the mean GPU time of one
+        launch in ms, free of the host's launch latency."""
+        start, end = self._events[1], self._events[2]
+        with self._device, self._stream:
+            start.record(self._stream)
+            for _ in range(times):
+                self._frames_kernel(*self._last_launch)
+            end.record(self._stream)
+            end.synchronize()
+        return self._cp.cuda.get_elapsed_time(start, end) / times
+
+    def _compute(self, work: list[tuple[Segment, int]]) -> list[Computed]:
+        if self._closed:
+            raise RuntimeError("CudaEngine is closed")
+        cp = self._cp
+        results: list[Computed] = [(np.empty((0, m), np.float32), None) for _, m in work]
+        active = [i for i, (segment, _) in enumerate(work) if segment.n_frames > 0]
+        if not active:
+            return results
+        n = len(active)
+
+        # layout
+        desc_off, tiles_off = 0, n * K.D_FIELDS * 8
+        f32_off = _align(tiles_off + (n + 1) * 4)
+        f32_pos, raw_pos, out_pos = [], [], []
+        f32_n = 0
+        for i in active:
+            segment = work[i][0]
+            f32_pos.append(f32_n)
+            f32_n += _align(segment.pre.size + segment.post.size, 4)
+        raw_off = _align(f32_off + 4 * f32_n)
+        raw_n = out_n = 0
+        for i in active:
+            segment, n_mels = work[i]
+            raw_pos.append(raw_off + raw_n)
+            raw_n += _align(segment.body.nbytes, 16)
+            out_pos.append(out_n)
+            out_n += segment.n_frames * n_mels
+        in_bytes = raw_off + raw_n
+        max_off = _align(4 * out_n)
+        out_bytes = max_off + 4 * n
+        self._reserve(in_bytes, out_bytes)
+
+        # fill the pinned staging buffer
+        host = self._host_in
+        dev_base = self._dev_in.data.ptr
+        out_base = self._dev_out.data.ptr
+        desc = host[desc_off:tiles_off].view(np.int64).reshape(n, K.D_FIELDS)
+        tiles = host[tiles_off : tiles_off + (n + 1) * 4].view(np.int32)
+        f32 = host[f32_off : f32_off + 4 * f32_n].view(np.float32)
+        rows = np.zeros((n, K.D_FIELDS), np.int64)
+        counts = np.zeros(n + 1, np.int64)
+        for j, i in enumerate(active):
+            segment, n_mels = work[i]
+            p0, npre, npost = f32_pos[j], segment.pre.size, segment.post.size
+            f32[p0 : p0 + npre] = segment.pre
+            f32[p0 + npre : p0 + npre + npost] = segment.post
+            body = segment.body
+            host[raw_pos[j] : raw_pos[j] + body.nbytes].view(body.dtype)[:] = body
+            rows[j, : K.D_MAX_INDEX + 1] = (
+                dev_base + f32_off + 4 * p0,  # D_PRE
+                dev_base + raw_pos[j],  # D_BODY
+                dev_base + f32_off + 4 * (p0 + npre),  # D_POST
+                out_base + 4 * out_pos[j],  # D_OUT
+                npre, body.size, segment.zeros, npost,  # D_*_LEN
+                int(body.dtype == np.int16), n_mels, segment.n_frames,  # D_BODY_I16 .. D_N_FRAMES
+                n_mels, 1, j,  # D_OUT_FS, D_OUT_MS, D_MAX_INDEX
+            )
+            counts[j + 1] = -(-segment.n_frames // K.FRAMES_PER_BLOCK)
+        desc[:] = rows
+        tiles[:] = np.cumsum(counts)
+        n_tiles = int(tiles[n])
+
+        runtime = cp.cuda.runtime
+        stream = self._stream
+        timing = self.timing
+        with self._device, stream:
+            if timing:
+                self._events[0].record(stream)
+            runtime.memcpyAsync(dev_base, host.ctypes.data, in_bytes, runtime.memcpyHostToDevice, stream.ptr)
+            runtime.memsetAsync(out_base + max_off, 0, 4 * n, stream.ptr)
+            args = (
+                self._dev_in[desc_off:tiles_off].view(cp.int64),
+                self._dev_in[tiles_off : tiles_off + (n + 1) * 4].view(cp.int32),
+                n,
+                n_tiles,
+                self._dev_out[max_off : max_off + 4 * n].view(cp.uint32),
+            )
+            if timing:
+                self._events[1].record(stream)
+            self._launch(*args)
+            if timing:
+                self._events[2].record(stream)
+            runtime.memcpyAsync(
+                self._host_out.ctypes.data, out_base, out_bytes, runtime.memcpyDeviceToHost, stream.ptr
+            )
+            if timing:
+                self._events[3].record(stream)
+            stream.synchronize()
+        if timing:
+            self.last_kernel_ms = cp.cuda.get_elapsed_time(self._events[1], self._events[2])
+            self.last_gpu_ms = cp.cuda.get_elapsed_time(self._events[0], self._events[3])
+
+        frames = self._host_out[: 4 * out_n].view(np.float32).copy()
+        maxima = _decode_max(self._host_out[max_off : max_off + 4 * n].view(np.uint32))
+        for j, i in enumerate(active):
+            segment, n_mels = work[i]
+            block = frames[out_pos[j] : out_pos[j] + segment.n_frames * n_mels]
+            results[i] = (block.reshape(segment.n_frames, n_mels), float(maxima[j]))
+        return results
+
+    # -- device-resident batches (no host copies) ------------------------------------
+
+    def _device_batch(
+        self, audio: Any, n_mels: int, padding: int, layout: Literal["frames", "mels"]
+    ) -> tuple[Any, Any]:
+        """Launch on a (B, L) device batch; returns (raw log10 out, per-clip max bits)."""
+        cp = self._cp
+        check_n_mels(n_mels)
+        check_padding(padding)
+        if audio.ndim != 2 or audio.dtype not in (np.int16, np.float32):
+            raise ValueError(f"expected a (B, L) int16/float32 CuPy array, got {audio.shape} {audio.dtype}")
+        b, length = audio.shape
+        n_frames = (length + padding) // 160
+        shape = (b, n_frames, n_mels) if layout == "frames" else (b, n_mels, n_frames)
+        with self._device, self._stream:
+            audio = cp.ascontiguousarray(audio)
+            out = cp.empty(shape, cp.float32)
+            bits = cp.zeros(b, cp.uint32)
+            if n_frames == 0 or b == 0:
+                return out, bits
+            scale = np.float32(1 / 32768) if audio.dtype == np.int16 else np.float32(1)
+            head = cp.zeros((b, PAD + 1), cp.float32)
+            head[:, : min(PAD + 1, length)] = audio[:, : PAD + 1].astype(cp.float32) * scale
+            tail = cp.zeros((b, PAD + 1), cp.float32)
+            n_zero = min(padding, PAD + 1)
+            n_real = min(PAD + 1 - n_zero, length)
+            if n_real:
+                tail[:, PAD + 1 - n_zero - n_real : PAD + 1 - n_zero] = (
+                    audio[:, length - n_real :].astype(cp.float32) * scale
+                )
+            edges = cp.ascontiguousarray(cp.concatenate([head[:, PAD:0:-1], tail[:, PAD - 1 :: -1]], axis=1))
+            desc = np.zeros((b, K.D_FIELDS), np.int64)
+            rows = np.arange(b, dtype=np.int64)
+            desc[:, K.D_PRE] = edges.data.ptr + rows * (2 * PAD * 4)
+            desc[:, K.D_POST] = desc[:, K.D_PRE] + PAD * 4
+            desc[:, K.D_BODY] = audio.data.ptr + rows * audio.strides[0]
+            desc[:, K.D_OUT] = out.data.ptr + rows * (n_frames * n_mels * 4)
+            desc[:, K.D_PRE_LEN], desc[:, K.D_BODY_LEN] = PAD, length
+            desc[:, K.D_ZERO_LEN], desc[:, K.D_POST_LEN] = padding, PAD
+            desc[:, K.D_BODY_I16] = int(audio.dtype == np.int16)
+            desc[:, K.D_N_MELS], desc[:, K.D_N_FRAMES] = n_mels, n_frames
+            fs, ms = (n_mels, 1) if layout == "frames" else (1, n_frames)
+            desc[:, K.D_OUT_FS], desc[:, K.D_OUT_MS] = fs, ms
+            desc[:, K.D_MAX_INDEX] = rows
+            per_item_tiles = -(-n_frames // K.FRAMES_PER_BLOCK)
+            tiles = (np.arange(b + 1, dtype=np.int64) * per_item_tiles).astype(np.int32)
+            self._launch(cp.asarray(desc), cp.asarray(tiles), b, b * per_item_tiles, bits)
+        return out, bits
+
+    def log10_mel_device(
+        self,
+        audio: Any,
+        n_mels: int = 80,
+        padding: int = 0,
+        *,
+        layout: Literal["frames", "mels"] = "frames",
+    ) -> tuple[Any, Any]:
+        """Offline log10 mel of a batch already on this device, in one launch.
+
+        ``audio``: CuPy array (B, L), int16 or float32 (finiteness is not checked here).
+        Returns the raw log10 frames, (B, T, n_mels) for ``"frames"`` or (B, n_mels, T)
+        for ``"mels"``, and the per-clip max (B,) float32 (-inf where T == 0), as CuPy
+        arrays queued on the engine's stream (``synchronize()`` before using them
+        elsewhere). Bit-identical to ``process`` on the same clips."""
+        cp = self._cp
+        out, bits = self._device_batch(audio, n_mels, padding, layout)
+        with self._device, self._stream:
+            maxima = cp.empty(bits.size, cp.float32)
+            if bits.size:
+                self._decode_kernel(((bits.size + 255) // 256,), (256,), (bits, maxima, np.int32(bits.size)))
+            if out.size == 0:
+                maxima.fill(-np.inf)
+        return out, maxima
+
+    def log_mel_device(self, audio: Any, n_mels: int = 80, padding: int = 0) -> Any:
+        """Whisper's normalised log-mel of a device batch: (B, n_mels, T) float32 CuPy,
+        each clip normalised with its own max (two launches: frames, then normalise)."""
+        out, bits = self._device_batch(audio, n_mels, padding, "mels")
+        if out.size:
+            with self._device, self._stream:
+                per_item4 = out[0].size // 4  # n_mels is a multiple of 4
+                total4 = out.size // 4
+                grid = min(-(-total4 // 256), 132 * 32)
+                self._normalise_kernel(
+                    (grid,), (256,), (out, bits, np.int64(per_item4), np.int64(total4))
+                )
+        return out
+
+    @property
+    def stream(self) -> Any:
+        """The engine's CUDA stream (CuPy); device-resident results are queued on it."""
+        return self._stream
+
+    def synchronize(self) -> None:
+        """Wait for the engine's CUDA stream (for the device-resident methods)."""
+        self._stream.synchronize()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._dev_in = self._dev_out = None
+        self._host_in = self._host_out = None
+        self._pinned_in = self._pinned_out = None
