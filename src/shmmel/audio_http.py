@@ -224,9 +224,18 @@ class AudioStreamResource:
                     raise BadAudio("the WAV data chunk is shorter than its header says")
             return data
 
+        width = L.FMT_WIDTH[fmt]
+        size = data_left if media.container == "wav" else req.content_length
+        if size is not None and size % width:
+            slot.release()
+            raise BadRequest(f"{size} bytes of audio is not a whole number of {width}-byte "
+                             "samples")
         try:
             first = read()
             head = run.feed(first) if first else run.finish()
+            if req.content_length is not None and reader.total >= req.content_length \
+                    and not run.done:  # the whole body is here: finish before answering
+                head += run.finish()
         except BaseException as exc:
             run.abort()
             slot.release()
