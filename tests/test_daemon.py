@@ -36,6 +36,16 @@ def test_process_ops(daemon):
     assert daemon.post_json("/process", {"message": ""}) == (200, {"result": ""})
 
 
+def test_process_reports_its_ipc_breakdown(daemon):
+    status, headers, _ = daemon.request("POST", "/process", b'{"message": "t"}',
+                                        {"Content-Type": "application/json"})
+    assert status == 200
+    parts = dict(p.strip().split(";dur=") for p in headers["server-timing"].split(","))
+    assert set(parts) == {"queue", "worker", "ipc"}
+    assert 0 <= float(parts["queue"]) <= float(parts["ipc"]) < 1000
+    assert float(parts["worker"]) >= 0
+
+
 def test_message_limit_is_4_kib_of_utf8(daemon):
     ok = "é" * 2048  # 4096 bytes
     assert daemon.post_json("/process", {"message": ok}) == (200, {"result": ok})

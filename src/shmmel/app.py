@@ -101,6 +101,7 @@ class ProcessResource:
         if reply.status != L.R_OK:
             raise RuntimeError(f"worker error: {reply.data.decode(errors='replace')}")
         resp.media = {"result": reply.data.decode("utf-8")}
+        resp.set_header("Server-Timing", reply.server_timing())
 
 
 class HealthResource:

@@ -69,6 +69,14 @@ class Reply:
     r1: int = 0
     f0: float = 0.0
     f1: float = 0.0
+    # time.monotonic() stamps: submitted, taken by the worker, answered, reply read
+    times: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def server_timing(self) -> str:
+        """A Server-Timing header value: queue wait, worker compute, whole IPC round trip."""
+        sub, taken, done, read = self.times
+        return (f"queue;dur={(taken - sub) * 1e3:.3f}, worker;dur={(done - taken) * 1e3:.3f}, "
+                f"ipc;dur={(read - sub) * 1e3:.3f}")
 
 
 class Slot:
@@ -142,7 +150,8 @@ class Slot:
         ctl, off = self.shm.ctl_view, self.off
         n, status = _LEN_STATUS.unpack_from(ctl, off + _SO["resp_len"])
         r0, r1, f0, f1 = _RESULTS.unpack_from(ctl, off + _SO["r0"])
-        return Reply(status, bytes(self.view(n)) if copy else b"", r0, r1, f0, f1)
+        times = (*self.timings(), time.monotonic())
+        return Reply(status, bytes(self.view(n)) if copy else b"", r0, r1, f0, f1, times)
 
     def timings(self) -> tuple[float, float, float]:
         """(submitted, taken, done) as time.monotonic() stamps."""
