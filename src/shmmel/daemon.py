@@ -188,6 +188,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
             "state": L.W_STATES[int(w["state"])], "generation": int(w["gen"]),
             "device": int(w["device"]), "heartbeat_age_s": round(now - float(w["heartbeat"]), 3),
             "served": int(w["served"]), "errors": int(w["errors"]),
+            "batches": int(w["batches"]),
             "queue_depth": int(depth[k]), "streams": int(w["streams"]),
             "restarts": int(w["restarts"]), "busy_s": round(float(w["busy_s"]), 3),
         })
