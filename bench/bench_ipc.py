@@ -6,7 +6,7 @@ sequential OP_PING round trips with a small payload and record latencies in HdrH
 the histograms are merged. A raw two-semaphore ping-pong between two processes is measured
 first, as the floor any design built on these semaphores can reach.
 
-    python bench/bench_ipc.py --producers 1 8 --seconds 5 --workers 2
+    python bench/bench_ipc.py --producers 1 8 --seconds 5 --workers 2 --spin-us 0 100
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int) -> None:
 
 
 def channel_round_trip(n_producers: int, seconds: float, workers: int,
-                       payload_bytes: int) -> dict[str, float]:
+                       payload_bytes: int, spin_us: int) -> dict[str, float]:
     config = Config(instance=f"bench{uuid.uuid4().hex[:8]}", workers=workers, slots=128,
-                    worker_kind="cpu")
+                    worker_kind="cpu", worker_spin_us=spin_us)
     shm = Shm.create(config)
     pids: list[int] = []
     try:
@@ -155,13 +155,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--payload", type=int, default=64, help="bytes per request")
+    ap.add_argument("--spin-us", type=int, nargs="+", default=[0],
+                    help="worker_spin_us values to compare")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "date": time.strftime("%Y-%m-%d"), "workers": args.workers,
                "payload": args.payload, "semaphore_pingpong": sem_pingpong(min(args.seconds, 3))}
-    for p in args.producers:
-        results[f"producers_{p}"] = channel_round_trip(p, args.seconds, args.workers, args.payload)
+    for spin in args.spin_us:
+        for p in args.producers:
+            results[f"producers_{p} spin_{spin}us"] = channel_round_trip(
+                p, args.seconds, args.workers, args.payload, spin)
     if args.json:
         print(json.dumps(results, indent=2))
         return

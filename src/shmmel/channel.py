@@ -305,6 +305,9 @@ class Inbox:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
 
+    def has_pending(self) -> bool:
+        return bool((self._states == self._submitted).any())
+
     def pending(self) -> list[int]:
         """Slots submitted to this worker generation, oldest first; marks them TAKEN."""
         mine = np.flatnonzero(self._states == self._submitted)

@@ -40,6 +40,7 @@ class Config:
     max_streams: int = 256
     request_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
+    worker_spin_us: int = 0
     heartbeat_interval: float = 0.2
     heartbeat_timeout: float = 30.0
     boot_timeout: float = 60.0
@@ -95,6 +96,7 @@ def _validate(c: Config) -> None:
     for name in ("request_timeout", "stream_idle_timeout", "heartbeat_timeout", "boot_timeout",
                  "shutdown_timeout"):
         need(getattr(c, name) > 0, name, "must be > 0 seconds")
+    need(0 <= c.worker_spin_us <= 100_000, "worker_spin_us", "must be 0..100000")
     need(0.01 <= c.heartbeat_interval <= 5, "heartbeat_interval", "must be 0.01..5 seconds")
     need(c.heartbeat_timeout > 2 * c.heartbeat_interval, "heartbeat_timeout",
          "must exceed twice heartbeat_interval")

@@ -93,6 +93,7 @@ class Worker:
         self.rec["state"] = L.W_READY
         log.info("worker %d ready (%s, gen %d)", self.index, L.W_KINDS[self.kind], self.gen)
         interval = self.config.heartbeat_interval
+        spin = self.config.worker_spin_us / 1e6
         rec = self.rec
         ctl, beat_off = self.shm.ctl_view, self._w_off + _WO["heartbeat"]
         while self.stop_signal is None:
@@ -104,6 +105,8 @@ class Worker:
                 break
             if woke:
                 self.serve_pending()
+                if spin:
+                    self.spin(spin)
             if self.audio is not None:
                 self.audio.expire(now)
         rec["state"] = L.W_STOPPING
@@ -114,6 +117,21 @@ class Worker:
             self.engine.close()
         log.info("worker %d exiting (signal %s)", self.index, self.stop_signal)
         return EXIT_OK
+
+    def spin(self, seconds: float) -> None:
+        """Poll for more work for a moment before going back to sleep on the doorbell.
+
+        Under steady load the next request usually arrives within tens of microseconds of
+        the last answer; catching it here skips a futex sleep and wake-up on both sides
+        (measured in docs/PERFORMANCE.md). The doorbell posts left behind only cause an
+        empty scan later. Costs at most ``worker_spin_us`` of CPU per wake-up.
+        """
+        clock = time.perf_counter
+        deadline = clock() + seconds
+        while clock() < deadline and self.stop_signal is None:
+            if self.inbox.has_pending():
+                self.serve_pending()
+                deadline = clock() + seconds
 
     def serve_pending(self) -> None:
         taken = self.inbox.pending()

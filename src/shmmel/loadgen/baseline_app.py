@@ -1,0 +1,63 @@
+"""The bare HTTP stack: the same routes as shmmel, answered in-process (no IPC).
+
+``bench --baseline`` serves ``app`` with gunicorn under the instance's settings, so a
+figure divided by this one is the cost of shmmel above plain gunicorn + Falcon:
+
+* ``POST /process`` parses and checks the JSON like shmmel, reverses the message;
+* the audio routes read the body and answer 32 KB (``/audio/streams`` makes an id).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import falcon
+
+ANSWER = bytes(32 * 1024)
+_ids = itertools.count(1)
+
+
+class Process:
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = json.loads(req.bounded_stream.read())
+        message = body["message"]
+        if len(message.encode("utf-8")) > 4096:
+            raise falcon.HTTPContentTooLarge()
+        resp.media = {"result": message[::-1]}
+
+
+class Audio:
+    def on_post(self, req: falcon.Request, resp: falcon.Response, stream_id: str = "") -> None:
+        stream = req.bounded_stream if req.content_length is not None else req.env["wsgi.input"]
+        while stream.read(1 << 16):
+            pass
+        resp.content_type = "application/octet-stream"
+        resp.data = ANSWER
+
+    on_delete = on_post
+
+
+class Streams:
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.status = falcon.HTTP_201
+        resp.media = {"stream_id": f"b{next(_ids)}"}
+
+
+class Ready:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"ready": 1}
+
+
+def create_app() -> falcon.App:
+    app = falcon.App()
+    app.add_route("/process", Process())
+    app.add_route("/audio/stream", Audio())
+    app.add_route("/audio/streams", Streams())
+    app.add_route("/audio/streams/{stream_id}", Audio())
+    app.add_route("/readyz", Ready())
+    app.add_route("/healthz", Ready())
+    return app
+
+
+app = create_app()
