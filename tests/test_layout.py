@@ -12,7 +12,8 @@ def offsets(dt):
 def test_record_sizes_are_pinned():
     assert L.VERSION == 1
     assert L.HEADER.itemsize == 184
-    assert L.WORKER.itemsize == 80
+    assert L.WORKER.itemsize == 96
+    assert L.METRICS.itemsize == 2160
     assert L.HTTP.itemsize == 24
     assert L.SLOT.itemsize == 144
     assert L.STREAM.itemsize == 64
@@ -31,7 +32,7 @@ def test_worker_and_header_offsets_are_pinned():
     assert offsets(L.WORKER) == {
         "pid": 0, "kind": 8, "state": 12, "gen": 16, "device": 20, "restarts": 24,
         "streams": 28, "heartbeat": 32, "started": 40, "served": 48, "errors": 56,
-        "batches": 64, "busy_s": 72,
+        "batches": 64, "busy_s": 72, "audio_samples": 80, "gpu_bytes": 88,
     }
     assert offsets(L.HEADER)["supervisor_pid"] == 32
     assert offsets(L.HEADER)["host"] == 72
@@ -40,15 +41,17 @@ def test_worker_and_header_offsets_are_pinned():
 
 def test_control_segment_regions_are_aligned_and_disjoint():
     lay = L.CtlLayout(n_workers=4, n_slots=128, max_streams=256)
-    assert (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off) == (192, 512, 2048, 20480)
-    assert lay.size == 36864 and lay.size % L.PAGE == 0
-    for off in (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off):
+    assert (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off) == (
+        192, 576, 2112, 20544, 36928)
+    assert lay.size == 176128 and lay.size % L.PAGE == 0
+    for off in (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off):
         assert off % 64 == 0
     assert lay.workers_off >= L.HEADER.itemsize
     assert lay.http_off >= lay.workers_off + 4 * L.WORKER.itemsize
     assert lay.slots_off >= lay.http_off + L.MAX_HTTP * L.HTTP.itemsize
     assert lay.streams_off >= lay.slots_off + 128 * L.SLOT.itemsize
-    assert lay.size >= lay.streams_off + 256 * L.STREAM.itemsize
+    assert lay.metrics_off >= lay.streams_off + 256 * L.STREAM.itemsize
+    assert lay.size >= lay.metrics_off + L.MAX_HTTP * L.METRICS.itemsize
 
 
 def test_names_carry_the_instance_and_never_collide():

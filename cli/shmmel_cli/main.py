@@ -18,10 +18,14 @@ from shmmel import config as cfg
 from shmmel import daemon
 from shmmel.errors import ShmmelError
 
+from .bench import bench_app, gen_audio
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="shmmel: Whisper log-mel spectrograms over HTTP, on the GPU.")
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+app.command("gen-audio")(gen_audio)
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -153,6 +157,8 @@ def config_show(
     c = resolve(config)
     data = json.loads(c.to_json())
     sources = data.pop("sources")
+    if data.get("auth_token"):
+        data["auth_token"] = "***"
     if as_json:
         print(json.dumps({"values": data, "sources": sources}, indent=2))
         return

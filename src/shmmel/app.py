@@ -4,9 +4,9 @@ are mapped to HTTP statuses once, here; every error body is ``{"error": ..., "de
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
-import threading
 from typing import Any
 
 import falcon
@@ -17,6 +17,7 @@ from .channel import Producer
 from .config import MAX_MESSAGE_BYTES, Config
 from .errors import BadRequest, RequestTimeout, ServiceUnavailable
 from .httputil import read_body, require_media_type
+from .metrics import HttpMetrics, MetricsResource
 from .shm import Shm
 
 log = logging.getLogger("shmmel.http")
@@ -129,21 +130,30 @@ class ReadyResource:
         resp.media = body
 
 
-class CountRequests:
-    """Middleware: per-process request counter in the HTTP table, for `shmmel status`."""
+class BearerAuth:
+    """Middleware: when ``auth_token`` is set, every endpoint but the health probes needs
+    ``Authorization: Bearer <token>`` (compared in constant time)."""
 
-    def __init__(self, shm: Shm, row: int) -> None:
-        self.shm, self.row = shm, row
-        self._lock = threading.Lock()
+    OPEN = ("/healthz", "/readyz")
 
-    def process_response(self, req: Any, resp: Any, resource: Any, req_succeeded: bool) -> None:
-        if self.row >= 0:
-            with self._lock:
-                self.shm.http["requests"][self.row] += 1
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path in self.OPEN:
+            return
+        got = (req.get_header("Authorization") or "").encode()
+        if not hmac.compare_digest(got, self.expected):
+            raise falcon.HTTPUnauthorized(title="Unauthorized",
+                                          description="a valid bearer token is required",
+                                          challenges=["Bearer"])
 
 
 def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> falcon.App:
-    app = falcon.App(middleware=[CountRequests(shm, row)])
+    middleware: list[Any] = [HttpMetrics(shm, row)]  # first: it also counts refusals
+    if config.auth_token:
+        middleware.append(BearerAuth(config.auth_token))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(error_serializer)
     app.add_error_handler(Exception, _internal)
@@ -153,5 +163,6 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/process", ProcessResource(config, producer))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(shm))
+    app.add_route("/metrics", MetricsResource(shm))
     add_audio_routes(app, config, producer)
     return app

@@ -96,6 +96,7 @@ class Run:
         self.done = False
         self.whole: list[tuple[int, list[np.ndarray], float | None]] = []
         self.total_samples = 0
+        self.reason: str | None = None
 
     def _open(self) -> Handle:
         self.handle = self.table.open(self.slot, self.n_mels, 0 if self.windows else self.padding)
@@ -118,7 +119,7 @@ class Run:
         if self.out == wire.NDJSON:
             total = fb.start + fb.log10.shape[0]
             return wire.ndjson_line(self.window, fb.start, prov, fb.running_max, final_max,
-                                    total, final)
+                                    total, final, self.reason if final else None)
         return wire.binary_record(self.window, fb.start, prov, fb.running_max, final_max, final)
 
     def feed(self, data: bytes) -> bytes:
@@ -144,12 +145,17 @@ class Run:
                 self.window += 1
         return b"".join(out)
 
-    def finish(self) -> bytes:
+    def finish(self, reason: str | None = None) -> bytes:
+        """End the stream(s): padding, last frames, final max. With ``reason`` (the service
+        is stopping) a trailing partial sample is dropped instead of refused."""
+        if reason:
+            self.carry = b""
         if self.carry:
             raise BadAudio(f"the body ends with {len(self.carry)} stray byte(s): not a whole "
                            f"number of {self.width}-byte samples")
-        if self.total_samples == 0:
+        if self.total_samples == 0 and not reason:
             raise BadAudio("the body holds no audio samples")
+        self.reason = reason
         out = b""
         if self.handle is not None or not self.windows:
             h = self.handle or self._open()
@@ -266,7 +272,12 @@ class AudioStreamResource:
         try:
             if head:
                 yield head
+            header = self.table.shm.header
             while not run.done:
+                if header["state"] == L.INST_STOPPING:
+                    # shutting down: end with a final message for what has arrived
+                    yield run.finish(reason="shutdown")
+                    break
                 data = read()
                 chunk = run.feed(data) if data else run.finish()
                 if chunk:

@@ -29,6 +29,7 @@ class AudioStreams:
         self.config, self.shm, self.index, self.gen, self.engine = config, shm, index, gen, engine
         self.states: dict[int, tuple[int, Any]] = {}  # table index -> (token, StreamState)
         self._next_expiry = 0.0
+        self._samples = 0  # samples turned into frames since take_samples()
 
     def _bad(self, inbox: Inbox, j: int, status: int, message: str) -> int:
         data = message.encode()[: self.shm.slot_bytes]
@@ -97,11 +98,16 @@ class AudioStreams:
                 t = table[k : k + 1]
                 t["frames"] += frames.shape[0]
                 t["samples"] += chunk.shape[0]
+                self._samples += chunk.shape[0]
                 if final:
                     self._drop(k)
                 inbox.answer(j, L.R_OK, nbytes, r0=fb.start, r1=frames.shape[0],
                              f0=fb.running_max, f1=1.0 if final else 0.0)
         return errors
+
+    def take_samples(self) -> int:
+        n, self._samples = self._samples, 0
+        return n
 
     def expire(self, now: float) -> None:
         """Drop streams idle longer than stream_idle_timeout (checked about once a second)."""

@@ -42,6 +42,7 @@ class Batch:
     final: bool = False
     final_max: float | None = None
     floor: float | None = None
+    reason: str | None = None  # "shutdown" when the service stopped before the upload ended
 
 
 def _pieces(audio: np.ndarray | str | Path | bytes, chunk_s: float
@@ -115,7 +116,7 @@ class MelClient:
                 yield Batch(rec["window"], rec["offset"],
                             np.asarray(rec["mel"], np.float32).reshape(rec["frames"], n_mels),
                             rec["running_max"], rec.get("final", False), rec.get("final_max"),
-                            rec.get("floor"))
+                            rec.get("floor"), rec.get("reason"))
         finally:
             resp.close()
             sock.close()

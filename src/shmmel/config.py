@@ -47,10 +47,16 @@ class Config:
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "
     max_body_bytes: int = 64 * 1024 * 1024
+    auth_token: str = ""
     log_file: str = ""
     log_level: str = "info"
     # Where each value came from ("default", "env", "file:<path>", "flag"); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __repr__(self) -> str:  # never print the token
+        shown = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("sources", "auth_token")}
+        return f"Config({shown}, auth_token={'***' if self.auth_token else ''!r})"
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -114,10 +114,14 @@ def start(config: Config, timeout: float | None = None) -> Started:
     log_file = default_log_file(config)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
+        # the config (which may hold auth_token) goes through a pipe, never the command line
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shmmel.daemon", config.to_json()],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "shmmel.daemon"],
+            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
+        assert proc.stdin is not None
+        proc.stdin.write(config.to_json().encode())
+        proc.stdin.close()
     deadline = time.monotonic() + (timeout or config.boot_timeout + 10)
     while time.monotonic() < deadline:
         code = proc.poll()
@@ -222,8 +226,9 @@ def snapshot(shm: Shm) -> dict[str, Any]:
     }
 
 
-def _main(argv: list[str]) -> int:
-    config = Config.from_json(argv[1])
+def _main() -> int:
+    config = Config.from_json(sys.stdin.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     setup_logging(config.log_level)
     try:
         return run_foreground(config)
@@ -233,4 +238,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv))
+    sys.exit(_main())

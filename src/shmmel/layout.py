@@ -13,6 +13,8 @@ Two POSIX shared-memory segments and two families of semaphores per instance ``I
     | SLOT   x slots     |  request/response header of each data slot
     +--------------------+  CtlLayout.streams_off
     | STREAM x max_streams| audio stream table (owner worker, token, idle clock)
+    +--------------------+  CtlLayout.metrics_off
+    | METRICS x MAX_HTTP |  HTTP request counters and latency histograms, per HTTP row
     +--------------------+  CtlLayout.size
 
     /shmmel.I.data   data segment: slots x slot_bytes of payload, page aligned, so a CUDA
@@ -115,6 +117,8 @@ WORKER = np.dtype([
     ("errors", "<u8"),       # requests answered with an error status
     ("batches", "<u8"),      # worker wake-ups that found work
     ("busy_s", "<f8"),       # seconds spent computing
+    ("audio_samples", "<u8"),  # audio samples turned into frames
+    ("gpu_bytes", "<u8"),    # device memory held by the worker's CuPy pool
 ], align=True)
 
 HTTP = np.dtype([
@@ -162,6 +166,22 @@ STREAM = np.dtype([
 ], align=True)
 
 
+# HTTP metrics: one row per HTTP table row, written only by the process owning that row
+# (a respawned process inherits a dead one's row and counts on from its values, so sums over
+# rows never go backwards). Read by the /metrics collector in any process.
+ROUTES = ("process", "audio_stream", "audio_streams", "audio_session", "healthz", "readyz",
+          "metrics", "openapi", "other")
+CODES = (200, 201, 400, 401, 404, 405, 406, 409, 413, 415, 500, 503, 504, 0)  # 0: any other
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0)  # seconds; a last bucket counts the rest (+Inf)
+
+METRICS = np.dtype([
+    ("requests", "<u8", (len(ROUTES), len(CODES))),
+    ("latency", "<u8", (len(ROUTES), len(BUCKETS) + 1)),   # per bucket, not cumulative
+    ("latency_sum", "<f8", (len(ROUTES),)),
+], align=True)
+
+
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 
@@ -176,16 +196,18 @@ class CtlLayout:
         self.http_off = _align(self.workers_off + WORKER.itemsize * n_workers)
         self.slots_off = _align(self.http_off + HTTP.itemsize * MAX_HTTP)
         self.streams_off = _align(self.slots_off + SLOT.itemsize * n_slots)
-        self.size = _align(self.streams_off + STREAM.itemsize * max_streams, PAGE)
+        self.metrics_off = _align(self.streams_off + STREAM.itemsize * max_streams)
+        self.size = _align(self.metrics_off + METRICS.itemsize * MAX_HTTP, PAGE)
 
-    def views(self, buf) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(header record, workers, http, slots, streams) as numpy views over ``buf``."""
+    def views(self, buf) -> tuple[np.ndarray, ...]:
+        """(header, workers, http, slots, streams, metrics) as numpy views over ``buf``."""
         header = np.frombuffer(buf, HEADER, 1, self.header_off)
         workers = np.frombuffer(buf, WORKER, self.n_workers, self.workers_off)
         http = np.frombuffer(buf, HTTP, MAX_HTTP, self.http_off)
         slots = np.frombuffer(buf, SLOT, self.n_slots, self.slots_off)
         streams = np.frombuffer(buf, STREAM, self.max_streams, self.streams_off)
-        return header, workers, http, slots, streams
+        metrics = np.frombuffer(buf, METRICS, MAX_HTTP, self.metrics_off)
+        return header, workers, http, slots, streams, metrics
 
 
 def data_size(n_slots: int, slot_bytes: int) -> int:

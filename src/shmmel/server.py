@@ -77,6 +77,5 @@ def register_http_process(shm: Shm) -> int:
             return -1
         r = int(free[0])
         h["pid"][r] = pid
-        h["started"][r] = time.monotonic()
-        h["requests"][r] = 0
+        h["started"][r] = time.monotonic()  # counters (and metrics row r) carry on
     return r

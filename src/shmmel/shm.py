@@ -40,7 +40,8 @@ class Shm:
                                 f"(magic {bytes(head['magic'])!r}, version {int(head['version'])})")
         self.layout = L.CtlLayout(int(head["n_workers"]), int(head["n_slots"]),
                                   int(head["max_streams"]))
-        hdr, self.workers, self.http, self.slots, self.streams = self.layout.views(self._ctl_map)
+        hdr, self.workers, self.http, self.slots, self.streams, self.metrics = \
+            self.layout.views(self._ctl_map)
         self.header = hdr[0]
         self.slot_bytes = int(self.header["slot_bytes"])
         self.payload = np.frombuffer(self._data_map, np.uint8).reshape(self.layout.n_slots,
@@ -150,6 +151,7 @@ class Shm:
                 sem.close()
         # Views into the maps must go before the maps can close.
         self.header = self.workers = self.http = self.slots = self.streams = None  # type: ignore[assignment]
+        self.metrics = None  # type: ignore[assignment]
         self.payload = None  # type: ignore[assignment]
         self.data_view.release()
         self.ctl_view.release()

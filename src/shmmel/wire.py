@@ -7,6 +7,8 @@
     {"window": 0, "offset": 300, "frames": 2, "running_max": -1.5, "mel": [...],
      "final": true, "final_max": -1.5, "floor": -0.875, "total_frames": 302}
 
+  A stream cut short by a shutdown of the service ends with a normal final line (for the
+  audio received so far) that also carries ``"reason": "shutdown"``.
   ``mel`` is frame-major (frames x n_mels) and *provisionally* normalised with the running
   max; apply ``max(value, floor)`` with the final line's ``floor`` (float32) to get exactly
   Whisper's output. An error after the response started arrives as a last line
@@ -48,13 +50,15 @@ def floor_of(final_max: float | None) -> float | None:
 
 def ndjson_line(window: int, offset: int, provisional: np.ndarray, running_max: float,
                 final_max: float | None = None, total: int | None = None,
-                final: bool = False) -> bytes:
+                final: bool = False, reason: str | None = None) -> bytes:
     rec: dict = {"window": window, "offset": offset, "frames": int(provisional.shape[0]),
                  "running_max": None if math.isinf(running_max) else running_max,
                  "mel": provisional.tolist()}
     if final:
         rec.update(final=True, final_max=final_max, floor=floor_of(final_max),
                    total_frames=total)
+        if reason:
+            rec["reason"] = reason
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
 
 

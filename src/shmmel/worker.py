@@ -25,8 +25,9 @@ log = logging.getLogger("shmmel.worker")
 
 _WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
 _F64 = struct.Struct("<d")
-_COUNTERS = struct.Struct("<QQQd")  # served, errors, batches, busy_s
-assert _WO["busy_s"] == _WO["served"] + 24
+_COUNTERS = struct.Struct("<QQQdQ")  # served, errors, batches, busy_s, audio_samples
+_U64 = struct.Struct("<Q")
+assert _WO["audio_samples"] == _WO["served"] + 32
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
@@ -56,13 +57,15 @@ class Worker:
         self.config, self.shm, self.index, self.gen, self.parent = config, shm, index, gen, parent
         self.rec = shm.workers[index : index + 1]
         self._w_off = shm.layout.workers_off + index * L.WORKER.itemsize
-        self.served = self.errors = self.batches = 0
-        self.busy_s = 0.0
+        # counters continue from the record: a respawned worker keeps them monotonic
+        self.served, self.errors, self.batches, self.busy_s, self.samples = \
+            _COUNTERS.unpack_from(shm.ctl_view, self._w_off + _WO["served"])
         self.inbox = Inbox(shm, index, gen)
         self.stop_signal: int | None = None
         self.engine = None
         self.audio = None
         self.kind = L.K_CPU
+        self._next_gpu_sample = 0.0
 
     # -- signals: record only ---------------------------------------------------------------
     def _record(self, signum: int, _frame: FrameType | None) -> None:
@@ -109,6 +112,9 @@ class Worker:
                     self.spin(spin)
             if self.audio is not None:
                 self.audio.expire(now)
+            if self.kind == L.K_CUDA and now >= self._next_gpu_sample:
+                self._next_gpu_sample = now + 1.0
+                _U64.pack_into(ctl, self._w_off + _WO["gpu_bytes"], self.gpu_bytes())
         rec["state"] = L.W_STOPPING
         self.serve_pending()  # answer what was already submitted
         if self.audio is not None:
@@ -117,6 +123,12 @@ class Worker:
             self.engine.close()
         log.info("worker %d exiting (signal %s)", self.index, self.stop_signal)
         return EXIT_OK
+
+    def gpu_bytes(self) -> int:
+        """Device memory held by this process's CuPy pools (CUDA workers only)."""
+        import cupy  # already initialised by the engine in this process
+
+        return int(cupy.get_default_memory_pool().total_bytes())
 
     def spin(self, seconds: float) -> None:
         """Poll for more work for a moment before going back to sleep on the doorbell.
@@ -156,8 +168,10 @@ class Worker:
         self.errors += errors
         self.batches += 1
         self.busy_s += time.perf_counter() - t0
+        if self.audio is not None:
+            self.samples += self.audio.take_samples()
         _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
-                            self.errors, self.batches, self.busy_s)
+                            self.errors, self.batches, self.busy_s, self.samples)
 
     def fail(self, j: int, status: int, message: str) -> int:
         data = message.encode()[: self.shm.slot_bytes]

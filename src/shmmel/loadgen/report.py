@@ -100,6 +100,7 @@ def _fmt(v: Any) -> str:
 
 def checks_table(title: str, checks: list[Check]) -> Table:
     t = Table("figure", "value", "target", "", title=title, title_justify="left")
+    t.columns[1].no_wrap = True
     for c in checks:
         mark = {True: "[green]met[/green]", False: "[red]missed[/red]",
                 None: "[dim]n/a[/dim]"}[c.met]
@@ -110,6 +111,7 @@ def checks_table(title: str, checks: list[Check]) -> Table:
 def latency_table(title: str, rows: dict[str, dict]) -> Table:
     cols = ["count", "min", "p50", "p90", "p95", "p99", "p99.9", "max"]
     t = Table("ms", *cols, title=title, title_justify="left")
+    t.columns[0].no_wrap = True
     for name, s in rows.items():
         t.add_row(name, *(_fmt(s.get(k)) for k in cols))
     return t

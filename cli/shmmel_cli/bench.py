@@ -1,0 +1,262 @@
+"""`shmmel bench text|audio` and `shmmel gen-audio`: thin commands over shmmel.loadgen."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shmmel.errors import ShmmelError
+from shmmel.loadgen import bench as lb
+from shmmel.loadgen import report, signals
+from shmmel.loadgen.audioload import AudioLoad
+from shmmel.loadgen.runner import LoadError, default_procs
+from shmmel.loadgen.text import parse_ops, parse_sizes
+from shmmel.loadgen.textload import TextLoad
+
+bench_app = typer.Typer(help="Load-test a running (or spawned) instance.", no_args_is_help=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, soft_wrap=True)
+
+Url = Annotated[Optional[str], typer.Option(help="Service URL (default: the instance's).")]
+Instance = Annotated[str, typer.Option("--instance", "-i", help="Instance to load.")]
+Spawn = Annotated[bool, typer.Option(help="Start a fresh instance (port 0) and stop it after.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", "-w", help="--spawn: compute workers.")]
+HttpWorkers = Annotated[Optional[int], typer.Option(help="--spawn: gunicorn processes (and the "
+                                                         "baseline's, with --url).")]
+Threads = Annotated[Optional[int], typer.Option(help="--spawn: gunicorn threads a process.")]
+Kind = Annotated[Optional[str], typer.Option(help="--spawn: auto, cpu or cuda.")]
+Duration = Annotated[float, typer.Option("--duration", "-d", help="Seconds measured.")]
+Warmup = Annotated[float, typer.Option(help="Seconds of load before measuring.")]
+Procs = Annotated[Optional[int], typer.Option(help="Load processes (default: cores/4, 1..8).")]
+Baseline = Annotated[bool, typer.Option(help="Also load a bare gunicorn+Falcon app (no IPC).")]
+Sweep = Annotated[Optional[str], typer.Option(help="NAME=V1,V2,...: one spawned instance a "
+                                                   "point, e.g. workers=1,2,4,8.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+Save = Annotated[Optional[Path], typer.Option(help="Also write the JSON here.")]
+Hgrm = Annotated[Optional[Path], typer.Option(help="Write the latency distribution (.hgrm).")]
+Plot = Annotated[Optional[Path], typer.Option(help="Write a percentile plot (PNG; matplotlib).")]
+LogDir = Annotated[Optional[Path], typer.Option(help="--spawn: directory for instance logs.")]
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    err.print(f"[red][error][/red] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+def _source(url: str | None, instance: str, spawn: bool, sweep: str | None,
+            flags: dict[str, Any], log_dir: Path | None, http_workers: int | None,
+            http_threads: int | None) -> lb.Source:
+    flags = {k: v for k, v in flags.items() if v is not None}
+    spawning = spawn or sweep is not None
+    if spawning and url:
+        raise fail(ValueError("--url and --spawn/--sweep exclude each other"))
+    return lb.Source(url=url, instance=instance, spawn=flags if spawning else None,
+                     log_dir=str(log_dir) if log_dir else None, http_workers=http_workers,
+                     http_threads=http_threads or 16)
+
+
+def _emit(outcome: lb.Outcome, title: str, as_json: bool, save: Path | None,
+          hgrm: Path | None, plot: Path | None, latency_rows: dict[str, dict]) -> None:
+    text = json.dumps(outcome.data, indent=2, default=str)
+    if save:
+        save.write_text(text + "\n")
+    if hgrm:
+        for name, h in outcome.hists.items():
+            suffix = "" if name == "shmmel" else "-" + name.replace(" ", "-")
+            target = hgrm if not suffix else hgrm.with_name(f"{hgrm.stem}{suffix}{hgrm.suffix}")
+            report.write_hgrm(target, h)
+    if plot:
+        msg = report.write_plot(plot, outcome.hists, title)
+        if msg:
+            err.print(f"[yellow]{msg}[/yellow]")
+    if as_json:
+        print(text)
+        return
+    d = outcome.data
+    t = d["target"]
+    out.print(f"[bold]{title}[/bold] against {t['url']} (instance {t['instance'] or '-'}, "
+              f"workers {t['workers'] or '?'} {t['worker_kind'] or ''}, "
+              f"{t['http_workers']} HTTP processes x {t['http_threads']} threads)",
+              highlight=False)
+    out.print(report.latency_table("latency", latency_rows))
+    out.print(report.checks_table("targets", outcome.checks))
+    if "vs_baseline" in d:
+        out.print(Table.grid())
+        t2 = Table("figure", "shmmel / bare", title="ratio to the bare HTTP stack",
+                   title_justify="left")
+        for k, v in d["vs_baseline"].items():
+            t2.add_row(k, "-" if v is None else f"{v:.3f}")
+        out.print(t2)
+
+
+def _sweep_table(rows: list[dict]) -> Table:
+    t = Table(*rows[0].keys(), title="scalability", title_justify="left")
+    for r in rows:
+        t.add_row(*(report._fmt(v) for v in r.values()))
+    return t
+
+
+@bench_app.command("text")
+def bench_text(
+    url: Url = None, instance: Instance = "default", spawn: Spawn = False,
+    workers: Workers = None, http_workers: HttpWorkers = None, http_threads: Threads = None,
+    worker_kind: Kind = None,
+    connections: Annotated[int, typer.Option("--connections", "-c",
+                                             help="Concurrent keep-alive connections.")] = 100,
+    duration: Duration = 10.0, warmup: Warmup = 2.0,
+    rate: Annotated[float, typer.Option(help="Open loop at this many req/s in all "
+                                             "(0: closed loop).")] = 0.0,
+    sizes: Annotated[str, typer.Option(help="Message bytes, or a mix: 64,512,4096.")] = "256",
+    ops: Annotated[str, typer.Option(help="Op mix: reverse, or reverse:2,upper,prefix.")] = "reverse",
+    procs: Procs = None,
+    timing_fraction: Annotated[float, typer.Option(help="Fraction of answers whose "
+                                                        "Server-Timing is sampled.")] = 0.05,
+    burst: Annotated[int, typer.Option(help="Then send this many requests at once (0: no).")] = 0,
+    baseline: Baseline = False, sweep: Sweep = None, as_json: AsJson = False, save: Save = None,
+    hgrm: Hgrm = None, plot: Plot = None, log_dir: LogDir = None,
+) -> None:
+    """POST /process load: latency percentiles, throughput, errors, against the targets."""
+    try:
+        load = TextLoad(connections=connections, duration=duration, warmup=warmup,
+                        mode="open" if rate > 0 else "closed", rate=rate,
+                        sizes=tuple(parse_sizes(sizes)), ops=tuple(parse_ops(ops)),
+                        procs=procs or default_procs(connections),
+                        timing_fraction=timing_fraction)
+        src = _source(url, instance, spawn, sweep, dict(
+            workers=workers, http_workers=http_workers, http_threads=http_threads,
+            worker_kind=worker_kind), log_dir, http_workers, http_threads)
+        if sweep:
+            name, values = lb.parse_sweep(sweep)
+            rows = lb.sweep("text", src, name, values, load, console=err)
+            _print_rows(rows, as_json, save)
+            return
+        outcome = lb.text_bench(src, load, burst=burst, baseline=baseline, console=err)
+    except (ShmmelError, LoadError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    d = outcome.data
+    rows = {"shmmel": d["shmmel"]["latency_ms"]}
+    if load.mode == "open":
+        rows["shmmel (uncorrected)"] = d["shmmel"]["uncorrected_ms"]
+    for name, s in d["shmmel"]["components_ms"].items():
+        rows[f"  {name}"] = s
+    if "baseline" in d:
+        rows["bare stack"] = d["baseline"]["latency_ms"]
+    _emit(outcome, "shmmel bench text", as_json, save, hgrm, plot, rows)
+    if not as_json:
+        tp = d["shmmel"]["throughput"]
+        line = f"throughput: {tp['mean']:,.0f} ± {tp['stdev']:,.0f} req/s over {tp['intervals']} s"
+        if "baseline" in d:
+            line += f"; bare stack {d['baseline']['throughput']['mean']:,.0f} req/s"
+        errors = d["shmmel"]["errors"]
+        out.print(line + (f"; errors {errors}" if errors else "; no errors"), highlight=False)
+        if "burst" in d["shmmel"]:
+            b = d["shmmel"]["burst"]
+            out.print(f"burst: {b['answered']:,}/{b['requests']:,} answered, all within "
+                      f"{report._fmt(b['all_answered_in_ms'])} ms, errors {b['errors'] or 0}",
+                      highlight=False)
+
+
+def _print_rows(rows: list[dict], as_json: bool, save: Path | None) -> None:
+    text = json.dumps({"sweep": rows}, indent=2)
+    if save:
+        save.write_text(text + "\n")
+    if as_json:
+        print(text)
+    else:
+        out.print(_sweep_table(rows))
+
+
+@bench_app.command("audio")
+def bench_audio(
+    url: Url = None, instance: Instance = "default", spawn: Spawn = False,
+    workers: Workers = None, http_workers: HttpWorkers = None, http_threads: Threads = None,
+    worker_kind: Kind = None,
+    streams: Annotated[int, typer.Option("--streams", "-s", help="Concurrent streams.")] = 8,
+    duration: Annotated[float, typer.Option("--duration", "-d",
+                                            help="Seconds measured, each phase.")] = 10.0,
+    warmup: Warmup = 1.0,
+    pace: Annotated[str, typer.Option(help="Chunks: realtime or fast.")] = "realtime",
+    file_seconds: Annotated[float, typer.Option(help="Seconds of audio a file.")] = 10.0,
+    signal: Annotated[str, typer.Option(help="speech, tone, chirp, noise or silence.")] = "speech",
+    phases: Annotated[str, typer.Option(help="chunks (session API), files (/audio/stream), "
+                                             "or both.")] = "chunks,files",
+    procs: Procs = None,
+    verify: Annotated[bool, typer.Option(help="Check a file a process against "
+                                              "log_mel_spectrogram.")] = True,
+    gpu_index: Annotated[int, typer.Option(help="GPU to sample through NVML (-1: none).")] = 0,
+    baseline: Baseline = False, sweep: Sweep = None, as_json: AsJson = False, save: Save = None,
+    hgrm: Hgrm = None, plot: Plot = None, log_dir: LogDir = None,
+) -> None:
+    """Audio streams: first chunk, per-chunk and end-to-end latency, real-time factor."""
+    try:
+        if pace not in ("realtime", "fast"):
+            raise ValueError("--pace must be realtime or fast")
+        chosen = tuple(p.strip() for p in phases.split(",") if p.strip())
+        if not chosen or any(p not in ("chunks", "files") for p in chosen):
+            raise ValueError("--phases takes chunks, files or chunks,files")
+        if signal not in signals.KINDS:
+            raise ValueError(f"--signal must be one of {', '.join(signals.KINDS)}")
+        load = AudioLoad(streams=streams, duration=duration, warmup=warmup, pace=pace,  # type: ignore[arg-type]
+                         file_seconds=file_seconds, procs=procs or default_procs(streams),
+                         signal=signal, verify=verify, phases=chosen)
+        src = _source(url, instance, spawn, sweep, dict(
+            workers=workers, http_workers=http_workers, http_threads=http_threads,
+            worker_kind=worker_kind), log_dir, http_workers, http_threads)
+        gpu = None if gpu_index < 0 else gpu_index
+        if sweep:
+            name, values = lb.parse_sweep(sweep)
+            rows = lb.sweep("audio", src, name, values, load, console=err, gpu_index=gpu)
+            _print_rows(rows, as_json, save)
+            return
+        outcome = lb.audio_bench(src, load, baseline=baseline, gpu_index=gpu, console=err)
+    except (ShmmelError, LoadError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    d = outcome.data
+    rows: dict[str, dict] = {}
+    for who in ("shmmel", "baseline"):
+        if who not in d:
+            continue
+        tag = "" if who == "shmmel" else " (bare)"
+        if "chunks" in d[who]:
+            rows[f"first chunk{tag}"] = d[who]["chunks"]["first_chunk_ms"]
+            rows[f"per chunk{tag}"] = d[who]["chunks"]["chunk_ms"]
+            rows[f"finish (DELETE){tag}"] = d[who]["chunks"]["finish_ms"]
+        if "files" in d[who]:
+            rows[f"{file_seconds:g} s file{tag}"] = d[who]["files"]["file_ms"]
+    _emit(outcome, "shmmel bench audio", as_json, save, hgrm, plot, rows)
+    if not as_json:
+        s = d["shmmel"]
+        for phase in ("chunks", "files"):
+            if phase in s and "gpu" in s[phase]:
+                g = s[phase]["gpu"]
+                out.print(f"GPU during {phase}: {g['name']}, utilisation mean "
+                          f"{g['util_mean_pct']} % (max {g['util_max_pct']} %), memory max "
+                          f"{g['mem_max_mib']} MiB", highlight=False)
+
+
+def gen_audio(
+    output: Annotated[Path, typer.Argument(help="File to write.")],
+    kind: Annotated[str, typer.Option(help="speech, tone, chirp, noise or silence.")] = "speech",
+    duration: Annotated[float, typer.Option("--duration", "-d", help="Seconds.")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Random seed (noise, speech).")] = 0,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="wav, s16le or f32le.")] = "wav",
+    freq: Annotated[float, typer.Option(help="tone: frequency in Hz.")] = 440.0,
+) -> None:
+    """Write test audio (16 kHz mono): WAV (16-bit PCM) or raw s16le / f32le."""
+    try:
+        if kind not in signals.KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(signals.KINDS)}")
+        if duration < 0:
+            raise ValueError("--duration must be >= 0")
+        audio = signals.generate(kind, duration, seed, freq)  # type: ignore[arg-type]
+        size = signals.write(output, audio, fmt)  # type: ignore[arg-type]
+    except (ValueError, OSError) as exc:
+        raise fail(exc) from None
+    out.print(f"{output}: {kind}, {duration:g} s at 16 kHz, {fmt}, {size:,} bytes",
+              highlight=False)

@@ -1,0 +1,171 @@
+"""Prometheus metrics, correct across gunicorn's processes.
+
+Every number lives in the instance's shared memory: HTTP request counters and latency
+histograms in one row per HTTP process (``layout.METRICS``), worker counters in the worker
+table, queue depths and stream counts derived from the slot and stream tables. ``GET
+/metrics`` in any HTTP process runs a custom prometheus_client collector over them, so every
+scrape sees the whole instance. This beats prometheus_client's multiprocess mode here: no
+directory of per-pid files to clean up, no environment variable to set before import, and
+the supervisor's and workers' figures (which never pass through an HTTP process) are there
+too. Rows are inherited by a process that replaces a dead one, so sums never go backwards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import layout as L
+from .shm import Shm
+
+ROUTE_OF_TEMPLATE = {
+    "/process": "process", "/audio/stream": "audio_stream", "/audio/streams": "audio_streams",
+    "/audio/streams/{stream_id}": "audio_session", "/healthz": "healthz", "/readyz": "readyz",
+    "/metrics": "metrics", "/openapi.json": "openapi",
+}
+ROUTE_INDEX = {name: i for i, name in enumerate(L.ROUTES)}
+CODE_INDEX = {code: i for i, code in enumerate(L.CODES)}
+OTHER_CODE = CODE_INDEX[0]
+
+
+class HttpMetrics:
+    """Falcon middleware: counts each request by route and status, times it (until the
+    responder returns: for a streamed response, the time to its first byte)."""
+
+    def __init__(self, shm: Shm, row: int) -> None:
+        self.shm, self.row = shm, row
+        self._lock = threading.Lock()
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.t0 = time.perf_counter()
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         req_succeeded: bool) -> None:
+        if self.row < 0:
+            return
+        elapsed = time.perf_counter() - req.context.get("t0", time.perf_counter())
+        r = ROUTE_INDEX[ROUTE_OF_TEMPLATE.get(req.uri_template or "", "other")]
+        c = CODE_INDEX.get(resp.status_code, OTHER_CODE)
+        b = bisect.bisect_left(L.BUCKETS, elapsed)
+        m = self.shm.metrics[self.row : self.row + 1]
+        with self._lock:
+            m["requests"][0, r, c] += 1
+            m["latency"][0, r, b] += 1
+            m["latency_sum"][0, r] += elapsed
+            self.shm.http["requests"][self.row] += 1
+
+
+class ShmCollector:
+    """Reads one instance's shared memory at scrape time."""
+
+    def __init__(self, shm: Shm) -> None:
+        self.shm = shm
+
+    def collect(self) -> Iterator[Any]:
+        shm = self.shm
+        now = time.monotonic()
+        m = shm.metrics
+        requests = m["requests"].sum(axis=0)
+        latency = m["latency"].sum(axis=0)
+        lsum = m["latency_sum"].sum(axis=0)
+        c = CounterMetricFamily("shmmel_http_requests", "HTTP requests by route and status",
+                                labels=["route", "code"])
+        for ri, route in enumerate(L.ROUTES):
+            for ci, code in enumerate(L.CODES):
+                if requests[ri, ci]:
+                    c.add_metric([route, str(code) if code else "other"], float(requests[ri, ci]))
+        yield c
+        h = HistogramMetricFamily("shmmel_http_request_duration_seconds",
+                                  "Time until the responder returned (first byte when streamed)",
+                                  labels=["route"])
+        for ri, route in enumerate(L.ROUTES):
+            counts = np.cumsum(latency[ri])
+            if counts[-1] == 0:
+                continue
+            buckets = [(repr(b), float(n)) for b, n in zip(L.BUCKETS, counts[:-1])]
+            buckets.append(("+Inf", float(counts[-1])))
+            h.add_metric([route], buckets, float(lsum[ri]))
+        yield h
+
+        w = shm.workers
+        st = shm.slots["state"]
+        depth = np.bincount(st[st >= L.S_QUEUED_MIN] & 0xFF, minlength=len(w))
+        labels = ["worker", "kind"]
+        served = CounterMetricFamily("shmmel_worker_requests", "Requests answered", labels=labels)
+        errors = CounterMetricFamily("shmmel_worker_errors", "Requests answered with an error",
+                                     labels=labels)
+        batches = CounterMetricFamily("shmmel_worker_batches",
+                                      "Wake-ups that found work (requests / batches = batch fill)",
+                                      labels=labels)
+        busy = CounterMetricFamily("shmmel_worker_busy_seconds", "Seconds spent computing",
+                                   labels=labels)
+        audio = CounterMetricFamily("shmmel_audio_seconds",
+                                    "Seconds of audio (and padding) turned into mel frames",
+                                    labels=labels)
+        restarts = CounterMetricFamily("shmmel_worker_restarts", "Respawns after a death",
+                                       labels=["worker"])
+        state = GaugeMetricFamily("shmmel_worker_state", "1 for the worker's current state",
+                                  labels=["worker", "state"])
+        beat = GaugeMetricFamily("shmmel_worker_heartbeat_age_seconds",
+                                 "Seconds since the worker's last loop", labels=["worker"])
+        queue = GaugeMetricFamily("shmmel_queue_depth", "Requests queued or in work",
+                                  labels=["worker"])
+        streams = GaugeMetricFamily("shmmel_worker_streams", "Open audio streams held",
+                                    labels=["worker"])
+        gpu = GaugeMetricFamily("shmmel_gpu_memory_bytes", "Device memory held (CUDA workers)",
+                                labels=["worker", "device"])
+        for k in range(len(w)):
+            r = w[k]
+            kind = L.W_KINDS[int(r["kind"])]
+            lab = [str(k), kind]
+            served.add_metric(lab, float(r["served"]))
+            errors.add_metric(lab, float(r["errors"]))
+            batches.add_metric(lab, float(r["batches"]))
+            busy.add_metric(lab, float(r["busy_s"]))
+            audio.add_metric(lab, float(r["audio_samples"]) / 16000.0)
+            restarts.add_metric([str(k)], float(r["restarts"]))
+            for code, name in L.W_STATES.items():
+                state.add_metric([str(k), name], 1.0 if int(r["state"]) == code else 0.0)
+            beat.add_metric([str(k)], max(0.0, now - float(r["heartbeat"])))
+            queue.add_metric([str(k)], float(depth[k]))
+            streams.add_metric([str(k)], float(r["streams"]))
+            if int(r["kind"]) == L.K_CUDA:
+                gpu.add_metric([str(k), str(int(r["device"]))], float(r["gpu_bytes"]))
+        yield from (served, errors, batches, busy, audio, restarts, state, beat, queue, streams,
+                    gpu)
+        slots = GaugeMetricFamily("shmmel_slots", "Shared-memory slots by state", labels=["state"])
+        for name, mask in (("free", st == L.S_FREE), ("parked", st == L.S_PARKED),
+                           ("claimed", st == L.S_CLAIMED),
+                           ("queued", (st & 0xF00) == L.S_SUBMITTED),
+                           ("working", (st & 0xF00) == L.S_TAKEN), ("done", st == L.S_DONE)):
+            slots.add_metric([name], float(mask.sum()))
+        yield slots
+        yield GaugeMetricFamily("shmmel_streams_open", "Open audio streams",
+                                value=float((shm.streams["state"] != L.ST_FREE).sum()))
+        yield GaugeMetricFamily("shmmel_uptime_seconds", "Seconds since the supervisor started",
+                                value=now - float(shm.header["started_mono"]))
+
+
+class MetricsResource:
+    """GET /metrics (Prometheus text exposition)."""
+
+    def __init__(self, shm: Shm) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ShmCollector(shm))
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(self.registry)
