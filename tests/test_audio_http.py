@@ -333,9 +333,9 @@ def test_stream_limits_expiry_and_a_killed_worker(tmp_path):
         assert status == 404 and "expired" in json.loads(raw)["detail"]
         # a worker killed mid-stream: that stream fails fast, a new one works
         status, _, raw = d.request("POST", "/audio/streams")
-        sid = json.loads(raw)["stream_id"]
-        worker = d.status()["workers"][int(json.loads(
-            d.request("GET", f"/audio/streams/{sid}")[2])["worker"])]
+        opened = json.loads(raw)
+        sid = opened["stream_id"]
+        worker = d.status()["workers"][opened["worker"]]
         os.kill(worker["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         status, _, raw = post(d, f"/audio/streams/{sid}", bytes(3200), "audio/L16;rate=16000")

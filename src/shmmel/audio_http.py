@@ -319,7 +319,7 @@ class StreamsResource:
         resp.status = falcon.HTTP_201
         resp.location = f"/audio/streams/{h.stream_id}"
         resp.media = {"stream_id": h.stream_id, "n_mels": n_mels, "padding": padding,
-                      "idle_timeout_s": self.config.stream_idle_timeout}
+                      "worker": h.worker, "idle_timeout_s": self.config.stream_idle_timeout}
 
 
 class StreamResource:

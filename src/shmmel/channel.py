@@ -181,6 +181,7 @@ class Producer:
     """The HTTP side of the channel (one per process; thread safe)."""
 
     CLAIM_BATCH = 4
+    DEPTH_TTL = 0.001  # seconds
 
     def __init__(self, shm: Shm, queue_depth: int, pool_max: int = 4) -> None:
         self.shm = shm
@@ -194,6 +195,8 @@ class Producer:
         self._pool: list[int] = []
         self._plock = threading.Lock()
         self._rr = 0
+        self._depths = np.zeros(len(shm.workers), np.int64)
+        self._depths_at = -1.0
 
     def next_seq(self) -> int:
         # itertools.count is atomic under the GIL; pid in the high half makes it unique
@@ -242,37 +245,57 @@ class Producer:
         queued = st[st >= L.S_QUEUED_MIN] & 0xFF
         return np.bincount(queued, minlength=len(self.shm.workers))
 
-    def pick_worker(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
-        """The least loaded ready worker (of ``kinds``), as (index, generation).
+    def _cached_depths(self, fresh: bool = False) -> np.ndarray:
+        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh``."""
+        now = time.monotonic()
+        if fresh or now - self._depths_at > self.DEPTH_TTL:
+            self._depths, self._depths_at = self.queue_depths(), now
+        return self._depths
 
-        Ties rotate, so equal queues share the load. Raises ServiceUnavailable when no worker
-        is ready or every ready worker's queue holds ``queue_depth`` requests.
-        """
+    def ready_workers(self, kinds: Iterable[int] | None = None) -> list[tuple[int, int]]:
+        """(index, generation) of every ready worker (of ``kinds``)."""
         ctl, off, size = self.shm.ctl_view, self.workers_off, L.WORKER.itemsize
-        n = len(self.shm.workers)
-        depths = self.queue_depths()
         kind_set = None if kinds is None else set(kinds)
-        self._rr = (self._rr + 1) % n
-        best, best_gen, best_depth, any_ready = -1, 0, 1 << 62, False
-        for i in range(n):
-            k = (self._rr + i) % n
-            state, gen = _W_STATE_GEN.unpack_from(ctl, off + k * size + _WO["state"])
-            if state != L.W_READY:
-                continue
-            if kind_set is not None and _U32.unpack_from(ctl, off + k * size + _WO["kind"])[0] \
-                    not in kind_set:
-                continue
-            any_ready = True
-            d = int(depths[k])
-            if d < best_depth:
-                best, best_gen, best_depth = k, gen, d
-                if d == 0:
-                    break
-        if not any_ready:
+        out = []
+        for k in range(len(self.shm.workers)):
+            base = off + k * size
+            state, gen = _W_STATE_GEN.unpack_from(ctl, base + _WO["state"])
+            if state == L.W_READY and (
+                    kind_set is None or _U32.unpack_from(ctl, base + _WO["kind"])[0] in kind_set):
+                out.append((k, gen))
+        return out
+
+    def pick_worker(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
+        """A ready worker (of ``kinds``) for one request, as (index, generation).
+
+        Round robin over ready workers, skipping any whose queue holds ``queue_depth``
+        requests (depths are cached for DEPTH_TTL: one bincount per millisecond instead of one
+        per request). Raises ServiceUnavailable when no worker is ready or all are full.
+        """
+        ready = self.ready_workers(kinds)
+        if not ready:
             raise ServiceUnavailable("no live worker")
-        if best_depth >= self.queue_depth:
+        self._rr += 1
+        first = self._rr % len(ready)
+        for fresh in (False, True):
+            depths = self._cached_depths(fresh)
+            for i in range(len(ready)):
+                k, gen = ready[(first + i) % len(ready)]
+                if depths[k] < self.queue_depth:
+                    return k, gen
+        raise ServiceUnavailable("all worker queues are full")
+
+    def least_loaded(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
+        """The ready worker (of ``kinds``) holding the fewest audio streams, ties by queue."""
+        ready = self.ready_workers(kinds)
+        if not ready:
+            raise ServiceUnavailable("no live worker")
+        depths = self._cached_depths(fresh=True)
+        streams = self.shm.workers["streams"]
+        k, gen = min(ready, key=lambda kg: (int(streams[kg[0]]), int(depths[kg[0]])))
+        if depths[k] >= self.queue_depth:
             raise ServiceUnavailable("all worker queues are full")
-        return best, best_gen
+        return k, gen
 
     def call(self, op: int, payload: bytes, *, args: tuple[int, ...] = (), timeout: float,
              worker: tuple[int, int] | None = None, stream: int = -1) -> Reply:

@@ -66,7 +66,7 @@ class StreamTable:
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
         cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        k, gen = self.producer.pick_worker([L.K_CUDA] if cuda_ready else None)
+        k, gen = self.producer.least_loaded([L.K_CUDA] if cuda_ready else None)
         t = self.shm.streams
         with self.shm.lock():
             free = np.flatnonzero(t["state"] == L.ST_FREE)

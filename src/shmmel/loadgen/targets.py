@@ -57,12 +57,25 @@ def spawned(flags: dict[str, Any], log_dir: str | None = None) -> Iterator[Targe
     c = cfg.resolve(flags)
     try:
         started = daemon.start(c)
-        info = daemon.status(name)
+        info = wait_all_workers(name, c.boot_timeout)
         kinds = sorted({w["kind"] for w in info["workers"]})
         yield Target(started.url, name, c.http_workers, c.http_threads, c.workers,
                      ",".join(kinds))
     finally:
         stop_instance(name, c.shutdown_timeout + 20)
+
+
+def wait_all_workers(name: str, timeout: float) -> dict[str, Any]:
+    """``daemon.start`` returns once one worker is ready; a bench wants all of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = daemon.status(name)
+        if all(w["state"] == "ready" for w in info["workers"]):
+            return info
+        if time.monotonic() > deadline:
+            states = ", ".join(w["state"] for w in info["workers"])
+            raise ShmmelError(f"instance {name}: not every worker became ready ({states})")
+        time.sleep(0.05)
 
 
 def stop_instance(name: str, timeout: float = 30.0) -> None:
