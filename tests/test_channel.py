@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shmmel import layout as L
-from shmmel.channel import Inbox, Producer
+from shmmel.channel import Inbox, Producer, Slot
 from shmmel.config import Config
 from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied
 from shmmel.shm import Shm, instance_names
@@ -152,6 +152,7 @@ def test_killed_worker_gives_worker_died_and_frees_the_slot(shm):
     assert not th.is_alive()
     assert isinstance(result["exc"], WorkerDied)
     assert time.monotonic() - killed_at < 1.0
+    # the call released its slot (the caller owns it after WorkerDied, not the dead worker)
     assert set(np.unique(shm.slots["state"]).tolist()) <= {L.S_FREE, L.S_PARKED}
 
 
@@ -162,6 +163,10 @@ def test_timeout_orphans_the_slot_instead_of_reusing_it(shm):
         prod.call(L.OP_PING, b"slow", timeout=0.2)
     taken = (shm.slots["state"] != L.S_FREE) & (shm.slots["owner"] == 0)
     assert taken.sum() == 1  # orphaned, not freed: the worker still writes into it
+    orphan = Slot(prod, int(np.flatnonzero(taken)[0]))
+    orphan._owned = False  # what Slot.wait leaves behind after the timeout
+    with pytest.raises(ServiceUnavailable, match="given up"):
+        orphan.submit(0, 1, L.OP_PING, 0, prod.next_seq())
     # a new request gets another slot and its own answer, never the late one
     assert prod.call(L.OP_PING, b"next", timeout=5).data == b"txen|0"
 

@@ -18,6 +18,7 @@ from .config import MAX_MESSAGE_BYTES, Config
 from .errors import BadRequest, RequestTimeout, ServiceUnavailable
 from .httputil import read_body, require_media_type
 from .metrics import HttpMetrics, MetricsResource
+from .openapi import OpenAPIResource
 from .shm import Shm
 
 log = logging.getLogger("shmmel.http")
@@ -164,5 +165,6 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(shm))
     app.add_route("/metrics", MetricsResource(shm))
+    app.add_route("/openapi.json", OpenAPIResource())
     add_audio_routes(app, config, producer)
     return app

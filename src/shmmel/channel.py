@@ -102,8 +102,15 @@ class Slot:
         off = self.index * self.shm.slot_bytes
         return self.shm.data_view[off : off + (self.shm.slot_bytes if n is None else n)]
 
+    @property
+    def owned(self) -> bool:
+        """False once released or orphaned: the slot must not be written any more."""
+        return self._owned
+
     def submit(self, worker: int, gen: int, op: int, req_len: int, seq: int,
                args: tuple[int, ...] = (), stream: int = -1) -> None:
+        if not self._owned:
+            raise ServiceUnavailable("this request's slot was given up after a timeout")
         ctl, off = self.shm.ctl_view, self.off
         a = tuple(args) + (0,) * (4 - len(args))
         _REQ_A.pack_into(ctl, off + _SO["op"], op, worker, gen, seq, 0)
@@ -140,7 +147,8 @@ class Slot:
             if gen != self.gen or state == L.W_DEAD:
                 if self._answered():
                     return
-                self.release()  # the worker is gone: nobody else writes this slot any more
+                # the worker is gone, so nobody else writes this slot: it stays ours, for
+                # the caller to reuse or release
                 raise WorkerDied("the worker handling this request died")
             if time.monotonic() >= deadline:
                 self.orphan()

@@ -122,7 +122,7 @@ class StreamTable:
     def abort(self, slot: Slot | None, h: Handle) -> None:
         """Drop the stream's state on its worker (client gone or error); best effort."""
         try:
-            if slot is None:
+            if slot is None or not slot.owned:  # orphaned after a timeout: use another
                 with self.producer.claim() as s:
                     self._call(s, h, L.OP_AUDIO_CLOSE, 0, ())
             else:
