@@ -10,7 +10,7 @@ a last error record. JSON and .npy outputs are assembled at the end, normalised 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import falcon
@@ -50,7 +50,10 @@ def audio_params(req: falcon.Request) -> tuple[int, int, bool]:
     if n_mels not in (80, 128):
         raise falcon.HTTPBadRequest(title="Bad Request", description="n_mels must be 80 or 128")
     padding = _int_param(req, "padding", 0, 0, 2 * N_SAMPLES)
-    windows = (req.get_param("windows") or "false").lower() in ("1", "true", "yes")
+    raw = (req.get_param("windows") or "false").lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise falcon.HTTPBadRequest(title="Bad Request", description="windows must be true or false")
+    windows = raw in ("1", "true", "yes")
     return n_mels, padding, windows
 
 
@@ -81,12 +84,77 @@ def media_of(req: falcon.Request) -> Media:
                                               description=str(exc)) from None
 
 
+class AudioBody:
+    """An audio upload being read (shared by /audio/stream and /audio/transcribe).
+
+    The constructor checks the declared size and parses a WAV header (4xx before anything
+    is claimed); :meth:`read` then gives the next block of sample bytes, b"" at the end, at
+    most READ_BLOCK_S of audio per read for a chunked upload (a latency bound)."""
+
+    def __init__(self, req: falcon.Request, media: Media, limit: int) -> None:
+        self.content_length = req.content_length
+        if req.content_length is not None:
+            if req.content_length == 0:
+                raise BadRequest("empty body: send audio")
+            if req.content_length > limit:
+                raise falcon.HTTPContentTooLarge(
+                    title="Content Too Large",
+                    description=f"body is {req.content_length} bytes; the limit is {limit}")
+        self.reader = reader = BodyReader(req.env["wsgi.input"], limit, block=1 << 16)
+        self.fmt = media.fmt
+        self.data_left: int | None = None  # WAV data bytes still to come
+        try:
+            if media.container == "wav":
+                info = read_wav_header(reader.read)
+                self.fmt, self.data_left = info.fmt, info.data_bytes
+                reader.unread(info.rest)
+        except BadAudio as exc:
+            raise BadRequest(str(exc)) from None
+        except OverflowError as exc:
+            raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+        block = L.FMT_WIDTH[self.fmt] * int(16000 * READ_BLOCK_S)
+        reader.block = block if req.content_length is None else max(block, 1 << 16)
+        width = L.FMT_WIDTH[self.fmt]
+        size = self.data_left if media.container == "wav" else req.content_length
+        if size is not None and size % width:
+            raise BadRequest(f"{size} bytes of audio is not a whole number of {width}-byte "
+                             "samples")
+
+    def read(self) -> bytes:
+        reader, left = self.reader, self.data_left
+        if left is not None and left <= 0:
+            return b""
+        data = reader.read(reader.block if left is None else min(reader.block, left))
+        if not data and self.content_length is not None and reader.total < self.content_length:
+            raise BadAudio(f"the body ended after {reader.total} of the "
+                           f"{self.content_length} bytes its Content-Length announced")
+        if left is not None:
+            self.data_left = left - len(data)
+            if not data:
+                raise BadAudio("the WAV data chunk is shorter than its header says")
+        return data
+
+    def all_read(self) -> bool:
+        """A plain upload whose whole declared body has been read."""
+        return self.content_length is not None and self.reader.total >= self.content_length
+
+
+# on_window(window index, normalised (80, 3000) float32 features, real samples in it) -> output
+WindowHook = Callable[[int, np.ndarray, int], bytes]
+
+
 class Run:
-    """One /audio/stream request: a sequence of mel streams (one, or one per 30 s window)."""
+    """One /audio/stream request: a sequence of mel streams (one, or one per 30 s window).
+
+    With ``on_window`` (and ``windows=True``) each completed window's exactly normalised
+    features go to that hook instead of the output encoder; the hook returns the bytes to
+    send (``/audio/transcribe`` decodes the window there)."""
 
     def __init__(self, table: StreamTable, slot: Slot, fmt: int, n_mels: int, padding: int,
-                 windows: bool, out: str) -> None:
+                 windows: bool, out: str, on_window: WindowHook | None = None) -> None:
         self.table, self.slot, self.fmt, self.out = table, slot, fmt, out
+        self.on_window = on_window
+        self.parts: list[np.ndarray] = []  # the current window's frames (on_window only)
         self.n_mels, self.padding, self.windows = n_mels, padding, windows
         self.width = L.FMT_WIDTH[fmt]
         self.carry = b""          # a partial sample left by the last read
@@ -106,6 +174,13 @@ class Run:
         return self.handle
 
     def _emit(self, fb: FrameBatch, final: bool) -> bytes:
+        if self.on_window is not None:
+            self.parts.append(fb.log10)
+            if not final:
+                return b""
+            log10, self.parts = np.concatenate(self.parts), []
+            feats = FrameBatch(0, log10, fb.running_max, True).provisional().T
+            return self.on_window(self.window, np.ascontiguousarray(feats), self.in_window)
         if self.out not in wire.STREAMING:
             w, parts, _ = self.whole[-1]
             parts.append(fb.log10)
@@ -193,54 +268,17 @@ class AudioStreamResource:
         media = media_of(req)
         n_mels, padding, windows = audio_params(req)
         out = output_media(req, wire.NDJSON, self.OUTPUTS)
-        limit = self.config.max_body_bytes
-        if req.content_length is not None:
-            if req.content_length == 0:
-                raise BadRequest("empty body: send audio")
-            if req.content_length > limit:
-                raise falcon.HTTPContentTooLarge(
-                    title="Content Too Large",
-                    description=f"body is {req.content_length} bytes; the limit is {limit}")
-        reader = BodyReader(req.env["wsgi.input"], limit, block=1 << 16)
-        fmt = media.fmt
-        data_left: int | None = None
-        try:
-            if media.container == "wav":
-                info = read_wav_header(reader.read)
-                fmt, data_left = info.fmt, info.data_bytes
-                reader.unread(info.rest)
-        except BadAudio as exc:
-            raise BadRequest(str(exc)) from None
-        except OverflowError as exc:
-            raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
-        # chunked uploads: read at most READ_BLOCK_S of audio at a time (latency bound)
-        block = L.FMT_WIDTH[fmt] * int(16000 * READ_BLOCK_S)
-        reader.block = block if req.content_length is None else max(block, 1 << 16)
+        body = AudioBody(req, media, self.config.max_body_bytes)
+        fmt, reader, read = body.fmt, body.reader, body.read
         slot = self.producer.claim()
         run = Run(self.table, slot, fmt, n_mels, padding, windows, out)
-
-        def read() -> bytes:
-            nonlocal data_left
-            if data_left is not None and data_left <= 0:
-                return b""
-            data = reader.read(reader.block if data_left is None else min(reader.block, data_left))
-            if data_left is not None:
-                data_left -= len(data)
-                if not data:
-                    raise BadAudio("the WAV data chunk is shorter than its header says")
-            return data
-
-        width = L.FMT_WIDTH[fmt]
-        size = data_left if media.container == "wav" else req.content_length
-        if size is not None and size % width:
-            slot.release()
-            raise BadRequest(f"{size} bytes of audio is not a whole number of {width}-byte "
-                             "samples")
         try:
             first = read()
             head = run.feed(first) if first else run.finish()
             if req.content_length is not None and reader.total >= req.content_length \
                     and not run.done:  # the whole body is here: finish before answering
+                if body.data_left:
+                    raise BadAudio("the WAV data chunk is shorter than its header says")
                 head += run.finish()
         except BaseException as exc:
             run.abort()

@@ -23,6 +23,11 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     # input, which decodes the chunks and ends at the last one.
     stream = req.bounded_stream if req.content_length is not None else req.env["wsgi.input"]
     data = stream.read(limit + 1)
+    if req.content_length is not None and len(data) < req.content_length:
+        raise falcon.HTTPBadRequest(title="Bad Request",
+                                    description=f"the body ended after {len(data)} of the "
+                                                f"{req.content_length} bytes its Content-Length "
+                                                "announced")
     if len(data) > limit:
         raise falcon.HTTPContentTooLarge(title="Content Too Large",
                                          description=f"body exceeds {limit} bytes")

@@ -1,0 +1,531 @@
+"""Bad input and abusive clients over real HTTP (NumPy workers): every case gets its 4xx/503
+with a JSON error in bounded time, other clients are served meanwhile, and nothing leaks
+(checked through ``shmmel status --json`` after the whole suite).
+
+Cases that test_daemon.py and test_audio_http.py already cover the same way (malformed JSON
+bodies, odd byte counts and NaN in raw uploads, 8 kHz and stereo WAV, the stream limit,
+expiry) are not repeated; this file adds their variants on other paths (session chunks,
+chunked uploads, WAV details), lying and slow clients, and a burst of 1,000 requests.
+
+Tests marked xfail describe behaviour the service should have and does not yet; each reason
+names the fix (see the report of issue 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from .conftest import start_daemon, stop_daemon, wait_for
+
+pytestmark = pytest.mark.e2e
+MAX_BODY = 1 << 20
+JSON_CT = {"Content-Type": "application/json"}
+L16 = "audio/L16;rate=16000"
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("hard"), "--workers", "2", "--http-workers", "2",
+                     "--worker-kind", "cpu",
+                     extra_env={"SHMMEL_MAX_BODY_BYTES": str(MAX_BODY),
+                                "SHMMEL_STREAM_IDLE_TIMEOUT": "2", "SHMMEL_MAX_STREAMS": "16"})
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def assert_json_error(status: int, headers: dict, raw: bytes, expected: int,
+                      words: str = "") -> dict:
+    assert status == expected, (status, raw[:300])
+    assert headers["content-type"].startswith("application/json"), headers
+    body = json.loads(raw)
+    assert isinstance(body["error"], str) and isinstance(body["detail"], str) and body["detail"]
+    assert words in body["detail"], body
+    if status == 503:
+        assert headers.get("retry-after"), headers
+    return body
+
+
+def raw_http(port: int, head: bytes, body: bytes = b"", *, half_close: bool = False,
+             timeout: float = 10) -> tuple[float, bytes]:
+    """Send bytes as they are; return (seconds until the server closed or went quiet, reply)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    t0 = time.monotonic()
+    try:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        raw = b""
+        try:
+            while piece := sock.recv(65536):
+                raw += piece
+                if _complete(raw):
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return time.monotonic() - t0, raw
+    finally:
+        sock.close()
+
+
+def _complete(raw: bytes) -> bool:
+    """A whole response with Content-Length, or the last chunk of a chunked one."""
+    if b"\r\n\r\n" not in raw:
+        return False
+    head, body = raw.split(b"\r\n\r\n", 1)
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return body.endswith(b"0\r\n\r\n")
+
+
+def parse_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in
+               (line.split(":", 1) for line in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":
+        out, pos = b"", 0
+        while True:
+            end = body.index(b"\r\n", pos)
+            size = int(body[pos:end], 16)
+            if size == 0:
+                break
+            out += body[end + 2 : end + 2 + size]
+            pos = end + 4 + size
+        body = out
+    return int(lines[0].split()[1]), headers, body
+
+
+def chunked(path: str, ctype: str, pieces: list[bytes]) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+
+
+def wav(data: bytes, *, tag: int = 1, channels: int = 1, rate: int = 16000, bits: int = 16,
+        fmt_size: int = 16, data_size: int | None = None, data_first: bool = False) -> bytes:
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * channels * bits // 8,
+                      channels * bits // 8, bits)[:fmt_size].ljust(fmt_size, b"\0")
+    fmt_chunk = b"fmt " + struct.pack("<I", fmt_size) + fmt
+    data_chunk = b"data" + struct.pack("<I", len(data) if data_size is None else data_size) + data
+    chunks = data_chunk + fmt_chunk if data_first else fmt_chunk + data_chunk
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def tone(seconds: float) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def s16(x: np.ndarray) -> bytes:
+    return (x * 32767).astype("<i2").tobytes()
+
+
+def open_stream(d, query: str = "") -> str:
+    status, _, raw = d.request("POST", f"/audio/streams{query}")
+    assert status == 201, raw
+    return json.loads(raw)["stream_id"]
+
+
+# -- /process --------------------------------------------------------------------------------
+
+PROCESS_BAD = [
+    ("message is a list", b'{"message": ["a"]}', 400, "message"),
+    ("message is an object", b'{"message": {"a": 1}}', 400, "message"),
+    ("message is a bool", b'{"message": true}', 400, "message"),
+    ("op is a number", b'{"message": "a", "op": 1}', 400, "op"),
+    ("op is null", b'{"message": "a", "op": null}', 400, "op"),
+    ("body is a string", b'"hello"', 400, "object"),
+    ("body is a number", b"42", 400, "object"),
+    ("body is null", b"null", 400, "object"),
+    ("invalid UTF-8 inside a string", b'{"message": "a\xff"}', 400, "JSON"),
+    ("overlong UTF-8", b'{"message": "\xc0\xaf"}', 400, "JSON"),
+    # json.loads detects UTF-16/32 bodies by their BOM or zero bytes: taken, and harmless
+    ("UTF-16 body", '{"message": "a"}'.encode("utf-16"), 200, ""),
+    ("4100 bytes of 4-byte characters", json.dumps({"message": "😀" * 1025}).encode(), 413,
+     "4100"),
+    ("a JSON body over 64 KiB", b'{"message": "a"' + b" " * (64 * 1024) + b"}", 413, "limit"),
+    ("a number with 5000 digits", b'{"message": "a", "n": ' + b"7" * 5000 + b"}", 400, "digits"),
+    ("arrays nested 30,000 deep", b'{"message": "a", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}",
+     400, "JSON"),
+]
+
+
+@pytest.mark.parametrize("name, body, expected, words", PROCESS_BAD,
+                         ids=[c[0] for c in PROCESS_BAD])
+def test_process_rejects_bad_bodies(hard, name, body, expected, words):
+    status, headers, raw = hard.request("POST", "/process", body, JSON_CT)
+    if name == "arrays nested 30,000 deep" and status == 500:
+        pytest.xfail("json.loads raises RecursionError, which ProcessResource does not catch "
+                     "(app.py: add RecursionError to the except around json.loads)")
+    if expected == 200:
+        assert status == 200, raw
+        return
+    assert_json_error(status, headers, raw, expected, words)
+
+
+def test_process_content_types_and_exact_limits(hard):
+    assert hard.request("POST", "/process", b'{"message": "ab"}',
+                        {"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    status, headers, raw = hard.request("POST", "/process", b'{"message": "ab"}')
+    assert_json_error(status, headers, raw, 415, "none")
+    status, body = hard.post_json("/process", {"message": "😀" * 1024})  # 4096 bytes exactly
+    assert status == 200 and body["result"] == "😀" * 1024
+
+
+def test_process_chunked_body_over_the_limit_is_413(hard):
+    _, raw = raw_http(hard.port, chunked("/process", "application/json",
+                                         [b'{"message": "'] + [b"a" * 8192] * 10 + [b'"}']))
+    assert_json_error(*parse_reply(raw), 413, "exceeds")
+
+
+# -- lying and slow clients ------------------------------------------------------------------
+
+def _declared(path: str, ctype: str, length: int) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()
+
+
+def test_short_body_then_half_close_is_answered_at_once(hard):
+    """The client declares more than it sends, then closes its side: the server sees the end
+    of the body at once and answers (it never waits for bytes that cannot come)."""
+    took, raw = raw_http(hard.port, _declared("/process", "application/json", 100),
+                         b'{"message":', half_close=True)
+    assert took < 2
+    assert_json_error(*parse_reply(raw), 400, "Content-Length")
+    took, raw = raw_http(hard.port, _declared("/audio/streams/0-0000000000000001", L16, 4000),
+                         bytes(1000), half_close=True)
+    assert took < 2 and parse_reply(raw)[0] == 400  # the short body is refused first
+
+
+@pytest.mark.parametrize("path, ctype, body, declared", [
+    ("/audio/stream?format=json", L16, bytes(1000), 4000),
+    ("/process", "application/json", b'{"message": "hi"}', 100),
+])
+def test_short_body_then_half_close_is_not_taken_as_complete(hard, path, ctype, body, declared):
+    took, raw = raw_http(hard.port, _declared(path, ctype, declared), body, half_close=True)
+    assert took < 2
+    status, headers, reply = parse_reply(raw)
+    assert_json_error(status, headers, reply, 400)
+
+
+def test_a_stalled_body_holds_one_thread_and_others_are_served(hard):
+    """Declares 100 bytes, sends 11 and waits: that connection gets no answer while it waits
+    (gthread reads bodies in blocking mode with no timeout), but every other client is served."""
+    sock = socket.create_connection(("127.0.0.1", hard.port), timeout=10)
+    try:
+        sock.sendall(_declared("/process", "application/json", 100) + b'{"message":')
+        t0 = time.monotonic()
+        for i in range(10):
+            assert hard.post_json("/process", {"message": f"m{i}"}, timeout=5)[0] == 200
+        assert time.monotonic() - t0 < 5
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # still waiting for the 89 bytes that never come
+    finally:
+        sock.close()
+
+
+@pytest.mark.xfail(reason="no read timeout on client sockets: http_threads stalled clients "
+                          "block an HTTP process (and /healthz) until they disconnect; fix: "
+                          "SO_RCVTIMEO/SO_SNDTIMEO on the listening socket in "
+                          "supervisor.bind_socket (accepted sockets inherit them)",
+                          strict=False)
+def test_stalled_clients_cannot_exhaust_the_threads(tmp_path):
+    d = start_daemon(tmp_path, "--workers", "1", "--http-workers", "1", "--worker-kind", "cpu",
+                     extra_env={"SHMMEL_HTTP_THREADS": "2"})
+    socks = []
+    try:
+        for _ in range(3):  # more stalled clients than threads
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            s.sendall(_declared("/process", "application/json", 100) + b"{")
+            socks.append(s)
+        time.sleep(0.3)
+        status, _, _ = d.request("GET", "/healthz", timeout=8)
+        assert status == 200
+    finally:
+        for s in socks:
+            s.close()
+        # once they go away the service recovers at once
+        assert d.post_json("/process", {"message": "back"}, timeout=10)[0] == 200
+        stop_daemon(d)
+
+
+def test_slow_headers_and_body_are_served_and_do_not_block_others(hard):
+    """Two slowloris-style clients trickle a request over ~3 s; meanwhile other clients are
+    served without delay, and the slow ones get their answer once their request is whole."""
+    request = (b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"X-Padding: " + b"p" * 20 + b"\r\nContent-Length: 16\r\nConnection: close\r\n"
+               b"\r\n" + b'{"message":"ab"}')
+    replies: dict[int, bytes] = {}
+
+    def slow(k: int) -> None:
+        sock = socket.create_connection(("127.0.0.1", hard.port), timeout=20)
+        try:
+            step = max(1, len(request) // 12)
+            for i in range(0, len(request), step):
+                sock.sendall(request[i : i + step])
+                time.sleep(0.25)
+            raw = b""
+            while piece := sock.recv(65536):
+                raw += piece
+            replies[k] = raw
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=slow, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    worst = 0.0
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert hard.post_json("/process", {"message": "fast"}, timeout=5) == (200, {"result": "tsaf"})
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.05)
+    for t in threads:
+        t.join(20)
+    assert worst < 1.0
+    for k in range(2):
+        status, _, body = parse_reply(replies[k])
+        assert status == 200 and json.loads(body) == {"result": "ba"}
+
+
+# -- audio -----------------------------------------------------------------------------------
+
+def _nan_f32() -> bytes:
+    return np.array([0.1, math.nan] * 100, "<f4").tobytes()
+
+
+AUDIO_BAD = [
+    ("f32 body of 5 bytes", bytes(5), "audio/x-f32le;rate=16000", 400, "whole number"),
+    ("WAV data chunk of 3 bytes", wav(b"\1\2\3"), "audio/wav", 400, "whole number"),
+    ("NaN in a float WAV", wav(_nan_f32(), tag=3, bits=32), "audio/wav", 400, "NaN"),
+    ("Inf in a float WAV", wav(np.array([math.inf] * 10, "<f4").tobytes(), tag=3, bits=32),
+     "audio/wav", 400, "Inf"),
+    ("8-bit WAV", wav(bytes(100), bits=8), "audio/wav", 400, "8 bits"),
+    ("24-bit WAV", wav(bytes(99), bits=24), "audio/wav", 400, "24 bits"),
+    ("A-law WAV", wav(bytes(100), tag=6, bits=8), "audio/wav", 400, "format 6"),
+    ("44.1 kHz float WAV", wav(bytes(400), tag=3, bits=32, rate=44100), "audio/wav", 400, "44100"),
+    ("fmt chunk of 14 bytes", wav(bytes(100), fmt_size=14), "audio/wav", 400, "too short"),
+    ("data before fmt", wav(bytes(100), data_first=True), "audio/wav", 400, "before"),
+    ("f32 at 44.1 kHz", bytes(400), "audio/x-f32le;rate=44100", 415, "44100"),
+    ("missing Content-Type", bytes(400), "", 415, "required"),
+]
+
+
+@pytest.mark.parametrize("name, body, ctype, expected, words", AUDIO_BAD,
+                         ids=[c[0] for c in AUDIO_BAD])
+def test_bad_audio_uploads(hard, name, body, ctype, expected, words):
+    headers = {"Content-Type": ctype} if ctype else {}
+    status, rh, raw = hard.request("POST", "/audio/stream", body, headers)
+    assert_json_error(status, rh, raw, expected, words)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 11, 12, 20, 35, 43])
+def test_truncated_wav_headers_plain_and_chunked(hard, cut):
+    body = wav(bytes(3200))[:cut]
+    status, headers, raw = hard.request("POST", "/audio/stream", body,
+                                        {"Content-Type": "audio/wav"})
+    assert_json_error(status, headers, raw, 400)
+    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/wav", [body]))
+    assert_json_error(*parse_reply(raw), 400)
+
+
+def test_wav_data_chunk_longer_than_the_body_chunked(hard):
+    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/wav",
+                                         [wav(bytes(1000), data_size=4000)]))
+    status, headers, body = parse_reply(raw)
+    assert status == 200 and json.loads(body.splitlines()[-1])["detail"] == (
+        "the WAV data chunk is shorter than its header says")
+
+
+def test_wav_data_chunk_longer_than_the_body_plain(hard):
+    status, headers, raw = hard.request("POST", "/audio/stream", wav(bytes(1000), data_size=4000),
+                                        {"Content-Type": "audio/wav"})
+    assert_json_error(status, headers, raw, 400, "shorter")
+
+
+def test_bad_session_chunks(hard):
+    sid = open_stream(hard)
+    path = f"/audio/streams/{sid}"
+    cases = [
+        (bytes(3), L16, 400, "whole number"),
+        (_nan_f32(), "audio/x-f32le;rate=16000", 400, "NaN"),
+        (bytes(100), "audio/L16;rate=44100", 415, "44100"),
+        (bytes(100), "audio/L16;rate=16000;channels=2", 415, "channels"),
+        (wav(bytes(100)), "audio/wav", 415, "raw PCM"),
+        (bytes(100), "text/plain", 415, "text/plain"),
+    ]
+    for body, ctype, expected, words in cases:
+        status, headers, raw = hard.request("POST", path, body, {"Content-Type": ctype})
+        assert_json_error(status, headers, raw, expected, words)
+    # the stream survives rejected chunks: a good chunk and the finish still work
+    status, _, raw = hard.request("POST", path, s16(tone(0.5)), {"Content-Type": L16})
+    assert status == 200 and json.loads(raw)["frames"] > 0
+    status, _, raw = hard.request("DELETE", path)
+    assert status == 200 and json.loads(raw)["final"] is True
+    status, headers, raw = hard.request("GET", path)
+    assert_json_error(status, headers, raw, 404, "no stream")
+
+
+def test_bad_data_later_in_a_chunked_upload_arrives_in_band(hard):
+    good = tone(1.0).astype("<f4").tobytes()
+    pieces = [good, np.array([math.nan] * 1600, "<f4").tobytes()]
+    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/x-f32le;rate=16000", pieces))
+    status, headers, body = parse_reply(raw)
+    assert status == 200 and headers["content-type"] == "application/x-ndjson"
+    last = json.loads(body.splitlines()[-1])
+    assert last["error"] == "Bad Request" and "NaN" in last["detail"]
+
+
+def test_chunked_uploads_over_max_body_bytes(hard):
+    over = [bytes(256 * 1024)] * 5  # 1.25 MiB > 1 MiB
+    # whole-result formats answer nothing before the end: a plain 413
+    _, raw = raw_http(hard.port, chunked("/audio/stream?format=json", L16, over))
+    assert_json_error(*parse_reply(raw), 413, "exceeds")
+    # binary output: the frames so far, then an error record
+    _, raw = raw_http(hard.port, chunked("/audio/stream?format=binary", L16, over))
+    status, _, body = parse_reply(raw)
+    assert status == 200 and b'"Content Too Large"' in body[-300:]
+    # a session chunk: declared over the limit, or chunked over it
+    sid = open_stream(hard)
+    took, raw = raw_http(hard.port, _declared(f"/audio/streams/{sid}", L16, 64 << 20))
+    assert took < 2
+    assert_json_error(*parse_reply(raw), 413, "limit")
+    _, raw = raw_http(hard.port, chunked(f"/audio/streams/{sid}", L16, over))
+    assert_json_error(*parse_reply(raw), 413, "exceeds")
+    assert hard.request("DELETE", f"/audio/streams/{sid}")[0] == 200
+
+
+def test_unknown_expired_and_closed_ids_on_every_method(hard):
+    for sid in ["0-0000000000000001", "999999999999-1", "1-zz", "", "1-" + "f" * 100]:
+        for method in ("GET", "DELETE"):
+            status, headers, raw = hard.request(method, f"/audio/streams/{sid}")
+            assert status in (404, 405), (method, sid, status)  # "" routes to /audio/streams
+            if status == 404:
+                assert_json_error(status, headers, raw, 404)
+    sid = open_stream(hard)  # a GET would keep it alive: watch the table instead
+    wait_for(lambda: hard.status()["streams"]["open"] == 0, timeout=8,
+             what="the idle stream expired")
+    for method in ("GET", "DELETE", "POST"):
+        status, headers, raw = hard.request(method, f"/audio/streams/{sid}", b"\0\0",
+                                            {"Content-Type": L16})
+        assert_json_error(status, headers, raw, 404, "expired")
+
+
+def test_concurrent_chunks_on_one_stream_get_200_or_409(hard):
+    sid = open_stream(hard)
+    chunk = s16(tone(1.0))
+    statuses: list[int] = []
+
+    def push() -> None:
+        for _ in range(3):
+            status, headers, raw = hard.request("POST", f"/audio/streams/{sid}", chunk,
+                                                {"Content-Type": L16})
+            statuses.append(status)
+            if status != 200:
+                assert_json_error(status, headers, raw, 409, "another request")
+
+    threads = [threading.Thread(target=push) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(statuses) == 18 and set(statuses) <= {200, 409} and 200 in statuses
+    status, _, raw = hard.request("DELETE", f"/audio/streams/{sid}")
+    assert status == 200
+    assert json.loads(raw)["total_frames"] == 100 * statuses.count(200)  # 160 samples a frame
+
+
+def test_nothing_leaked_after_the_suite(hard):
+    """Runs last in this module (file order): no stream, no slot, no worker restart, no
+    traceback in the log."""
+    def clean():
+        info = hard.status()
+        s = info["slots"]
+        return (info["streams"]["open"] == 0 and s["free"] + s["parked"] == s["total"]
+                and s["orphaned"] == 0 and all(w["streams"] == 0 for w in info["workers"]))
+
+    wait_for(clean, timeout=10, what="no stream or slot left behind")
+    info = hard.status()
+    assert all(w["state"] == "ready" and w["restarts"] == 0 for w in info["workers"])
+    assert hard.post_json("/process", {"message": "still here"}, timeout=5)[0] == 200
+    log = hard.log()
+    assert "Traceback" not in log or "RecursionError" in log, log[-3000:]
+
+
+# -- a burst of 1,000 requests against a small instance -----------------------------------------
+
+async def _one(port: int, request: bytes, limit: float) -> tuple[int, dict, bytes, float]:
+    t0 = time.monotonic()
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            return await reader.read()  # Connection: close -> until EOF
+        finally:
+            writer.close()
+
+    raw = await asyncio.wait_for(go(), limit)
+    status, headers, body = parse_reply(raw)
+    return status, headers, body, time.monotonic() - t0
+
+
+async def _burst(port: int, requests: list[bytes], limit: float):
+    return await asyncio.gather(*(_one(port, r, limit) for r in requests),
+                                return_exceptions=True)
+
+
+def test_a_burst_of_1000_requests_never_hangs_and_recovers(tmp_path):
+    d = start_daemon(tmp_path, "--workers", "1", "--http-workers", "1", "--worker-kind", "cpu",
+                     extra_env={"SHMMEL_QUEUE_DEPTH": "2", "SHMMEL_SLOTS": "8",
+                                "SHMMEL_HTTP_THREADS": "8"})
+    try:
+        text = _declared("/process", "application/json", 20) + b'{"message": "burst"}'
+        audio_body = s16(tone(1.0))
+        audio = _declared("/audio/stream?format=json", L16, len(audio_body)) + audio_body
+        requests = [audio if i % 5 == 0 else text for i in range(1000)]
+        t0 = time.monotonic()
+        results = asyncio.run(_burst(d.port, requests, limit=90))
+        took = time.monotonic() - t0
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, f"{len(failures)} requests failed or hung: {failures[:3]!r}"
+        counts: dict[int, int] = {}
+        for status, headers, body, _ in results:
+            counts[status] = counts.get(status, 0) + 1
+            if status != 200:
+                assert status == 503, (status, body[:200])
+                assert headers.get("retry-after") == "1"
+                assert json.loads(body)["detail"]
+        assert counts.get(200, 0) > 0, counts
+        busy = [r[3] for r in results if r[0] == 503]
+        print(f"burst: {counts} in {took:.1f} s; 503 latency max "
+              f"{max(busy, default=0):.2f} s, 200 latency max "
+              f"{max(r[3] for r in results if r[0] == 200):.2f} s")
+        # it recovers at once: a normal request works, nothing is held
+        assert d.post_json("/process", {"message": "after"}, timeout=5) == (200, {"result": "retfa"})
+
+        def clean():
+            info = d.status()
+            s = info["slots"]
+            return (info["streams"]["open"] == 0 and s["free"] + s["parked"] == s["total"]
+                    and s["orphaned"] == 0)
+
+        wait_for(clean, timeout=5, what="no slot or stream left after the burst")
+        assert d.status()["workers"][0]["restarts"] == 0
+    finally:
+        stop_daemon(d)
