@@ -88,9 +88,11 @@ def test_health_and_status(daemon):
     assert status == 200 and json.loads(raw)["ready"] == 2
     info = daemon.status()
     assert info["state"] == "running" and pid_alive(info["pid"])
-    assert [w["kind"] for w in info["workers"]] == ["cpu", "cpu"]
-    assert all(w["state"] == "ready" and pid_alive(w["pid"]) for w in info["workers"])
-    assert all(w["heartbeat_age_s"] < 2 for w in info["workers"])
+    # two mel workers, then the whisper row (whisper_workers = 1 by default)
+    assert [w["kind"] for w in info["workers"]] == ["cpu", "cpu", "whisper"]
+    mel = info["workers"][:2]
+    assert all(w["state"] == "ready" and pid_alive(w["pid"]) for w in mel)
+    assert all(w["heartbeat_age_s"] < 2 for w in mel)
     assert len(info["http"]) == 2
     slots = info["slots"]
     assert slots["free"] + slots["parked"] == slots["total"] == 128
@@ -100,7 +102,7 @@ def test_health_and_status(daemon):
 
 def test_shared_memory_is_private_to_the_service_user(daemon):
     names = instance_names(daemon.instance)
-    assert len(names) == 2 + 2 + 128  # ctl, data, 2 doorbells, 128 reply semaphores
+    assert len(names) == 2 + 3 + 128  # ctl, data, 3 doorbells (2 workers, 1 whisper), 128 replies
     for entry in os.listdir(SHM_DIR):
         if daemon.instance in entry:
             st = os.stat(Path(SHM_DIR) / entry)

@@ -44,7 +44,8 @@ def total(samples: dict[tuple, float], **labels: str) -> float:
 
 
 def test_metrics_cover_every_process(daemon_factory):
-    d = daemon_factory("--workers", "2", "--http-workers", "3", "--worker-kind", "cpu")
+    d = daemon_factory("--workers", "2", "--http-workers", "3", "--worker-kind", "cpu",
+                       extra_env={"SHMMEL_WHISPER_WORKERS": "0"})  # two workers, no more
     n = 60
     for i in range(n):  # new connections spread over the three HTTP processes
         assert d.post_json("/process", {"message": f"m{i}"})[0] == 200

@@ -20,6 +20,7 @@ from .httputil import read_body, require_media_type
 from .metrics import HttpMetrics, MetricsResource
 from .openapi import OpenAPIResource
 from .shm import Shm
+from .whisper.http import add_routes as add_whisper_routes
 
 log = logging.getLogger("shmmel.http")
 
@@ -97,7 +98,7 @@ class ProcessResource:
                 description=f'"message" is {len(data)} bytes of UTF-8; the limit is '
                             f"{MAX_MESSAGE_BYTES}")
         reply = self.producer.call(L.OP_TEXT, data, args=(L.TEXT_OPS.index(op),),
-                                   timeout=self.config.request_timeout)
+                                   timeout=self.config.request_timeout, kinds=L.MEL_KINDS)
         if reply.status == L.R_BAD_INPUT:
             raise BadRequest(reply.data.decode(errors="replace"))
         if reply.status != L.R_OK:
@@ -114,15 +115,19 @@ class HealthResource:
 
 
 class ReadyResource:
-    """GET /readyz: at least one worker is ready (engines, GPU included, initialised)."""
+    """GET /readyz: at least one mel worker is ready (engines, GPU included, initialised).
+    Whisper workers are counted apart (``whisper_ready``): transcription is optional."""
 
     def __init__(self, shm: Shm) -> None:
         self.shm = shm
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         w = self.shm.workers
-        ready = int((w["state"] == L.W_READY).sum())
-        body = {"ready": ready, "workers": len(w),
+        mel = w["kind"] != L.K_WHISPER  # whisper rows carry their kind from the start
+        up = w["state"] == L.W_READY
+        ready = int((up & mel).sum())
+        body = {"ready": ready, "workers": int(mel.sum()),
+                "whisper_ready": int((up & ~mel).sum()),
                 "state": L.INST_STATES.get(int(self.shm.header["state"]), "?")}
         if ready == 0 or self.shm.header["state"] != L.INST_RUNNING:
             resp.status = falcon.HTTP_503
@@ -166,5 +171,6 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/readyz", ReadyResource(shm))
     app.add_route("/metrics", MetricsResource(shm))
     app.add_route("/openapi.json", OpenAPIResource())
-    add_audio_routes(app, config, producer)
+    table = add_audio_routes(app, config, producer)
+    add_whisper_routes(app, config, producer, table)
     return app

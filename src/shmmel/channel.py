@@ -306,11 +306,13 @@ class Producer:
         return k, gen
 
     def call(self, op: int, payload: bytes, *, args: tuple[int, ...] = (), timeout: float,
-             worker: tuple[int, int] | None = None, stream: int = -1) -> Reply:
-        """One round trip: payload in, Reply out."""
+             worker: tuple[int, int] | None = None, stream: int = -1,
+             kinds: Iterable[int] | None = None) -> Reply:
+        """One round trip: payload in, Reply out, on ``worker`` or a ready worker of ``kinds``
+        (None: any; text and mel audio pass ``layout.MEL_KINDS``)."""
         if len(payload) > self.shm.slot_bytes:
             raise ValueError("payload larger than a slot")
-        k, gen = worker if worker is not None else self.pick_worker()
+        k, gen = worker if worker is not None else self.pick_worker(kinds)
         with self.claim() as slot:
             slot.view(len(payload))[:] = payload
             slot.submit(k, gen, op, len(payload), self.next_seq(), args, stream)

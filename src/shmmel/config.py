@@ -20,6 +20,7 @@ from typing import Any, Literal
 from .errors import ConfigError
 
 WorkerKind = Literal["auto", "cpu", "cuda"]
+WhisperDevice = Literal["cpu", "cuda"]
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 ENV_PREFIX = "SHMMEL_"
 MAX_MESSAGE_BYTES = 4096  # the /process contract: 4 KiB of UTF-8, counted in bytes
@@ -50,6 +51,11 @@ class Config:
     auth_token: str = ""
     log_file: str = ""
     log_level: str = "info"
+    whisper_workers: int = 1
+    whisper_device: WhisperDevice = "cpu"
+    whisper_threads: int = 0
+    whisper_batch_wait_ms: float = 10.0
+    whisper_max_batch: int = 8
     # Where each value came from ("default", "env", "file:<path>", "flag"); not part of equality.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -65,6 +71,11 @@ class Config:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def worker_rows(self) -> int:
+        """Rows of the worker table: ``workers`` mel workers, then ``whisper_workers``."""
+        return self.workers + self.whisper_workers
 
     def to_json(self) -> str:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
@@ -108,6 +119,13 @@ def _validate(c: Config) -> None:
          "must exceed twice heartbeat_interval")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
+    need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")
+    need(c.workers + c.whisper_workers <= 256, "whisper_workers",
+         "workers + whisper_workers must be at most 256")
+    need(c.whisper_device in ("cpu", "cuda"), "whisper_device", "must be cpu or cuda")
+    need(0 <= c.whisper_threads <= 256, "whisper_threads", "must be 0..256")
+    need(0 <= c.whisper_batch_wait_ms <= 10_000, "whisper_batch_wait_ms", "must be 0..10000")
+    need(1 <= c.whisper_max_batch <= 64, "whisper_max_batch", "must be 1..64")
     need(c.log_level in ("debug", "info", "warning", "error"), "log_level",
          "must be debug, info, warning or error")
 

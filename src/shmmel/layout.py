@@ -6,7 +6,8 @@ Two POSIX shared-memory segments and two families of semaphores per instance ``I
     +--------------------+  offset 0
     | HEADER             |  magic, version, sizes, pids, times, instance state
     +--------------------+  CtlLayout.workers_off
-    | WORKER x workers   |  pid, kind, state, generation, heartbeat, counters
+    | WORKER x workers   |  pid, kind, state, generation, heartbeat, counters (mel workers
+    |                    |  first, then whisper_workers rows: a worker's role is its index)
     +--------------------+  CtlLayout.http_off
     | HTTP   x MAX_HTTP  |  gunicorn worker processes: pid, start, requests
     +--------------------+  CtlLayout.slots_off
@@ -58,7 +59,9 @@ W_EMPTY, W_BOOTING, W_READY, W_STOPPING, W_DEAD = 0, 1, 2, 3, 4
 W_STATES = {W_EMPTY: "empty", W_BOOTING: "booting", W_READY: "ready",
             W_STOPPING: "stopping", W_DEAD: "dead"}
 K_NONE, K_CPU, K_CUDA = 0, 1, 2
-W_KINDS = {K_NONE: "-", K_CPU: "cpu", K_CUDA: "cuda"}
+K_WHISPER = 3        # a speech-recognition worker (rows after the mel workers)
+W_KINDS = {K_NONE: "-", K_CPU: "cpu", K_CUDA: "cuda", K_WHISPER: "whisper"}
+MEL_KINDS = (K_CPU, K_CUDA)  # where text and mel audio may go: never to a whisper worker
 
 # slot state (SLOT.state). SUBMITTED and TAKEN carry the target worker in their low byte, so
 # a worker finds its work, and a producer a worker's queue depth, with one vectorised compare.
@@ -72,6 +75,12 @@ OP_TEXT = 1          # arg0 = text op (TEXT_OPS); payload UTF-8 in, UTF-8 out
 OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, stream = table index
 OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = final flag
 OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away)
+# transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
+OP_WHISPER_OPEN = 5      # start a job: stream = table index
+OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the window
+OP_WHISPER_DECODE = 7    # decode the window received: arg0 = window bytes; reply JSON
+OP_WHISPER_CLOSE = 8     # drop the job (frees its table entry)
+WHISPER_OPS = (OP_WHISPER_OPEN, OP_WHISPER_FEATURES, OP_WHISPER_DECODE, OP_WHISPER_CLOSE)
 
 TEXT_OPS = ("reverse", "upper", "prefix")
 

@@ -60,7 +60,7 @@ class Shm:
     def create(cls, config: Config) -> Shm:
         """Create every segment and semaphore of ``config.instance`` (mode 0600)."""
         inst = config.instance
-        lay = L.CtlLayout(config.workers, config.slots, config.max_streams)
+        lay = L.CtlLayout(config.worker_rows, config.slots, config.max_streams)
         made: list[str] = []
         try:
             ctl = posix_ipc.SharedMemory(L.ctl_name(inst), posix_ipc.O_CREX, mode=0o600,
@@ -69,7 +69,7 @@ class Shm:
             data = posix_ipc.SharedMemory(L.data_name(inst), posix_ipc.O_CREX, mode=0o600,
                                           size=L.data_size(config.slots, config.slot_bytes))
             made.append(L.data_name(inst))
-            for k in range(config.workers):
+            for k in range(config.worker_rows):
                 posix_ipc.Semaphore(L.doorbell_name(inst, k), posix_ipc.O_CREX, mode=0o600,
                                     initial_value=0).close()
                 made.append(L.doorbell_name(inst, k))
@@ -80,7 +80,7 @@ class Shm:
             with mmap.mmap(ctl.fd, ctl.size) as m:
                 head = np.frombuffer(m, L.HEADER, 1)
                 head["version"] = L.VERSION
-                head["n_workers"] = config.workers
+                head["n_workers"] = config.worker_rows
                 head["n_slots"] = config.slots
                 head["slot_bytes"] = config.slot_bytes
                 head["max_streams"] = config.max_streams

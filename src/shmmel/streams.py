@@ -66,7 +66,18 @@ class StreamTable:
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
         cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        k, gen = self.producer.least_loaded([L.K_CUDA] if cuda_ready else None)
+        k, gen = self.producer.least_loaded([L.K_CUDA] if cuda_ready else L.MEL_KINDS)
+        h = self.allocate(k, gen, n_mels, padding)
+        try:
+            self.call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
+        except BaseException:
+            self.shm.streams["state"][h.index] = L.ST_FREE  # the worker holds no state for it
+            raise
+        return h
+
+    def allocate(self, k: int, gen: int, n_mels: int, padding: int) -> Handle:
+        """Take a free table entry for worker ``k`` (generation ``gen``), busy with this
+        process; 503 when the table is full. The worker frees it when it drops the state."""
         t = self.shm.streams
         with self.shm.lock():
             free = np.flatnonzero(t["state"] == L.ST_FREE)
@@ -79,13 +90,7 @@ class StreamTable:
             e["last_used"], e["frames"], e["samples"], e["busy"] = time.monotonic(), 0, 0, self.pid
             e["padding"] = padding
             e["state"] = L.ST_OPEN
-        h = Handle(i, token, k, gen, n_mels)
-        try:
-            self._call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
-        except BaseException:
-            t["state"][i] = L.ST_FREE  # the worker holds no state for it
-            raise
-        return h
+        return Handle(i, token, k, gen, n_mels)
 
     def find(self, stream_id: str) -> Handle:
         """Look up a session stream and mark it busy (409 if another request holds it)."""
@@ -124,14 +129,16 @@ class StreamTable:
         try:
             if slot is None or not slot.owned:  # orphaned after a timeout: use another
                 with self.producer.claim() as s:
-                    self._call(s, h, L.OP_AUDIO_CLOSE, 0, ())
+                    self.call(s, h, L.OP_AUDIO_CLOSE, 0, ())
             else:
-                self._call(slot, h, L.OP_AUDIO_CLOSE, 0, ())
-        except ShmmelError:
-            pass  # the worker is gone or busy: idle expiry or the supervisor frees the entry
+                self.call(slot, h, L.OP_AUDIO_CLOSE, 0, ())
+        except ShmmelError:  # the worker is gone or busy: idle expiry or the supervisor
+            self.release(h)  # frees the entry (expiry skips busy entries: mark it idle)
 
     # -- pushes ------------------------------------------------------------------------------
-    def _call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...]) -> None:
+    def call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...]) -> None:
+        """One round trip of ``op`` on the stream's worker through ``slot`` (``nbytes`` of
+        payload already in it); a refusal becomes BadRequest, any other failure an error."""
         slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(), args, h.index)
         slot.wait(self.config.request_timeout)
         status = int(slot.reply(copy=False).status)
@@ -165,7 +172,7 @@ class StreamTable:
             last = pos >= len(view)
             is_final = final and last
             slot.view(len(piece))[:] = piece
-            self._call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, int(is_final)))
+            self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, int(is_final)))
             r = slot.reply(copy=False)
             k = r.r1
             if k:

@@ -30,6 +30,7 @@ from .channel import pid_alive
 from .config import Config
 from .errors import BootError
 from .shm import Shm, unlink_instance
+from .whisper import INSTALL_HINT, whisper_missing
 from .worker import EXIT_BOOT_FAILED, set_parent_death_signal, worker_main
 
 log = logging.getLogger("shmmel.supervisor")
@@ -102,10 +103,20 @@ class Supervisor:
         h["port"] = port
         h["state"] = L.INST_STARTING
         self._install_signals()
-        log.info("instance %s: %d workers, %d slots x %d KiB, listening on %s:%d",
-                 c.instance, c.workers, c.slots, c.slot_bytes // 1024, c.host, port)
+        log.info("instance %s: %d workers + %d whisper, %d slots x %d KiB, listening on %s:%d",
+                 c.instance, c.workers, c.whisper_workers, c.slots, c.slot_bytes // 1024,
+                 c.host, port)
         for k in range(c.workers):
             self.spawn_worker(k)
+        missing = whisper_missing()
+        for k in range(c.workers, c.worker_rows):
+            self.shm.workers["kind"][k] = L.K_WHISPER  # shown as such even when empty
+            if missing is None:
+                self.spawn_worker(k)
+        if c.whisper_workers and missing is not None:
+            log.warning("whisper_workers=%d but %s is not installed: no transcription "
+                        "(/audio/transcribe answers 501); %s", c.whisper_workers, missing,
+                        INSTALL_HINT)
         self.spawn_gunicorn()
         h["state"] = L.INST_RUNNING
 
@@ -115,7 +126,7 @@ class Supervisor:
         gen = int(rec["gen"][0]) + 1
         rec["gen"] = gen
         rec["state"] = L.W_BOOTING
-        rec["kind"] = L.K_NONE
+        rec["kind"] = L.K_WHISPER if k >= self.config.workers else L.K_NONE
         rec["heartbeat"] = time.monotonic()
         rec["started"] = time.monotonic()
         rec["streams"] = 0

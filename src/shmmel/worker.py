@@ -64,6 +64,7 @@ class Worker:
         self.stop_signal: int | None = None
         self.engine = None
         self.audio = None
+        self.whisper = None  # WhisperJobs on a whisper row (index >= config.workers)
         self.kind = L.K_CPU
         self._next_gpu_sample = 0.0
 
@@ -73,6 +74,14 @@ class Worker:
 
     def boot(self) -> None:
         """Initialise the compute engine. Raises on failure (the caller exits EXIT_BOOT_FAILED)."""
+        if self.index >= self.config.workers:  # a whisper row: the model, no mel engine
+            from .whisper.runner import WhisperJobs  # imports CTranslate2, only here
+
+            self.whisper = WhisperJobs(self.config, self.shm, self.index, self.gen, self.inbox)
+            self.kind = L.K_WHISPER
+            self.rec["kind"] = self.kind
+            self.rec["device"] = 0 if self.whisper.device == "cuda" else -1
+            return
         want = self.config.worker_kind
         from .engine import create_worker_engine  # imports CuPy, if at all, only here
 
@@ -99,8 +108,9 @@ class Worker:
         spin = self.config.worker_spin_us / 1e6
         rec = self.rec
         ctl, beat_off = self.shm.ctl_view, self._w_off + _WO["heartbeat"]
+        whisper = self.whisper
         while self.stop_signal is None:
-            woke = self.inbox.wait(interval)
+            woke = self.inbox.wait(interval if whisper is None else whisper.wait_time(interval))
             now = time.monotonic()
             _F64.pack_into(ctl, beat_off, now)
             if os.getppid() != self.parent:
@@ -112,6 +122,10 @@ class Worker:
                     self.spin(spin)
             if self.audio is not None:
                 self.audio.expire(now)
+            if whisper is not None:
+                whisper.tick(time.monotonic())
+                whisper.expire(now)
+                self.collect_whisper_stats()
             if self.kind == L.K_CUDA and now >= self._next_gpu_sample:
                 self._next_gpu_sample = now + 1.0
                 _U64.pack_into(ctl, self._w_off + _WO["gpu_bytes"], self.gpu_bytes())
@@ -119,6 +133,9 @@ class Worker:
         self.serve_pending()  # answer what was already submitted
         if self.audio is not None:
             self.audio.close()
+        if self.whisper is not None:
+            self.whisper.close()  # decodes and answers what is queued
+            self.collect_whisper_stats()
         if self.engine is not None:
             self.engine.close()
         log.info("worker %d exiting (signal %s)", self.index, self.stop_signal)
@@ -151,6 +168,7 @@ class Worker:
             return
         t0 = time.perf_counter()
         audio: list[int] = []
+        whisper: list[int] = []
         errors = 0
         for j in taken:
             op, req_len, _stream, arg0, *_ = self.inbox.request(j)
@@ -160,10 +178,14 @@ class Worker:
                 self.inbox.answer(j, L.R_OK, req_len)
             elif op in (L.OP_AUDIO_OPEN, L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE) and self.audio:
                 audio.append(j)
+            elif op in L.WHISPER_OPS and self.whisper:
+                whisper.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
         if audio:
             errors += self.audio.serve(audio, self.inbox)
+        if whisper:
+            errors += self.whisper.serve(whisper)
         self.served += len(taken)
         self.errors += errors
         self.batches += 1
@@ -172,6 +194,15 @@ class Worker:
             self.samples += self.audio.take_samples()
         _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
                             self.errors, self.batches, self.busy_s, self.samples)
+
+    def collect_whisper_stats(self) -> None:
+        """Add the decode thread's errors and compute time to this worker's counters."""
+        errors, busy = self.whisper.take_stats()
+        if errors or busy:
+            self.errors += errors
+            self.busy_s += busy
+            _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
+                                self.errors, self.batches, self.busy_s, self.samples)
 
     def fail(self, j: int, status: int, message: str) -> int:
         data = message.encode()[: self.shm.slot_bytes]

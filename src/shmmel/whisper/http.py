@@ -1,0 +1,224 @@
+"""``POST /audio/transcribe``: audio in, Whisper's tokens and text out.
+
+The audio goes through the same path as ``/audio/stream?windows=true`` (:class:`Run`: the
+body is cut into Whisper's 30 s windows, each its own mel stream on a mel worker). Each
+completed window's normalised (80, 3000) features leave through :class:`WhisperJob`: a
+stream-table entry pinned to a whisper worker, ``OP_WHISPER_FEATURES`` pieces that fit a
+slot, then ``OP_WHISPER_DECODE``, whose reply is that window's tokens and segments (JSON).
+The whisper worker batches windows of concurrent requests into one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import falcon
+import numpy as np
+
+from .. import layout as L
+from .. import wire
+from ..audio_http import AudioBody, Run, media_of, output_media
+from ..audio_io import BadAudio
+from ..channel import Producer, Slot
+from ..config import Config
+from ..errors import BadRequest, ServiceUnavailable, ShmmelError
+from ..mel import SAMPLE_RATE
+from ..streams import Handle, StreamTable
+from . import INSTALL_HINT, N_MELS, WINDOW_BYTES, WINDOW_SECONDS, whisper_missing
+
+log = logging.getLogger("shmmel.whisper")
+
+
+def unavailable_reason(config: Config) -> str | None:
+    """Why this instance cannot transcribe (the 501 detail), or None."""
+    missing = whisper_missing()
+    if missing is not None:
+        return (f"transcription needs the optional [whisper] extra ({missing} is not "
+                f"installed); {INSTALL_HINT}")
+    if config.whisper_workers == 0:
+        return ("transcription is off (whisper_workers = 0); set whisper_workers >= 1 "
+                "(the [whisper] extra is needed: pip install 'shmmel[whisper]')")
+    return None
+
+
+class WhisperJob:
+    """The HTTP side of one transcription: a job on a whisper worker, fed window by window
+    through one slot, and the transcript assembled from the windows' replies."""
+
+    def __init__(self, config: Config, producer: Producer, table: StreamTable, slot: Slot,
+                 emit: Callable[[dict[str, Any]], bytes] | None = None) -> None:
+        self.config, self.producer, self.table, self.slot = config, producer, table, slot
+        self.emit = emit  # streaming: encode each window's record as it is decoded
+        self.handle: Handle | None = None
+        self.windows: list[dict[str, Any]] = []
+        self.duration = 0.0
+
+    def open(self) -> None:
+        try:
+            k, gen = self.producer.least_loaded((L.K_WHISPER,))
+        except ServiceUnavailable as exc:
+            raise ServiceUnavailable(f"no whisper worker can take it: {exc}") from None
+        h = self.table.allocate(k, gen, N_MELS, 0)
+        try:
+            self.table.call(self.slot, h, L.OP_WHISPER_OPEN, 0, ())
+        except BaseException:
+            self.table.shm.streams["state"][h.index] = L.ST_FREE  # the worker holds nothing
+            raise
+        self.handle = h
+
+    def close(self) -> None:
+        """Drop the job on its worker (which frees the table entry); best effort."""
+        h, self.handle = self.handle, None
+        if h is None:
+            return
+        try:
+            if self.slot.owned:
+                self.table.call(self.slot, h, L.OP_WHISPER_CLOSE, 0, ())
+            else:  # orphaned after a timeout (the worker may still write it): use another
+                with self.producer.claim() as s:
+                    self.table.call(s, h, L.OP_WHISPER_CLOSE, 0, ())
+        except ShmmelError:  # worker gone or busy: the supervisor or idle expiry frees it
+            self.table.release(h)
+
+    def decode(self, features: np.ndarray) -> tuple[dict[str, Any], int]:
+        """Send one window's features in slot-sized pieces, decode; return the reply and
+        the size of the batch it was decoded in."""
+        assert self.handle is not None
+        h, slot = self.handle, self.slot
+        data = memoryview(np.ascontiguousarray(features, "<f4")).cast("B")
+        assert len(data) == WINDOW_BYTES
+        step = slot.capacity - slot.capacity % 4
+        for pos in range(0, len(data), step):
+            piece = data[pos : pos + step]
+            slot.view(len(piece))[:] = piece
+            self.table.call(slot, h, L.OP_WHISPER_FEATURES, len(piece), (pos,))
+        self.table.call(slot, h, L.OP_WHISPER_DECODE, 0, (WINDOW_BYTES,))
+        batch = int(slot.reply(copy=False).r1)
+        n = int(self.table.shm.slots["resp_len"][slot.index])
+        return json.loads(bytes(slot.view(n))), batch
+
+    def window(self, index: int, features: np.ndarray, samples: int) -> bytes:
+        """Run's on_window hook: decode, put absolute times on the segments, record."""
+        reply, batch = self.decode(features)
+        offset = index * WINDOW_SECONDS
+        dur = samples / SAMPLE_RATE
+        segments = []
+        for start, end, text, ids in reply["segments"]:
+            end = dur if end is None else min(end, dur)
+            segments.append({"start": round(offset + min(start, end), 3),
+                             "end": round(offset + end, 3), "text": text, "tokens": ids})
+        rec = {"window": index, "offset": offset, "duration": round(dur, 6),
+               "text": "".join(s["text"] for s in segments).strip(),
+               "tokens": reply["tokens"], "segments": segments, "batch": batch}
+        self.windows.append(rec)
+        self.duration = offset + dur
+        return self.emit(rec) if self.emit else b""
+
+    def result(self) -> dict[str, Any]:
+        segments = [s for w in self.windows for s in w["segments"]]  # "batch" stays out
+        return {"text": "".join(s["text"] for s in segments).strip(),
+                "tokens": [t for w in self.windows for t in w["tokens"]],
+                "segments": segments, "windows": len(self.windows),
+                "duration": round(self.duration, 6)}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+class TranscribeResource:
+    """POST /audio/transcribe"""
+
+    OUTPUTS = (wire.JSON, wire.NDJSON)
+
+    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
+        self.config, self.producer, self.table = config, producer, table
+        self.unavailable = unavailable_reason(config)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self.unavailable:
+            raise falcon.HTTPNotImplemented(title="Not Implemented",
+                                            description=self.unavailable)
+        media = media_of(req)
+        out = output_media(req, wire.JSON, self.OUTPUTS)
+        body = AudioBody(req, media, self.config.max_body_bytes)
+        slot = self.producer.claim()
+        job = WhisperJob(self.config, self.producer, self.table, slot,
+                         _line if out == wire.NDJSON else None)
+        run = Run(self.table, slot, body.fmt, N_MELS, 0, True, wire.NDJSON, on_window=job.window)
+        try:
+            job.open()
+            first = body.read()
+            head = run.feed(first) if first else run.finish()
+            if body.all_read() and not run.done:  # the whole body is here
+                if body.data_left:
+                    raise BadAudio("the WAV data chunk is shorter than its header says")
+                head += run.finish()
+        except BaseException as exc:
+            self._end(run, job, slot)
+            _raise_http(exc)
+            raise
+        resp.content_type = out
+        if out == wire.NDJSON:
+            resp.stream = self._stream(run, job, slot, head, body)
+            return
+        try:
+            while not run.done:
+                data = body.read()
+                run.feed(data) if data else run.finish()
+        except BaseException as exc:
+            _raise_http(exc)
+            raise
+        finally:
+            self._end(run, job, slot)
+        resp.media = job.result()
+
+    @staticmethod
+    def _end(run: Run, job: WhisperJob, slot: Slot) -> None:
+        run.abort()
+        job.close()
+        slot.release()
+
+    def _stream(self, run: Run, job: WhisperJob, slot: Slot, head: bytes,
+                body: AudioBody) -> Iterator[bytes]:
+        try:
+            if head:
+                yield head
+            header = self.table.shm.header
+            while not run.done:
+                if header["state"] == L.INST_STOPPING:
+                    yield run.finish(reason="shutdown")  # the last partial window
+                    break
+                data = body.read()
+                chunk = run.feed(data) if data else run.finish()
+                if chunk:
+                    yield chunk
+            res = job.result()
+            yield _line({"final": True, "windows": res["windows"], "duration": res["duration"],
+                         "text": res["text"]})
+        except (BadAudio, BadRequest) as exc:
+            yield wire.error_bytes(wire.NDJSON, "Bad Request", str(exc))
+        except OverflowError as exc:
+            yield wire.error_bytes(wire.NDJSON, "Content Too Large", str(exc))
+        except ShmmelError as exc:
+            yield wire.error_bytes(wire.NDJSON, "Service Unavailable", str(exc))
+        except Exception:  # noqa: BLE001 - the response has started: report in-band
+            log.exception("transcription failed mid-stream")
+            yield wire.error_bytes(wire.NDJSON, "Internal Server Error",
+                                   "unexpected error; see the service log")
+        finally:  # also when the client goes away (the server closes the iterator)
+            self._end(run, job, slot)
+
+
+def _raise_http(exc: BaseException) -> None:
+    if isinstance(exc, BadAudio):
+        raise BadRequest(str(exc)) from None
+    if isinstance(exc, OverflowError):
+        raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+
+
+def add_routes(app: falcon.App, config: Config, producer: Producer, table: StreamTable) -> None:
+    app.add_route("/audio/transcribe", TranscribeResource(config, producer, table))
