@@ -13,7 +13,7 @@ def test_record_sizes_are_pinned():
     assert L.VERSION == 1
     assert L.HEADER.itemsize == 184
     assert L.WORKER.itemsize == 96
-    assert L.METRICS.itemsize == 2160
+    assert L.METRICS.itemsize == 2560
     assert L.HTTP.itemsize == 24
     assert L.SLOT.itemsize == 144
     assert L.STREAM.itemsize == 64
@@ -43,7 +43,7 @@ def test_control_segment_regions_are_aligned_and_disjoint():
     lay = L.CtlLayout(n_workers=4, n_slots=128, max_streams=256)
     assert (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off) == (
         192, 576, 2112, 20544, 36928)
-    assert lay.size == 176128 and lay.size % L.PAGE == 0
+    assert lay.size == 204800 and lay.size % L.PAGE == 0
     for off in (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off):
         assert off % 64 == 0
     assert lay.workers_off >= L.HEADER.itemsize

@@ -53,6 +53,12 @@ def _bad_request(req: Any, resp: Any, exc: BadRequest, params: Any) -> None:
     raise falcon.HTTPBadRequest(title="Bad Request", description=str(exc))
 
 
+def _client_stalled(req: Any, resp: Any, exc: OSError, params: Any) -> None:
+    # SO_RCVTIMEO (client_timeout) expired while reading the body: the client stalled
+    raise falcon.HTTPError(falcon.HTTP_408, title="Request Timeout",
+                           description="the client stopped sending the request body")
+
+
 def _internal(req: Any, resp: Any, exc: Exception, params: Any) -> None:
     if isinstance(exc, falcon.HTTPError):
         raise exc
@@ -72,7 +78,7 @@ class ProcessResource:
         raw = read_body(req, MAX_JSON_BODY)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise falcon.HTTPBadRequest(title="Bad Request",
                                         description=f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -164,6 +170,8 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.set_error_serializer(error_serializer)
     app.add_error_handler(Exception, _internal)
     app.add_error_handler(ServiceUnavailable, _unavailable)
+    app.add_error_handler(BlockingIOError, _client_stalled)
+    app.add_error_handler(TimeoutError, _client_stalled)
     app.add_error_handler(RequestTimeout, _timeout)
     app.add_error_handler(BadRequest, _bad_request)
     app.add_route("/process", ProcessResource(config, producer))

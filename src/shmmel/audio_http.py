@@ -324,6 +324,9 @@ class AudioStreamResource:
             yield wire.error_bytes(run.out, "Bad Request", str(exc))
         except OverflowError as exc:
             yield wire.error_bytes(run.out, "Content Too Large", str(exc))
+        except (BlockingIOError, TimeoutError):
+            yield wire.error_bytes(run.out, "Request Timeout",
+                                   "the client stopped sending the request body")
         except ShmmelError as exc:
             yield wire.error_bytes(run.out, "Service Unavailable", str(exc))
         finally:  # also runs when the client goes away (the server closes the iterator)

@@ -40,6 +40,7 @@ class Config:
     queue_depth: int = 64
     max_streams: int = 256
     request_timeout: float = 30.0
+    client_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
     worker_spin_us: int = 0
     heartbeat_interval: float = 0.2
@@ -110,7 +111,7 @@ def _validate(c: Config) -> None:
          "slot_bytes", "must be a multiple of 4096 between 16 KiB and 64 MiB")
     need(1 <= c.queue_depth <= 65536, "queue_depth", "must be 1..65536")
     need(1 <= c.max_streams <= 65536, "max_streams", "must be 1..65536")
-    for name in ("request_timeout", "stream_idle_timeout", "heartbeat_timeout", "boot_timeout",
+    for name in ("request_timeout", "client_timeout", "stream_idle_timeout", "heartbeat_timeout", "boot_timeout",
                  "shutdown_timeout"):
         need(getattr(c, name) > 0, name, "must be > 0 seconds")
     need(0 <= c.worker_spin_us <= 100_000, "worker_spin_us", "must be 0..100000")

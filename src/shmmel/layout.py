@@ -178,9 +178,10 @@ STREAM = np.dtype([
 # HTTP metrics: one row per HTTP table row, written only by the process owning that row
 # (a respawned process inherits a dead one's row and counts on from its values, so sums over
 # rows never go backwards). Read by the /metrics collector in any process.
-ROUTES = ("process", "audio_stream", "audio_streams", "audio_session", "healthz", "readyz",
-          "metrics", "openapi", "other")
-CODES = (200, 201, 400, 401, 404, 405, 406, 409, 413, 415, 500, 503, 504, 0)  # 0: any other
+ROUTES = ("process", "audio_stream", "audio_streams", "audio_session", "transcribe",
+          "healthz", "readyz", "metrics", "openapi", "other")
+CODES = (200, 201, 400, 401, 404, 405, 406, 408, 409, 413, 415, 500, 501, 503, 504,
+         0)  # 0: any other
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0)  # seconds; a last bucket counts the rest (+Inf)
 

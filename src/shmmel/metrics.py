@@ -34,7 +34,7 @@ from .shm import Shm
 ROUTE_OF_TEMPLATE = {
     "/process": "process", "/audio/stream": "audio_stream", "/audio/streams": "audio_streams",
     "/audio/streams/{stream_id}": "audio_session", "/healthz": "healthz", "/readyz": "readyz",
-    "/metrics": "metrics", "/openapi.json": "openapi",
+    "/metrics": "metrics", "/openapi.json": "openapi", "/audio/transcribe": "transcribe",
 }
 ROUTE_INDEX = {name: i for i, name in enumerate(L.ROUTES)}
 CODE_INDEX = {code: i for i, code in enumerate(L.CODES)}

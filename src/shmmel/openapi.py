@@ -141,6 +141,49 @@ def _audio_stream_op() -> dict[str, Any]:
     }
 
 
+def _transcribe_op() -> dict[str, Any]:
+    segment = {"type": "object", "required": ["start", "end", "text", "tokens"], "properties": {
+        "start": {"type": "number"}, "end": {"type": "number"}, "text": {"type": "string"},
+        "tokens": {"type": "array", "items": {"type": "integer"}}}}
+    return {
+        "operationId": "transcribe",
+        "summary": "Transcribe 16 kHz mono speech (Whisper tiny.en) from shmmel's own features",
+        "description": (
+            "Same inputs as /audio/stream. The audio is cut into Whisper's 30 s windows; each "
+            "window's features go to a whisper worker (CTranslate2), batched with other "
+            "requests' windows. `format=ndjson` (or that Accept) streams one line per window "
+            "as soon as it is decoded, then a final line. Needs the [whisper] extra: 501 "
+            "without it or with whisper_workers = 0."),
+        "parameters": [_format_param(["json", "ndjson"])],
+        "requestBody": {"required": True, "content": {
+            "audio/wav": {"schema": BINARY}, **RAW_AUDIO}},
+        "responses": {
+            "200": {"description": "the transcript", "content": {
+                wire.JSON: {"schema": {
+                    "type": "object",
+                    "required": ["text", "tokens", "segments", "windows", "duration"],
+                    "properties": {
+                        "text": {"type": "string"},
+                        "tokens": {"type": "array", "items": {"type": "integer"}},
+                        "segments": {"type": "array", "items": segment},
+                        "windows": {"type": "integer"}, "duration": {"type": "number"}}}},
+                wire.NDJSON: {"schema": {"type": "string", "description":
+                                         "one {window, offset, duration, text, tokens, "
+                                         "segments, batch} line per 30 s window, then {final: "
+                                         "true, windows, duration, text}; errors in-band"}},
+            }},
+            "400": _error("bad parameters or bad audio (as /audio/stream)"),
+            "401": UNAUTHORIZED,
+            "406": NOT_ACCEPTABLE,
+            "413": _error("the body exceeds max_body_bytes"),
+            "415": _error("a Content-Type (or rate/channels) shmmel does not take"),
+            "501": _error("the [whisper] extra is not installed, or whisper_workers = 0"),
+            "503": UNAVAILABLE,
+            "504": TIMEOUT,
+        },
+    }
+
+
 def _session_chunk_op() -> dict[str, Any]:
     return {
         "operationId": "pushStreamChunk",
@@ -302,6 +345,7 @@ SPEC: dict[str, Any] = {
                 "504": TIMEOUT,
             },
         }},
+        "/audio/transcribe": {"post": _transcribe_op()},
         "/audio/streams/{stream_id}": {
             "post": _session_chunk_op(),
             "get": _session_info_op(),

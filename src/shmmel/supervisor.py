@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from types import FrameType
 
@@ -40,10 +41,21 @@ CRASH_LIMIT = 10      # respawns of one worker within CRASH_WINDOW before giving
 RECLAIM_EVERY = 0.5   # seconds between sweeps for orphaned slots and streams
 
 
-def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+def bind_socket(host: str, port: int, client_timeout: float,
+                backlog: int = 2048) -> socket.socket:
+    """The listening socket, bound here so a clash is reported before anything forks.
+
+    SO_RCVTIMEO/SO_SNDTIMEO are inherited by every accepted socket (Linux): gunicorn's gthread
+    worker reads headers and bodies in blocking mode with no timeout of its own, so without
+    them a client that stalls mid-request would hold a thread forever (slowloris).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    secs = int(client_timeout)
+    tv = struct.pack("ll", secs, int((client_timeout - secs) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -93,7 +105,7 @@ class Supervisor:
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
         c = self.config
-        self.sock = bind_socket(c.host, c.port)
+        self.sock = bind_socket(c.host, c.port, c.client_timeout)
         port = self.sock.getsockname()[1]
         self.shm = Shm.create(c)
         h = self.shm.header
