@@ -8,7 +8,7 @@ export PYTHONPATH="$PWD/cli:${PYTHONPATH:-}"
 B="python3 -m shmmel_cli.main bench"
 step() { echo "=== $*" | tee -a "$OUT/steps.log"; local t=$SECONDS; "$@" >>"$OUT/steps.log" 2>&1; echo "--- rc=$? $((SECONDS - t)) s" | tee -a "$OUT/steps.log"; }
 lscpu | grep -E "Model name|^CPU\(s\)" > "$OUT/host.txt"; nvidia-smi -L >> "$OUT/host.txt"
-step python3 -m pytest -q -m gpu tests/
+step python3 -m pytest -q tests/test_mel_gpu.py tests/test_gpu_service.py
 step python3 bench/bench_ipc.py --producers 1 8 --seconds 4 --workers 2 --spin-us 0 100
 step python3 bench/check_vs_wrk.py --spawn --workers 4 --http-workers 8 --connections 100 --wrk-threads 4 --duration 5 --rounds 4 --json "$OUT/wrk_check.json"
 # a named instance, so its state can be read right after the load (stuck requests?)
