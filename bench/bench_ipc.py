@@ -102,7 +102,7 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int) -> None:
 def channel_round_trip(n_producers: int, seconds: float, workers: int,
                        payload_bytes: int, spin_us: int) -> dict[str, float]:
     config = Config(instance=f"bench{uuid.uuid4().hex[:8]}", workers=workers, slots=128,
-                    worker_kind="cpu", worker_spin_us=spin_us)
+                    worker_kind="cpu", worker_spin_us=spin_us, whisper_workers=0)
     shm = Shm.create(config)
     pids: list[int] = []
     try:

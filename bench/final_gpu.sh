@@ -12,7 +12,7 @@ step python3 -m pytest -q tests/test_mel_gpu.py tests/test_gpu_service.py
 step python3 bench/bench_ipc.py --producers 1 8 --seconds 4 --workers 2 --spin-us 0 100
 step python3 bench/check_vs_wrk.py --spawn --workers 4 --http-workers 8 --connections 100 --wrk-threads 4 --duration 5 --rounds 4 --json "$OUT/wrk_check.json"
 # a named instance, so its state can be read right after the load (stuck requests?)
-SHMMEL_LOG_FILE="$OUT/text_w4_instance.log" python3 -m shmmel_cli.main up --instance tw4 --port 0 --worker-kind cpu -w 4 --http-workers 8 >>"$OUT/steps.log" 2>&1
+SHMMEL_WHISPER_WORKERS=0 SHMMEL_LOG_FILE="$OUT/text_w4_instance.log" python3 -m shmmel_cli.main up --instance tw4 --port 0 --worker-kind cpu -w 4 --http-workers 8 >>"$OUT/steps.log" 2>&1
 step $B text --instance tw4 --http-workers 8 -c 100 -d 8 --warmup 2 --baseline --save "$OUT/text_w4.json"
 sleep 1; python3 -m shmmel_cli.main status --instance tw4 --json > "$OUT/text_w4_status.json" 2>&1
 python3 -m shmmel_cli.main down --instance tw4 >>"$OUT/steps.log" 2>&1

@@ -39,7 +39,7 @@ def gpu_daemon(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     d = start_daemon(tmp_path_factory.mktemp("gpu"), "--workers", "2", "--http-workers", "2",
-                     "--worker-kind", "cuda")
+                     "--worker-kind", "cuda", extra_env={"SHMMEL_WHISPER_WORKERS": "0"})
     try:
         yield d
     finally:

@@ -42,16 +42,19 @@ def instance_url(instance: str) -> str:
 
 def describe(instance: str) -> Target:
     info = daemon.status(instance)
-    kinds = sorted({w["kind"] for w in info["workers"]})
+    live = [w for w in info["workers"] if w["state"] != "empty"]
+    kinds = sorted({w["kind"] for w in live})
     return Target(str(info["url"]), instance, max(1, len(info["http"])), 16,
-                  len(info["workers"]), ",".join(kinds))
+                  len(live), ",".join(kinds))
 
 
 @contextlib.contextmanager
 def spawned(flags: dict[str, Any], log_dir: str | None = None) -> Iterator[Target]:
     """Start a fresh instance (``flags`` as for ``config.resolve``; port 0, unique name)."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    flags = {**flags, "instance": name, "port": 0}
+    # no transcription worker unless asked for: a bench of text or mel load should not
+    # load a Whisper model (nor wait for one)
+    flags = {"whisper_workers": 0, **flags, "instance": name, "port": 0}
     if log_dir:
         flags["log_file"] = os.path.join(log_dir, f"shmmel-{name}.log")
     c = cfg.resolve(flags)
@@ -70,7 +73,8 @@ def wait_all_workers(name: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         info = daemon.status(name)
-        if all(w["state"] == "ready" for w in info["workers"]):
+        # "empty" rows are never spawned (whisper rows without the [whisper] extra)
+        if all(w["state"] in ("ready", "empty") for w in info["workers"]):
             return info
         if time.monotonic() > deadline:
             states = ", ".join(w["state"] for w in info["workers"])
