@@ -241,6 +241,18 @@ class Run:
         self.done = True
         return out
 
+    def pump(self, read: Callable[[], bytes], stopping: Callable[[], bool]) -> Iterator[bytes]:
+        """Feed the rest of the body, yielding output as it is made; when ``stopping()``
+        (the service is shutting down), end with a final message for what has arrived."""
+        while not self.done:
+            if stopping():
+                yield self.finish(reason="shutdown")
+                return
+            data = read()
+            chunk = self.feed(data) if data else self.finish()
+            if chunk:
+                yield chunk
+
     def abort(self) -> None:
         if self.handle is not None:
             self.table.abort(self.slot, self.handle)
@@ -311,15 +323,7 @@ class AudioStreamResource:
             if head:
                 yield head
             header = self.table.shm.header
-            while not run.done:
-                if header["state"] == L.INST_STOPPING:
-                    # shutting down: end with a final message for what has arrived
-                    yield run.finish(reason="shutdown")
-                    break
-                data = read()
-                chunk = run.feed(data) if data else run.finish()
-                if chunk:
-                    yield chunk
+            yield from run.pump(read, lambda: header["state"] == L.INST_STOPPING)
         except (BadAudio, BadRequest) as exc:
             yield wire.error_bytes(run.out, "Bad Request", str(exc))
         except OverflowError as exc:

@@ -187,15 +187,8 @@ class TranscribeResource:
         try:
             if head:
                 yield head
-            header = self.table.shm.header
-            while not run.done:
-                if header["state"] == L.INST_STOPPING:
-                    yield run.finish(reason="shutdown")  # the last partial window
-                    break
-                data = body.read()
-                chunk = run.feed(data) if data else run.finish()
-                if chunk:
-                    yield chunk
+            header = self.table.shm.header  # on shutdown: the last partial window
+            yield from run.pump(body.read, lambda: header["state"] == L.INST_STOPPING)
             res = job.result()
             yield _line({"final": True, "windows": res["windows"], "duration": res["duration"],
                          "text": res["text"]})
