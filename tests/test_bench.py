@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from shmmel import whisper
 from shmmel.loadgen import bench as lb
 from shmmel.loadgen import hist, signals, targets, text
 from shmmel.loadgen.audioload import AudioLoad, run_audio
@@ -194,3 +195,27 @@ def test_audio_bench_mel_matches_and_baseline_stops(tmp_path):
         assert b'"cba"' in reply
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=1).close()
+
+
+WHISPER_MISSING = whisper.whisper_missing()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(WHISPER_MISSING is not None,
+                    reason=f"the [whisper] extra is not installed ({WHISPER_MISSING} missing)")
+def test_bench_audio_transcribe_spawn_json(tmp_path):
+    # noise decodes to a few tokens (synthetic speech runs to the maximum length): quick
+    proc = run_cli("bench", "audio", "--transcribe", "--spawn", "--streams", "2",
+                   "--duration", "3", "--warmup", "0", "--signal", "noise", "-w", "1",
+                   "--http-workers", "1", "--worker-kind", "cpu", "--json",
+                   "--log-dir", str(tmp_path), timeout=180)
+    data = json.loads(proc.stdout)
+    s = data["shmmel"]
+    assert data["bench"] == "transcribe" and s["load"]["streams"] == 2
+    assert s["windows"] >= 1
+    assert s["error_count"] == 0 and s["errors"] == {}
+    for k in ("min", "p50", "p90", "p95", "p99", "max"):
+        assert s["latency_ms"][k] > 0
+    assert 1 <= s["batch"]["mean"] <= 2 and s["tokens"]["mean"] > 0
+    assert s["windows_per_s"]["intervals"] == 3
+    assert not instance_names(data["target"]["instance"])  # stopped and unlinked

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shmmel.errors import ShmmelError
@@ -18,6 +19,7 @@ from shmmel.loadgen.audioload import AudioLoad
 from shmmel.loadgen.runner import LoadError, default_procs
 from shmmel.loadgen.text import parse_ops, parse_sizes
 from shmmel.loadgen.textload import TextLoad
+from shmmel.loadgen.transcribeload import TranscribeLoad, transcribe_bench
 
 bench_app = typer.Typer(help="Load-test a running (or spawned) instance.", no_args_is_help=True)
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
@@ -45,7 +47,7 @@ LogDir = Annotated[Optional[Path], typer.Option(help="--spawn: directory for ins
 
 
 def fail(exc: BaseException) -> typer.Exit:
-    err.print(f"[red][error][/red] {exc}", highlight=False)
+    err.print(f"[red]\\[error][/red] {escape(str(exc))}", highlight=False)
     return typer.Exit(1)
 
 
@@ -177,7 +179,8 @@ def bench_audio(
     url: Url = None, instance: Instance = "default", spawn: Spawn = False,
     workers: Workers = None, http_workers: HttpWorkers = None, http_threads: Threads = None,
     worker_kind: Kind = None,
-    streams: Annotated[int, typer.Option("--streams", "-s", help="Concurrent streams.")] = 8,
+    streams: Annotated[int, typer.Option("--streams", "-s", help="Concurrent streams "
+                                         "(--transcribe: concurrent clients).")] = 8,
     duration: Annotated[float, typer.Option("--duration", "-d",
                                             help="Seconds measured, each phase.")] = 10.0,
     warmup: Warmup = 1.0,
@@ -190,10 +193,28 @@ def bench_audio(
     verify: Annotated[bool, typer.Option(help="Check a file a process against "
                                               "log_mel_spectrogram.")] = True,
     gpu_index: Annotated[int, typer.Option(help="GPU to sample through NVML (-1: none).")] = 0,
+    transcribe: Annotated[bool, typer.Option(help="POST 30 s windows to /audio/transcribe "
+                                                  "instead: windows/s, latency a window.")] = False,
+    file: Annotated[Optional[Path], typer.Option(help="--transcribe: the window's audio (WAV "
+                                                      "or raw s16le, 16 kHz; first 30 s).")] = None,
     baseline: Baseline = False, sweep: Sweep = None, as_json: AsJson = False, save: Save = None,
     hgrm: Hgrm = None, plot: Plot = None, log_dir: LogDir = None,
 ) -> None:
-    """Audio streams: first chunk, per-chunk and end-to-end latency, real-time factor."""
+    """Audio streams: first chunk, per-chunk and end-to-end latency, real-time factor.
+    With --transcribe: Whisper windows per second and the latency of each window."""
+    if transcribe:
+        if baseline or sweep:
+            raise fail(ValueError("--transcribe takes neither --baseline nor --sweep"))
+        _bench_transcribe(TranscribeLoad(streams=streams, duration=duration, warmup=warmup,
+                                         signal=signal, file=str(file) if file else None),
+                          _source(url, instance, spawn, None, dict(
+                              workers=workers, http_workers=http_workers,
+                              http_threads=http_threads, worker_kind=worker_kind),
+                              log_dir, http_workers, http_threads),
+                          as_json, save, hgrm, plot)
+        return
+    if file is not None:
+        raise fail(ValueError("--file goes with --transcribe"))
     try:
         if pace not in ("realtime", "fast"):
             raise ValueError("--pace must be realtime or fast")
@@ -238,6 +259,24 @@ def bench_audio(
                 out.print(f"GPU during {phase}: {g['name']}, utilisation mean "
                           f"{g['util_mean_pct']} % (max {g['util_max_pct']} %), memory max "
                           f"{g['mem_max_mib']} MiB", highlight=False)
+
+
+def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save: Path | None,
+                      hgrm: Path | None, plot: Path | None) -> None:
+    try:
+        outcome = transcribe_bench(src, load, console=err)
+    except (ShmmelError, LoadError, ValueError, OSError) as exc:
+        raise fail(exc) from None
+    s = outcome.data["shmmel"]
+    _emit(outcome, "shmmel bench audio --transcribe", as_json, save, hgrm, plot,
+          {"per window": s["latency_ms"]})
+    if not as_json:
+        tp, b, tok = s["windows_per_s"], s["batch"], s["tokens"]
+        out.print(f"windows: {s['windows']:,}, {tp['mean']:.2f} ± {tp['stdev']:.2f} windows/s "
+                  f"over {tp['intervals']} s; mean batch {report._fmt(b['mean'])} (max "
+                  f"{report._fmt(b['max'])}); mean tokens a window {report._fmt(tok['mean'])}"
+                  + (f"; errors {s['errors']}" if s["errors"] else "; no errors"),
+                  highlight=False)
 
 
 def gen_audio(
