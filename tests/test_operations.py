@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +21,7 @@ from shmmel.channel import pid_alive
 from shmmel.client import MelClient
 from shmmel.shm import Shm, instance_names
 
-from .conftest import ROOT, run_cli, shmmel_cmd, stop_daemon, wait_for
+from .conftest import ROOT, run_cli, shmmel_cmd, wait_for
 from .test_audio_http import as_i16, speechlike
 
 pytestmark = pytest.mark.e2e

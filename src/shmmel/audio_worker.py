@@ -9,7 +9,6 @@ worker computes the frames of many streams in one kernel launch.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np

@@ -249,9 +249,7 @@ class Producer:
         _U32.pack_into(self.shm.ctl_view, off, L.S_FREE)
 
     def queue_depths(self) -> np.ndarray:
-        st = self._states
-        queued = st[st >= L.S_QUEUED_MIN] & 0xFF
-        return np.bincount(queued, minlength=len(self.shm.workers))
+        return L.queue_depths(self._states, len(self.shm.workers))
 
     def _cached_depths(self, fresh: bool = False) -> np.ndarray:
         """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh``."""

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from . import layout as L
 from .channel import pid_alive
@@ -183,8 +182,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
     h = shm.header
     s = shm.slots
     st = s["state"]
-    queued = st >= L.S_QUEUED_MIN
-    depth = np.bincount(st[queued] & 0xFF, minlength=len(shm.workers))
+    depth = L.queue_depths(st, len(shm.workers))
     workers = []
     for k, w in enumerate(shm.workers):
         workers.append({
@@ -212,12 +210,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
         "workers": workers,
         "http": http,
         "slots": {
-            "total": len(s), "free": int((st == L.S_FREE).sum()),
-            "parked": int((st == L.S_PARKED).sum()),  # idle in an HTTP process's local pool
-            "claimed": int((st == L.S_CLAIMED).sum()),
-            "queued": int(((st & 0xF00) == L.S_SUBMITTED).sum()),
-            "working": int(((st & 0xF00) == L.S_TAKEN).sum()),
-            "done": int((st == L.S_DONE).sum()),
+            "total": len(s), **L.slot_counts(st),
             "orphaned": int(((st != L.S_FREE) & (s["owner"] == 0)).sum()),
             "bytes": shm.slot_bytes,
         },

@@ -192,6 +192,23 @@ METRICS = np.dtype([
 ], align=True)
 
 
+def queue_depths(states: np.ndarray, n_workers: int) -> np.ndarray:
+    """Requests queued on or taken by each worker, from the slot state column."""
+    return np.bincount(states[states >= S_QUEUED_MIN] & 0xFF, minlength=n_workers)
+
+
+def slot_counts(states: np.ndarray) -> dict[str, int]:
+    """How many slots are in each state (queued/working summed over workers)."""
+    return {
+        "free": int((states == S_FREE).sum()),
+        "parked": int((states == S_PARKED).sum()),  # idle in an HTTP process's local pool
+        "claimed": int((states == S_CLAIMED).sum()),
+        "queued": int(((states & 0xF00) == S_SUBMITTED).sum()),
+        "working": int(((states & 0xF00) == S_TAKEN).sum()),
+        "done": int((states == S_DONE).sum()),
+    }
+
+
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 

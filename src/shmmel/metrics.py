@@ -102,7 +102,7 @@ class ShmCollector:
 
         w = shm.workers
         st = shm.slots["state"]
-        depth = np.bincount(st[st >= L.S_QUEUED_MIN] & 0xFF, minlength=len(w))
+        depth = L.queue_depths(st, len(w))
         labels = ["worker", "kind"]
         served = CounterMetricFamily("shmmel_worker_requests", "Requests answered", labels=labels)
         errors = CounterMetricFamily("shmmel_worker_errors", "Requests answered with an error",
@@ -147,11 +147,8 @@ class ShmCollector:
         yield from (served, errors, batches, busy, audio, restarts, state, beat, queue, streams,
                     gpu)
         slots = GaugeMetricFamily("shmmel_slots", "Shared-memory slots by state", labels=["state"])
-        for name, mask in (("free", st == L.S_FREE), ("parked", st == L.S_PARKED),
-                           ("claimed", st == L.S_CLAIMED),
-                           ("queued", (st & 0xF00) == L.S_SUBMITTED),
-                           ("working", (st & 0xF00) == L.S_TAKEN), ("done", st == L.S_DONE)):
-            slots.add_metric([name], float(mask.sum()))
+        for name, count in L.slot_counts(st).items():
+            slots.add_metric([name], float(count))
         yield slots
         yield GaugeMetricFamily("shmmel_streams_open", "Open audio streams",
                                 value=float((shm.streams["state"] != L.ST_FREE).sum()))

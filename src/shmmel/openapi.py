@@ -112,7 +112,7 @@ def _audio_stream_op() -> dict[str, Any]:
             "`audio/x-wav`, `audio/wave`), raw s16le as `audio/L16;rate=16000` or "
             "`application/octet-stream`, raw float32 as `audio/x-f32le;rate=16000`. A `rate` "
             "other than 16000 or `channels` other than 1 is 415. Content-Length and chunked "
-            f"uploads; at most max_body_bytes. The output format is `format` or the Accept "
+            "uploads; at most max_body_bytes. The output format is `format` or the Accept "
             "header: ndjson (default) and binary stream frames as they are computed; json and "
             "npy arrive at the end. An error found before the response starts is a 4xx; one "
             "found later (a chunked upload ending on half a sample or crossing max_body_bytes) "
