@@ -302,7 +302,7 @@ class AudioStreamResource:
             raise
         resp.content_type = out
         if out in wire.STREAMING:
-            resp.stream = self._stream(run, slot, head, read)
+            resp.stream = self._stream(run, slot, head, body)
             return
         try:
             while not run.done:
@@ -315,15 +315,16 @@ class AudioStreamResource:
         finally:
             run.abort()
             slot.release()
+            body.reader.drain()  # if the answer ends before the upload did
         mel, maxima = run.whole_result()
         resp.data = wire.whole_npy(mel) if out == wire.NPY else wire.whole_json(mel, maxima)
 
-    def _stream(self, run: Run, slot: Slot, head: bytes, read) -> Iterator[bytes]:
+    def _stream(self, run: Run, slot: Slot, head: bytes, body: AudioBody) -> Iterator[bytes]:
         try:
             if head:
                 yield head
             header = self.table.shm.header
-            yield from run.pump(read, lambda: header["state"] == L.INST_STOPPING)
+            yield from run.pump(body.read, lambda: header["state"] == L.INST_STOPPING)
         except (BadAudio, BadRequest) as exc:
             yield wire.error_bytes(run.out, "Bad Request", str(exc))
         except OverflowError as exc:
@@ -336,6 +337,7 @@ class AudioStreamResource:
         finally:  # also runs when the client goes away (the server closes the iterator)
             run.abort()
             slot.release()
+            body.reader.drain()  # if the answer ended before the upload did
 
 
 def session_reply(out: str, fb: FrameBatch) -> bytes:

@@ -18,6 +18,7 @@ common little-endian reading, which is what every Whisper client sends.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +156,27 @@ class BodyReader:
         if len(data) > n:
             data, self.pending = data[:n], data[n:]
         return data
+
+    def drain(self, seconds: float = 2.0, max_bytes: int = 64 << 20) -> None:
+        """Read and drop what the client is still sending, within bounds.
+
+        After an answer that ends before the body does (an error, a shutdown), closing the
+        connection with unread bytes in the socket makes the kernel send a reset, which can
+        destroy the answer before the client reads it. Draining first (a "lingering close",
+        as nginx does) lets the client finish sending and read the answer. A stalled
+        client is still cut off by client_timeout.
+        """
+        deadline = time.monotonic() + seconds
+        dropped = len(self.pending)
+        self.pending = b""
+        while dropped < max_bytes and time.monotonic() < deadline:
+            try:
+                data = self._read_some(1 << 16)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            dropped += len(data)
 
     def _read_some(self, n: int) -> bytes:
         if self._parser is not None and self._buffers_empty():

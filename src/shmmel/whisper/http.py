@@ -204,6 +204,7 @@ class TranscribeResource:
                                    "unexpected error; see the service log")
         finally:  # also when the client goes away (the server closes the iterator)
             self._end(run, job, slot)
+            body.reader.drain()  # if the answer ended before the upload did
 
 
 def _raise_http(exc: BaseException) -> None:
