@@ -10,28 +10,16 @@ import pytest
 
 from shmmel import mel
 
-try:  # tests/ is a package here; the helpers are shared with the CPU tests
-    from tests.test_mel import (
-        LENGTHS,
-        SHORT_LENGTHS,
-        SIGNALS,
-        assert_stream_equals_offline,
-        make_signal,
-        random_chunks,
-        ref_log_mel,
-        stream_frames,
-    )
-except ImportError:  # pragma: no cover - tests/ on sys.path instead
-    from test_mel import (
-        LENGTHS,
-        SHORT_LENGTHS,
-        SIGNALS,
-        assert_stream_equals_offline,
-        make_signal,
-        random_chunks,
-        ref_log_mel,
-        stream_frames,
-    )  # type: ignore[no-redef]
+from .test_mel import (  # the helpers are shared with the CPU tests
+    LENGTHS,
+    SHORT_LENGTHS,
+    SIGNALS,
+    assert_stream_equals_offline,
+    make_signal,
+    random_chunks,
+    ref_log_mel,
+    stream_frames,
+)
 
 pytestmark = pytest.mark.gpu
 
