@@ -94,28 +94,26 @@ def hann_window() -> np.ndarray:
     return window
 
 
+# Slaney mel scale (librosa, htk=False): linear below 1 kHz, logarithmic above.
+_F_SP = 200.0 / 3
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
+_LOGSTEP = np.log(6.4) / 27.0
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear below 1 kHz, logarithmic above (librosa, htk=False)."""
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
     hz = np.asarray(hz, dtype=np.float64)
-    mels = hz / f_sp
-    log_part = hz >= min_log_hz
-    mels[log_part] = min_log_mel + np.log(hz[log_part] / min_log_hz) / logstep
+    mels = hz / _F_SP
+    log_part = hz >= _MIN_LOG_HZ
+    mels[log_part] = _MIN_LOG_MEL + np.log(hz[log_part] / _MIN_LOG_HZ) / _LOGSTEP
     return mels
 
 
 def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
     mels = np.asarray(mels, dtype=np.float64)
-    hz = f_sp * mels
-    log_part = mels >= min_log_mel
-    hz[log_part] = min_log_hz * np.exp(logstep * (mels[log_part] - min_log_mel))
+    hz = _F_SP * mels
+    log_part = mels >= _MIN_LOG_MEL
+    hz[log_part] = _MIN_LOG_HZ * np.exp(_LOGSTEP * (mels[log_part] - _MIN_LOG_MEL))
     return hz
 
 
