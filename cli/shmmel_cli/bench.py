@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from shmmel import config as cfg
 from shmmel.errors import ShmmelError
 from shmmel.loadgen import bench as lb
 from shmmel.loadgen import report, signals
@@ -21,12 +19,19 @@ from shmmel.loadgen.text import parse_ops, parse_sizes
 from shmmel.loadgen.textload import TextLoad
 from shmmel.loadgen.transcribeload import TranscribeLoad, transcribe_bench
 
-bench_app = typer.Typer(help="Load-test a running (or spawned) instance.", no_args_is_help=True)
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, soft_wrap=True)
+from .render import err, fail, out
+
+bench_app = typer.Typer(help="Load-test a running (or spawned) instance.", no_args_is_help=True,
+                        rich_markup_mode=None)
 
 Url = Annotated[Optional[str], typer.Option(help="Service URL (default: the instance's).")]
-Instance = Annotated[str, typer.Option("--instance", "-i", help="Instance to load.")]
+Instance = Annotated[Optional[str], typer.Option("--instance", "-i",
+                                                 help="Instance to load (default: default).")]
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", help="TOML config file: the instance to load, its token; with --spawn, the "
+                     "settings of the spawned instance.")]
+Token = Annotated[Optional[str], typer.Option(
+    help="Bearer token (default: auth_token from --config or SHMMEL_AUTH_TOKEN).")]
 Spawn = Annotated[bool, typer.Option(help="Start a fresh instance (port 0) and stop it after.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-w", help="--spawn: compute workers.")]
 HttpWorkers = Annotated[Optional[int], typer.Option(help="--spawn: gunicorn processes (and the "
@@ -46,21 +51,43 @@ Plot = Annotated[Optional[Path], typer.Option(help="Write a percentile plot (PNG
 LogDir = Annotated[Optional[Path], typer.Option(help="--spawn: directory for instance logs.")]
 
 
-def fail(exc: BaseException) -> typer.Exit:
-    err.print(f"[red]\\[error][/red] {escape(str(exc))}", highlight=False)
-    return typer.Exit(1)
-
-
-def _source(url: str | None, instance: str, spawn: bool, sweep: str | None,
+def _source(url: str | None, instance: str | None, spawn: bool, sweep: str | None,
             flags: dict[str, Any], log_dir: Path | None, http_workers: int | None,
-            http_threads: int | None) -> lb.Source:
+            http_threads: int | None, config: Path | None = None,
+            token: str | None = None) -> lb.Source:
     flags = {k: v for k, v in flags.items() if v is not None}
     spawning = spawn or sweep is not None
     if spawning and url:
         raise fail(ValueError("--url and --spawn/--sweep exclude each other"))
-    return lb.Source(url=url, instance=instance, spawn=flags if spawning else None,
+    try:
+        c = cfg.resolve({"instance": instance}, config)
+    except ShmmelError as exc:
+        raise fail(exc) from None
+    if spawning and token:
+        flags["auth_token"] = token  # the spawned instance gets it through its pipe
+    return lb.Source(url=url, instance=c.instance, spawn=flags if spawning else None,
                      log_dir=str(log_dir) if log_dir else None, http_workers=http_workers,
-                     http_threads=http_threads or 16)
+                     http_threads=http_threads or 16,
+                     config_file=str(config) if config else None,
+                     token=token or c.auth_token)
+
+
+def _mostly_errors(errors: dict[str, int], answers: int) -> str | None:
+    """A run whose answers are mostly errors measured the errors, not the service: the
+    message that replaces its throughput, or None. ``answers`` counts errors too."""
+    n = sum(errors.values())
+    if not n or n * 2 < answers:
+        return None
+    hint = "; pass --token or set SHMMEL_AUTH_TOKEN" if any("401" in k for k in errors) else ""
+    return (f"{n:,} of {max(n, answers):,} answers were errors ({errors}): no throughput to "
+            f"report{hint}")
+
+
+def _refuse_errors(bad: str | None, data: dict[str, Any], as_json: bool) -> None:
+    if bad:
+        if as_json:
+            print(json.dumps(data, indent=2, default=str))
+        raise fail(bad)
 
 
 def _emit(outcome: lb.Outcome, title: str, as_json: bool, save: Path | None,
@@ -76,16 +103,16 @@ def _emit(outcome: lb.Outcome, title: str, as_json: bool, save: Path | None,
     if plot:
         msg = report.write_plot(plot, outcome.hists, title)
         if msg:
-            err.print(f"[yellow]{msg}[/yellow]")
+            err.print(msg, style="yellow")
     if as_json:
         print(text)
         return
     d = outcome.data
     t = d["target"]
-    out.print(f"[bold]{title}[/bold] against {t['url']} (instance {t['instance'] or '-'}, "
+    out.print(f"{title} against {t['url']} (instance {t['instance'] or '-'}, "
               f"workers {t['workers'] or '?'} {t['worker_kind'] or ''}, "
               f"{t['http_workers']} HTTP processes x {t['http_threads']} threads)",
-              highlight=False)
+              style="bold")
     out.print(report.latency_table("latency", latency_rows))
     out.print(report.checks_table("targets", outcome.checks))
     if "vs_baseline" in d:
@@ -106,7 +133,8 @@ def _sweep_table(rows: list[dict]) -> Table:
 
 @bench_app.command("text")
 def bench_text(
-    url: Url = None, instance: Instance = "default", spawn: Spawn = False,
+    url: Url = None, instance: Instance = None, config: ConfigFile = None,
+    token: Token = None, spawn: Spawn = False,
     workers: Workers = None, http_workers: HttpWorkers = None, http_threads: Threads = None,
     worker_kind: Kind = None,
     connections: Annotated[int, typer.Option("--connections", "-c",
@@ -132,7 +160,7 @@ def bench_text(
                         timing_fraction=timing_fraction)
         src = _source(url, instance, spawn, sweep, dict(
             workers=workers, http_workers=http_workers, http_threads=http_threads,
-            worker_kind=worker_kind), log_dir, http_workers, http_threads)
+            worker_kind=worker_kind), log_dir, http_workers, http_threads, config, token)
         if sweep:
             name, values = lb.parse_sweep(sweep)
             rows = lb.sweep("text", src, name, values, load, console=err)
@@ -142,6 +170,7 @@ def bench_text(
     except (ShmmelError, LoadError, ValueError, OSError) as exc:
         raise fail(exc) from None
     d = outcome.data
+    _refuse_errors(_mostly_errors(d["shmmel"]["errors"], d["shmmel"]["requests"]), d, as_json)
     rows = {"shmmel": d["shmmel"]["latency_ms"]}
     if load.mode == "open":
         rows["shmmel (uncorrected)"] = d["shmmel"]["uncorrected_ms"]
@@ -156,12 +185,12 @@ def bench_text(
         if "baseline" in d:
             line += f"; bare stack {d['baseline']['throughput']['mean']:,.0f} req/s"
         errors = d["shmmel"]["errors"]
-        out.print(line + (f"; errors {errors}" if errors else "; no errors"), highlight=False)
+        out.print(line + (f"; errors {errors}" if errors else "; no errors"))
         if "burst" in d["shmmel"]:
             b = d["shmmel"]["burst"]
             out.print(f"burst: {b['answered']:,}/{b['requests']:,} answered, all within "
                       f"{report._fmt(b['all_answered_in_ms'])} ms, errors {b['errors'] or 0}",
-                      highlight=False)
+                      )
 
 
 def _print_rows(rows: list[dict], as_json: bool, save: Path | None) -> None:
@@ -176,7 +205,8 @@ def _print_rows(rows: list[dict], as_json: bool, save: Path | None) -> None:
 
 @bench_app.command("audio")
 def bench_audio(
-    url: Url = None, instance: Instance = "default", spawn: Spawn = False,
+    url: Url = None, instance: Instance = None, config: ConfigFile = None,
+    token: Token = None, spawn: Spawn = False,
     workers: Workers = None, http_workers: HttpWorkers = None, http_threads: Threads = None,
     worker_kind: Kind = None,
     streams: Annotated[int, typer.Option("--streams", "-s", help="Concurrent streams "
@@ -210,7 +240,7 @@ def bench_audio(
                           _source(url, instance, spawn, None, dict(
                               workers=workers, http_workers=http_workers,
                               http_threads=http_threads, worker_kind=worker_kind),
-                              log_dir, http_workers, http_threads),
+                              log_dir, http_workers, http_threads, config, token),
                           as_json, save, hgrm, plot)
         return
     if file is not None:
@@ -228,7 +258,7 @@ def bench_audio(
                          signal=signal, verify=verify, phases=chosen)
         src = _source(url, instance, spawn, sweep, dict(
             workers=workers, http_workers=http_workers, http_threads=http_threads,
-            worker_kind=worker_kind), log_dir, http_workers, http_threads)
+            worker_kind=worker_kind), log_dir, http_workers, http_threads, config, token)
         gpu = None if gpu_index < 0 else gpu_index
         if sweep:
             name, values = lb.parse_sweep(sweep)
@@ -239,6 +269,14 @@ def bench_audio(
     except (ShmmelError, LoadError, ValueError, OSError) as exc:
         raise fail(exc) from None
     d = outcome.data
+    errors: dict[str, int] = {}
+    ok = 0
+    for phase in ("chunks", "files"):
+        if phase in d["shmmel"]:
+            ok += d["shmmel"][phase][phase]
+            for k, v in d["shmmel"][phase]["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+    _refuse_errors(_mostly_errors(errors, ok + sum(errors.values())), d, as_json)
     rows: dict[str, dict] = {}
     for who in ("shmmel", "baseline"):
         if who not in d:
@@ -258,7 +296,7 @@ def bench_audio(
                 g = s[phase]["gpu"]
                 out.print(f"GPU during {phase}: {g['name']}, utilisation mean "
                           f"{g['util_mean_pct']} % (max {g['util_max_pct']} %), memory max "
-                          f"{g['mem_max_mib']} MiB", highlight=False)
+                          f"{g['mem_max_mib']} MiB")
 
 
 def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save: Path | None,
@@ -268,6 +306,8 @@ def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save:
     except (ShmmelError, LoadError, ValueError, OSError) as exc:
         raise fail(exc) from None
     s = outcome.data["shmmel"]
+    _refuse_errors(_mostly_errors(s["errors"], s["windows"] + s["error_count"]), outcome.data,
+                   as_json)
     _emit(outcome, "shmmel bench audio --transcribe", as_json, save, hgrm, plot,
           {"per window": s["latency_ms"]})
     if not as_json:
@@ -276,7 +316,7 @@ def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save:
                   f"over {tp['intervals']} s; mean batch {report._fmt(b['mean'])} (max "
                   f"{report._fmt(b['max'])}); mean tokens a window {report._fmt(tok['mean'])}"
                   + (f"; errors {s['errors']}" if s["errors"] else "; no errors"),
-                  highlight=False)
+                  )
 
 
 def gen_audio(
@@ -298,4 +338,4 @@ def gen_audio(
     except (ValueError, OSError) as exc:
         raise fail(exc) from None
     out.print(f"{output}: {kind}, {duration:g} s at 16 kHz, {fmt}, {size:,} bytes",
-              highlight=False)
+              )

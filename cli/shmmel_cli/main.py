@@ -1,41 +1,43 @@
 """The `shmmel` command: thin typer commands over the library, rendered with rich.
 
 Each command builds the config, calls one library function, and renders the result. Library
-errors (ShmmelError) become `[error] ...` on stderr and exit code 1.
+errors (ShmmelError) become one `[error] ...` line on stderr and exit code 1. The consoles
+never read markup: a message's brackets (`[shmmel]`, `'shmmel[whisper]'`) print as written.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from shmmel import config as cfg
 from shmmel import daemon
 from shmmel.errors import ShmmelError
 
 from .bench import bench_app, gen_audio
+from .render import err, fail, note, out, status_table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
                   help="shmmel: Whisper log-mel spectrograms over HTTP, on the GPU.")
-config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True,
+                         rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 app.command("gen-audio")(gen_audio)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 Instance = Annotated[Optional[str], typer.Option("--instance", "-i", help="Instance name.")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file.")]
-
-
-def fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red][error][/red] {exc}", highlight=False)
-    return typer.Exit(1)
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="TOML config file (default: SHMMEL_CONFIG).")]
+Token = Annotated[Optional[str], typer.Option(
+    help="Bearer token of an instance with auth_token set (default: auth_token from "
+         "--config or SHMMEL_AUTH_TOKEN; a flag is visible to other local users).")]
 
 
 def resolve(config_file: Path | None = None, **flags: Any) -> cfg.Config:
@@ -43,6 +45,24 @@ def resolve(config_file: Path | None = None, **flags: Any) -> cfg.Config:
         return cfg.resolve(flags, config_file)
     except ShmmelError as exc:
         raise fail(exc) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            v = version("shmmel")
+        except PackageNotFoundError:
+            v = "unknown"
+        out.print(f"shmmel {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    """shmmel: Whisper log-mel spectrograms over HTTP, on the GPU."""
 
 
 @app.command()
@@ -60,6 +80,7 @@ def up(
     """Start an instance: shared memory, workers, HTTP server."""
     c = resolve(config, host=host, port=port, workers=workers, http_workers=http_workers,
                 worker_kind=worker_kind, instance=instance)
+    off = daemon.whisper_off_reason(c)
     try:
         if foreground:
             daemon.setup_logging(c.log_level)
@@ -68,60 +89,63 @@ def up(
     except ShmmelError as exc:
         raise fail(exc) from None
     if started.cleared:
-        err.print(f"[yellow]cleared stale shared memory[/yellow] of instance {c.instance} "
-                  f"(a previous run died): {len(started.cleared)} entries", highlight=False)
-    out.print(f"shmmel [bold]{c.instance}[/bold] up at [link]{started.url}[/link]  "
-              f"supervisor pid {started.pid}, gunicorn pid {started.gunicorn_pid}, "
-              f"workers {', '.join(map(str, started.workers))}\nlog: {started.log_file}",
-              highlight=False)
+        note(daemon.cleared_message(c.instance, started.cleared))
+    out.print(f"shmmel {c.instance} up at {started.url}  supervisor pid {started.pid}, "
+              f"gunicorn pid {started.gunicorn_pid}, workers "
+              f"{', '.join(map(str, started.workers))}\nlog: {started.log_file}")
+    if off:
+        note(f"whisper workers off ({off}): /audio/transcribe answers 501")
 
 
 @app.command()
 def down(
     instance: Instance = None,
+    config: ConfigFile = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a graceful stop.")] = 30.0,
 ) -> None:
     """Stop an instance gracefully: finish in-flight requests, reap, unlink."""
-    c = resolve(instance=instance)
+    c = resolve(config, instance=instance)
     try:
         pid = daemon.stop(c.instance, timeout)
     except ShmmelError as exc:
         raise fail(exc) from None
-    out.print(f"shmmel {c.instance} stopped (supervisor pid {pid})", highlight=False)
+    out.print(f"shmmel {c.instance} stopped (supervisor pid {pid})")
 
 
 @app.command()
 def status(
     instance: Instance = None,
+    config: ConfigFile = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every worker column (over 80 "
+                                                      "columns).")] = False,
+    ready: Annotated[bool, typer.Option("--ready", help="Only ask /readyz: exit 0 when the "
+                                                        "instance serves (health checks).")] = False,
 ) -> None:
-    """Show the supervisor, workers, HTTP processes, slots and streams."""
-    c = resolve(instance=instance)
+    """Show the supervisor, workers, HTTP processes, slots and streams.
+    Exits 1 when the instance is not running or is dead."""
+    c = resolve(config, instance=instance)
     try:
+        if ready:
+            ok, said = daemon.readiness(c.instance)
+            if not ok:
+                raise fail(f"{c.instance} is not ready: {said}")
+            out.print(f"{c.instance} ready: {said}")
+            return
         info = daemon.status(c.instance)
     except ShmmelError as exc:
         raise fail(exc) from None
+    dead = info["state"] == "dead"
     if as_json:
         print(json.dumps(info, indent=2))
-        return
-    out.print(f"[bold]{info['instance']}[/bold] {info['state']} at {info['url']}  "
-              f"supervisor {info['pid']}  gunicorn {info['gunicorn_pid']}  "
-              f"up {info['uptime_s']:.0f} s", highlight=False)
-    t = Table("#", "pid", "kind", "state", "gen", "beat", "served", "err", "queue", "streams",
-              "restarts", title="workers")
-    for w in info["workers"]:
-        t.add_row(str(w["index"]), str(w["pid"]), w["kind"], w["state"], str(w["generation"]),
-                  f"{w['heartbeat_age_s'] * 1000:.0f} ms", str(w["served"]), str(w["errors"]),
-                  str(w["queue_depth"]), str(w["streams"]), str(w["restarts"]))
-    out.print(t)
-    h = Table("http pid", "requests", "age", title="HTTP processes")
-    for p in info["http"]:
-        h.add_row(str(p["pid"]), str(p["requests"]), f"{p['age_s']:.0f} s")
-    out.print(h)
-    s = info["slots"]
-    out.print(f"slots: {s['free']}/{s['total']} free, {s['parked']} parked, {s['queued']} queued, {s['working']} "
-              f"working, {s['orphaned']} orphaned ({s['bytes'] // 1024} KiB each); streams: "
-              f"{info['streams']['open']}/{info['streams']['max']} open", highlight=False)
+    elif dead:
+        out.print(f"{info['instance']} dead ({daemon.DEAD_HINT}); supervisor pid {info['pid']} "
+                  "is gone")
+    else:
+        for part in status_table(info, wide):
+            out.print(part)
+    if dead:
+        raise typer.Exit(1)
 
 
 @app.command("mel")
@@ -132,28 +156,46 @@ def mel_cmd(
     windows: Annotated[bool, typer.Option(help="Whisper's 30 s windows of 3000 frames.")] = False,
     url: Annotated[Optional[str], typer.Option(help="Service URL (default: the instance's).")] = None,
     instance: Instance = None,
+    config: ConfigFile = None,
+    token: Token = None,
 ) -> None:
     """Compute FILE's log-mel spectrogram through a running instance; save it as .npy."""
     import numpy as np
 
-    from shmmel.client import ClientError, MelClient
+    from shmmel.client import MelClient
 
-    c = resolve(instance=instance)
+    c = resolve(config, instance=instance)
     try:
-        target = url or daemon.status(c.instance)["url"]
-        spec = MelClient(target).mel(file, n_mels=n_mels, windows=windows)
-    except (ShmmelError, ClientError, OSError) as exc:
+        check_output(output)
+        target = url or daemon.running_url(c.instance)
+        spec = MelClient(target, token=token or c.auth_token).mel(file, n_mels=n_mels,
+                                                                   windows=windows)
+        np.save(output, spec)
+    except (ShmmelError, OSError, ValueError) as exc:
         raise fail(exc) from None
-    np.save(output, spec)
-    out.print(f"{file} -> {output}: shape {tuple(spec.shape)}", highlight=False)
+    out.print(f"{file} -> {output}: shape {tuple(spec.shape)}")
+
+
+def check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output directory {parent} is not writable")
 
 
 @config_app.command("show")
 def config_show(
     config: ConfigFile = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output: "
+                                                         "{values, sources}.")] = False,
 ) -> None:
     """Print the resolved configuration and where each value came from."""
+    from rich.table import Table
+
     c = resolve(config)
     data = json.loads(c.to_json())
     sources = data.pop("sources")
@@ -169,7 +211,14 @@ def config_show(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, not a traceback
+        if os.environ.get("SHMMEL_DEBUG"):
+            raise
+        err.print(f"[error] unexpected {type(exc).__name__}: {exc} (SHMMEL_DEBUG=1 shows "
+                  "the traceback)", style="red")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from .metrics import HttpMetrics, MetricsResource
 from .openapi import OpenAPIResource
 from .shm import Shm
 from .whisper.http import add_routes as add_whisper_routes
+from .whisper.openai import add_routes as add_openai_routes
+from .whisper.openai import openai_errors
 
 log = logging.getLogger("shmmel.http")
 
@@ -36,8 +38,10 @@ def error_serializer(req: falcon.Request, resp: falcon.Response, exc: falcon.HTT
             detail = f"{req.method} is not allowed on {req.path}"
         else:
             detail = exc.title
+    # "error" is always the status phrase ("Method Not Allowed"), whatever title was given
+    phrase = falcon.code_to_http_status(exc.status_code).split(" ", 1)[-1]
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = json.dumps({"error": exc.title, "detail": detail}).encode()
+    resp.data = json.dumps({"error": phrase, "detail": detail}).encode()
 
 
 def _unavailable(req: Any, resp: Any, exc: ServiceUnavailable, params: Any) -> None:
@@ -138,7 +142,7 @@ class ReadyResource:
         if ready == 0 or self.shm.header["state"] != L.INST_RUNNING:
             resp.status = falcon.HTTP_503
             resp.append_header("Retry-After", "1")
-            body["error"], body["detail"] = "Not Ready", "no worker is ready"
+            body["error"], body["detail"] = "Service Unavailable", "no worker is ready"
         resp.media = body
 
 
@@ -167,7 +171,7 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
         middleware.append(BearerAuth(config.auth_token))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
-    app.set_error_serializer(error_serializer)
+    app.set_error_serializer(openai_errors(error_serializer))  # OpenAI's shape under /v1/
     app.add_error_handler(Exception, _internal)
     app.add_error_handler(ServiceUnavailable, _unavailable)
     app.add_error_handler(BlockingIOError, _client_stalled)
@@ -181,4 +185,5 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/openapi.json", OpenAPIResource())
     table = add_audio_routes(app, config, producer)
     add_whisper_routes(app, config, producer, table)
+    add_openai_routes(app, config, producer, table)
     return app

@@ -46,7 +46,8 @@ def _int_param(req: falcon.Request, name: str, default: int, lo: int, hi: int) -
 
 
 def audio_params(req: falcon.Request) -> tuple[int, int, bool]:
-    n_mels = _int_param(req, "n_mels", 80, 80, 128)
+    raw_mels = (req.get_param("n_mels") or "80").strip()
+    n_mels = int(raw_mels) if raw_mels.isdigit() else 0  # one message for every bad value
     if n_mels not in (80, 128):
         raise falcon.HTTPBadRequest(title="Bad Request", description="n_mels must be 80 or 128")
     padding = _int_param(req, "padding", 0, 0, 2 * N_SAMPLES)

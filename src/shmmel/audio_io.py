@@ -17,10 +17,13 @@ common little-endian reading, which is what every Whisper client sends.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from . import layout as L
 
@@ -45,10 +48,13 @@ class Media:
     fmt: int        # L.FMT_S16LE or L.FMT_F32LE (for wav: known after the header)
 
 
+ACCEPTED = ("audio/wav, audio/L16;rate=16000, application/octet-stream or "
+            "audio/x-f32le;rate=16000")
+
+
 def parse_media(content_type: str | None) -> Media:
     if not content_type:
-        raise UnsupportedMedia("Content-Type is required (audio/wav, audio/L16;rate=16000, "
-                               "application/octet-stream or audio/x-f32le;rate=16000)")
+        raise UnsupportedMedia(f"Content-Type is required: {ACCEPTED}")
     main, *params = [p.strip() for p in content_type.split(";")]
     main = main.lower()
     opts = {}
@@ -60,12 +66,15 @@ def parse_media(content_type: str | None) -> Media:
     if main in S16_TYPES or main in F32_TYPES:
         rate = opts.get("rate", str(SAMPLE_RATE))
         channels = opts.get("channels", "1")
+        problems = []
         if rate != str(SAMPLE_RATE):
-            raise UnsupportedMedia(f"sample rate {rate} is not supported: send 16000 Hz audio")
+            problems.append(f"sample rate {rate} is not supported")
         if channels != "1":
-            raise UnsupportedMedia(f"{channels} channels are not supported: send mono audio")
+            problems.append(f"{channels} channels are not supported")
+        if problems:
+            raise UnsupportedMedia(f"{' and '.join(problems)}: send 16000 Hz mono audio")
         return Media("raw", L.FMT_F32LE if main in F32_TYPES else L.FMT_S16LE)
-    raise UnsupportedMedia(f"unsupported Content-Type {main!r}")
+    raise UnsupportedMedia(f"unsupported Content-Type {main!r}: send {ACCEPTED}")
 
 
 @dataclass(frozen=True)
@@ -109,18 +118,36 @@ def read_wav_header(read: Callable[[int], bytes], limit: int = 1 << 20) -> WavIn
             tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", buf, pos)
             if tag == WAVE_FORMAT_EXTENSIBLE and size >= 40:
                 tag = struct.unpack_from("<H", buf, pos + 24)[0]
+            problems = []  # every problem at once, so one round trip fixes the file
             if channels != 1:
-                raise BadAudio(f"WAV has {channels} channels: send mono audio")
+                problems.append(f"{channels} channels (send mono)")
             if rate != SAMPLE_RATE:
-                raise BadAudio(f"WAV sample rate is {rate} Hz: send 16000 Hz audio")
+                problems.append(f"a sample rate of {rate} Hz (send 16000 Hz)")
             if tag == WAVE_FORMAT_PCM and bits == 16:
                 fmt = L.FMT_S16LE
             elif tag == WAVE_FORMAT_FLOAT and bits == 32:
                 fmt = L.FMT_F32LE
             else:
-                raise BadAudio(f"WAV encoding (format {tag}, {bits} bits) is not supported: "
-                               "send 16-bit PCM or 32-bit float")
+                problems.append(f"encoding format {tag} with {bits} bits (send 16-bit PCM or "
+                                "32-bit float)")
+            if problems:
+                raise BadAudio(f"WAV has {' and '.join(problems)}")
         pos += size + (size & 1)
+
+
+def load_wav(path: str | os.PathLike[str]) -> np.ndarray:
+    """The samples of a 16 kHz mono WAV file (16-bit PCM as int16, 32-bit float as float32),
+    ready for :func:`shmmel.mel.log_mel_spectrogram`. Raises BadAudio (every problem of the
+    header named at once) or OSError."""
+    with open(path, "rb") as fh:
+        info = read_wav_header(fh.read)
+        data = info.rest + fh.read() if info.data_bytes is None else \
+            (info.rest + fh.read(max(0, info.data_bytes - len(info.rest))))[: info.data_bytes]
+    dtype = np.dtype("<f4") if info.fmt == L.FMT_F32LE else np.dtype("<i2")
+    if info.data_bytes is not None and len(data) < info.data_bytes:
+        raise BadAudio(f"{path}: WAV data ends after {len(data)} of {info.data_bytes} bytes")
+    usable = len(data) - len(data) % dtype.itemsize
+    return np.frombuffer(data[:usable], dtype).astype(dtype.newbyteorder("="))
 
 
 class BodyReader:

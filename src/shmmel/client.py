@@ -1,19 +1,22 @@
 """A small Python client for shmmel's audio API (stdlib only, plus NumPy).
 
     from shmmel.client import MelClient
-    client = MelClient("http://127.0.0.1:8000")
+    client = MelClient("http://127.0.0.1:8000")   # token: SHMMEL_AUTH_TOKEN, or token=...
     for batch in client.stream(audio):          # full duplex: frames while uploading
         ...                                     # batch.mel is provisional (see docs/MEL.md)
     spec = client.mel("speech.wav")             # (80, T) float32, exactly Whisper's values
 
 ``stream`` sends the body with chunked transfer encoding from a thread while it reads the
-NDJSON response, so batches arrive while the upload is still running.
+NDJSON response, so batches arrive while the upload is still running. A problem on the
+client's side (a missing file, a directory, an unreadable piece) is raised at once, as itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -24,10 +27,15 @@ from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 
+from .errors import ShmmelError
 from .mel import final_floor
 
+TOKEN_ENV = "SHMMEL_AUTH_TOKEN"
 
-class ClientError(Exception):
+
+class ClientError(ShmmelError):
+    """The service answered with an error (``status``, and its JSON ``body``)."""
+
     def __init__(self, status: int, body: dict) -> None:
         super().__init__(f"HTTP {status}: {body.get('error')}: {body.get('detail')}")
         self.status, self.body = status, body
@@ -49,11 +57,11 @@ def _pieces(audio: np.ndarray | str | Path | bytes, chunk_s: float
             ) -> tuple[str, Iterable[bytes], float]:
     """(content type, body pieces, seconds of audio per piece)."""
     if isinstance(audio, (str, Path)):
-        path = Path(audio)
+        fh = Path(audio).open("rb")  # here, not in the sender: a missing file fails at once
         size = 32000 * chunk_s
 
         def read() -> Iterator[bytes]:
-            with path.open("rb") as fh:
+            with fh:
                 while piece := fh.read(max(1, int(size))):
                     yield piece
 
@@ -72,10 +80,15 @@ def _pieces(audio: np.ndarray | str | Path | bytes, chunk_s: float
 
 
 class MelClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0) -> None:
+    """``token``: the instance's ``auth_token`` (sent as ``Authorization: Bearer``); None
+    takes ``SHMMEL_AUTH_TOKEN`` from the environment, "" sends none."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0,
+                 token: str | None = None) -> None:
         u = urlsplit(url)
         self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
         self.timeout = timeout
+        self.token = os.environ.get(TOKEN_ENV, "") if token is None else token
 
     def stream(self, audio: np.ndarray | str | Path | bytes, *, n_mels: int = 80,
                padding: int = 0, windows: bool = False, chunk_s: float = 1.0,
@@ -84,43 +97,69 @@ class MelClient:
         ctype, pieces, per_piece = _pieces(audio, chunk_s)
         query = urlencode({"n_mels": n_mels, "padding": padding, "format": "ndjson",
                            "windows": str(windows).lower()})
+        auth = f"Authorization: Bearer {self.token}\r\n" if self.token else ""
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         head = (f"POST /audio/stream?{query} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n"
+                f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n{auth}"
                 f"Accept: application/x-ndjson\r\nConnection: close\r\n\r\n").encode()
         sock.sendall(head)
+        failure: list[BaseException] = []  # what went wrong reading the input, if anything
 
         def send() -> None:
             t0 = time.monotonic()
-            try:
-                for i, piece in enumerate(pieces):
-                    if realtime:
-                        time.sleep(max(0.0, t0 + i * per_piece - time.monotonic()))
+            it = iter(pieces)
+            i = 0
+            while True:
+                try:
+                    piece = next(it)
+                except StopIteration:
+                    break
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    failure.append(exc)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes the reader at once
+                    return
+                if realtime:
+                    time.sleep(max(0.0, t0 + i * per_piece - time.monotonic()))
+                i += 1
+                try:
                     if piece:
                         sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                except OSError:
+                    return  # the server answered early (an error) and closed
+            with contextlib.suppress(OSError):
                 sock.sendall(b"0\r\n\r\n")
-            except OSError:
-                pass  # the server answered early (an error) and closed
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         resp = http.client.HTTPResponse(sock, method="POST")
         try:
-            resp.begin()
-            if resp.status != 200:
-                raise ClientError(resp.status, json.loads(resp.read() or b"{}"))
-            for line in iter(resp.readline, b""):
-                rec = json.loads(line)
-                if "error" in rec:
-                    raise ClientError(400, rec)
-                yield Batch(rec["window"], rec["offset"],
-                            np.asarray(rec["mel"], np.float32).reshape(rec["frames"], n_mels),
-                            rec["running_max"], rec.get("final", False), rec.get("final_max"),
-                            rec.get("floor"), rec.get("reason"))
+            yield from self._read(resp, n_mels)
+        except (OSError, ValueError, http.client.HTTPException):
+            sender.join(1)
+            if failure:  # the input broke first: say so, not what it did to the connection
+                raise failure[0] from None
+            raise
         finally:
             resp.close()
             sock.close()
             sender.join(5)
+        if failure:
+            raise failure[0]
+
+    @staticmethod
+    def _read(resp: http.client.HTTPResponse, n_mels: int) -> Iterator[Batch]:
+        resp.begin()
+        if resp.status != 200:
+            raise ClientError(resp.status, json.loads(resp.read() or b"{}"))
+        for line in iter(resp.readline, b""):
+            rec = json.loads(line)
+            if "error" in rec:
+                raise ClientError(400, rec)
+            yield Batch(rec["window"], rec["offset"],
+                        np.asarray(rec["mel"], np.float32).reshape(rec["frames"], n_mels),
+                        rec["running_max"], rec.get("final", False), rec.get("final_max"),
+                        rec.get("floor"), rec.get("reason"))
 
     def mel(self, audio: np.ndarray | str | Path | bytes, *, n_mels: int = 80,
             padding: int = 0, windows: bool = False, chunk_s: float = 1.0) -> np.ndarray:

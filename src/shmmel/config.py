@@ -45,6 +45,10 @@ class Config:
     worker_spin_us: int = 0
     heartbeat_interval: float = 0.2
     heartbeat_timeout: float = 30.0
+    stall_timeout: float = 2.0        # no heartbeat for this long: no new work, queued work 503/re-routed
+    respawn_backoff_max: float = 30.0  # cap of the exponential respawn delay of a crash-looping worker
+    header_timeout: float = 10.0      # a request's headers must arrive whole within this
+    min_body_rate: int = 1024         # bytes/s a Content-Length body must keep up (0: off)
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "
@@ -95,10 +99,23 @@ class Config:
 _SETTINGS = {f.name: f for f in fields(Config) if f.name != "sources"}
 
 
+def describe_source(name: str, source: str) -> str:
+    """Where a value came from, in words: "command line", "environment SHMMEL_PORT", ..."""
+    if source == "flag":
+        return "command line"
+    if source == "env":
+        return f"environment {ENV_PREFIX}{name.upper()}"
+    if source.startswith("file:"):
+        return f"file {source[5:]}"
+    return source
+
+
 def _validate(c: Config) -> None:
     def need(cond: bool, name: str, what: str) -> None:
         if not cond:
-            raise ConfigError(f"invalid setting {name}={getattr(c, name)!r}: {what}")
+            origin = describe_source(name, c.sources.get(name, "default"))
+            raise ConfigError(f"invalid setting {name}={getattr(c, name)!r} (from {origin}): "
+                              f"{what}")
 
     need(bool(INSTANCE_RE.match(c.instance)), "instance", "use 1-40 of A-Z a-z 0-9 _ -")
     need(0 <= c.port <= 65535, "port", "must be 0..65535")
@@ -118,6 +135,11 @@ def _validate(c: Config) -> None:
     need(0.01 <= c.heartbeat_interval <= 5, "heartbeat_interval", "must be 0.01..5 seconds")
     need(c.heartbeat_timeout > 2 * c.heartbeat_interval, "heartbeat_timeout",
          "must exceed twice heartbeat_interval")
+    need(2 * c.heartbeat_interval < c.stall_timeout <= c.heartbeat_timeout, "stall_timeout",
+         "must exceed twice heartbeat_interval and be at most heartbeat_timeout")
+    need(0 <= c.respawn_backoff_max <= 3600, "respawn_backoff_max", "must be 0..3600 seconds")
+    need(0 < c.header_timeout <= 3600, "header_timeout", "must be 0..3600 seconds (not 0)")
+    need(0 <= c.min_body_rate <= 1 << 30, "min_body_rate", "must be 0..2^30 bytes/s")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
     need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")

@@ -61,7 +61,8 @@ def live_supervisor(instance: str) -> int:
 
 
 def clear_stale(instance: str) -> list[str]:
-    """Remove a dead instance's segments and semaphores; refuse to touch a live one."""
+    """Remove a dead instance's segments and semaphores; refuse to touch a live one.
+    Returns the names removed; the caller says so (once)."""
     names = instance_names(instance)
     if not names:
         return []
@@ -70,15 +71,31 @@ def clear_stale(instance: str) -> list[str]:
         raise InstanceError(f"instance {instance!r} is already running (supervisor pid {pid}); "
                             f"stop it with `shmmel down --instance {instance}`")
     unlink_instance(instance)
-    log.warning("cleared stale shared memory of instance %s: %s", instance, ", ".join(names))
+    log.debug("cleared stale shared memory of instance %s: %s", instance, ", ".join(names))
     return names
+
+
+def cleared_message(instance: str, names: list[str]) -> str:
+    return (f"cleared stale shared memory of instance {instance} (a previous run died): "
+            f"{len(names)} entries")
+
+
+def whisper_off_reason(config: Config) -> str | None:
+    """Why whisper workers that ``config`` asks for are not spawned (the extra is missing),
+    or None. What ``shmmel up`` prints; the supervisor logs the same."""
+    from .whisper import INSTALL_HINT, whisper_missing
+
+    missing = whisper_missing() if config.whisper_workers else None
+    return None if missing is None else f"{missing} is not installed; {INSTALL_HINT}"
 
 
 def run_foreground(config: Config) -> int:
     """Run the supervisor in this process until it is told to stop. Returns its exit code."""
     from .supervisor import Supervisor
 
-    clear_stale(config.instance)
+    cleared = clear_stale(config.instance)
+    if cleared:
+        log.warning("%s", cleared_message(config.instance, cleared))
     return Supervisor(config).run()
 
 
@@ -131,13 +148,11 @@ def start(config: Config, timeout: float | None = None) -> Started:
         with contextlib.suppress(InstanceError):  # segments may be half-made for a moment
             info = status(config.instance)
         if info and info["state"] == "running" and info["pid"] == proc.pid:
-            host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
-            host = "::1" if config.host == "::" else host
             with contextlib.suppress(OSError):
-                if _get(host, info["port"], "/readyz") == 200:
+                if _get(probe_host(config.host), info["port"], "/readyz") == 200:
                     return Started(proc.pid, info["url"], log_file,
-                                   [w["pid"] for w in info["workers"]], info["gunicorn_pid"],
-                                   cleared)
+                                   [w["pid"] for w in info["workers"] if w["pid"]],
+                                   info["gunicorn_pid"], cleared)
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
@@ -145,6 +160,25 @@ def start(config: Config, timeout: float | None = None) -> Started:
         proc.wait(config.shutdown_timeout + 10)
     raise BootError(f"the service did not become ready within the start timeout; "
                     f"last lines of {log_file}:\n{_tail(log_file)}")
+
+
+def probe_host(host: str) -> str:
+    """Where to connect to reach a server bound to ``host`` (a wildcard means loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
+
+
+def readiness(instance: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """Ask the running instance's ``/readyz`` (on the port it really listens on):
+    (ready, what it said). InstanceError if it is not running."""
+    running_url(instance)
+    info = status(instance)
+    try:
+        code = _get(probe_host(info["host"]), info["port"], "/readyz", timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{info['url']}/readyz: {exc}"
+    return code == 200, f"{info['url']}/readyz answered {code}"
 
 
 def stop(instance: str, timeout: float = 30.0) -> int:
@@ -168,13 +202,36 @@ def stop(instance: str, timeout: float = 30.0) -> int:
                         f"{timeout:.0f} s")
 
 
+DEAD_HINT = "stale shared memory; shmmel up or shmmel down clears it"
+
+
 def status(instance: str) -> dict[str, Any]:
-    """A snapshot of the control segment, as plain data (what `shmmel status --json` prints)."""
+    """A snapshot of the control segment, as plain data (what `shmmel status --json` prints).
+
+    ``state`` is ``dead`` when the segments outlive their supervisor (it was SIGKILLed):
+    whatever the segment says, nothing serves."""
     shm = Shm.attach(instance)
     try:
-        return snapshot(shm)
+        info = snapshot(shm)
     finally:
         shm.close()
+    pid = info["pid"]
+    if pid and not (pid_alive(pid) and _is_supervisor(pid)):
+        info["state"] = "dead"
+    return info
+
+
+def running_url(instance: str) -> str:
+    """The URL of a running instance; InstanceError (saying why) otherwise."""
+    try:
+        info = status(instance)
+    except InstanceError:
+        raise InstanceError(f"instance {instance!r} is not running (start it with `shmmel up"
+                            f"{'' if instance == 'default' else ' --instance ' + instance}`, "
+                            "or pass --url)") from None
+    if info["state"] == "dead":
+        raise InstanceError(f"instance {instance!r} is dead ({DEAD_HINT})")
+    return str(info["url"])
 
 
 def snapshot(shm: Shm) -> dict[str, Any]:
@@ -184,15 +241,31 @@ def snapshot(shm: Shm) -> dict[str, Any]:
     st = s["state"]
     depth = L.queue_depths(st, len(shm.workers))
     workers = []
+    off = None
     for k, w in enumerate(shm.workers):
+        state = L.W_STATES[int(w["state"])]
+        kind = L.W_KINDS[int(w["kind"])]
+        never = int(w["gen"]) == 0 and int(w["pid"]) == 0
+        if never and kind == "whisper" and h["state"] != L.INST_STARTING:
+            # a whisper row the supervisor did not spawn: the [whisper] extra is missing
+            from .whisper import INSTALL_HINT, whisper_missing
+
+            if off is None:
+                missing = whisper_missing()
+                off = f"{missing or 'the [whisper] extra'} is not installed; {INSTALL_HINT}"
+            state = "off"
         workers.append({
-            "index": k, "pid": int(w["pid"]), "kind": L.W_KINDS[int(w["kind"])],
-            "state": L.W_STATES[int(w["state"])], "generation": int(w["gen"]),
-            "device": int(w["device"]), "heartbeat_age_s": round(now - float(w["heartbeat"]), 3),
+            "index": k, "pid": int(w["pid"]), "kind": kind, "state": state,
+            "generation": int(w["gen"]), "device": int(w["device"]),
+            "heartbeat_age_s": None if never else round(now - float(w["heartbeat"]), 3),
+            **({"reason": off} if state == "off" else {}),
             "served": int(w["served"]), "errors": int(w["errors"]),
             "batches": int(w["batches"]),
             "queue_depth": int(depth[k]), "streams": int(w["streams"]),
             "restarts": int(w["restarts"]), "busy_s": round(float(w["busy_s"]), 3),
+            "recent_crashes": int(w["crashes"]),
+            "respawn_in_s": (round(max(0.0, float(w["respawn_at"]) - now), 1)
+                             if int(w["state"]) == L.W_BACKOFF else None),
         })
     http = [{"pid": int(r["pid"]), "requests": int(r["requests"]),
              "age_s": round(now - float(r["started"]), 1)}

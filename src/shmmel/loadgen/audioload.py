@@ -32,6 +32,7 @@ from rich.console import Console
 from . import signals
 from .hist import encode, merge, new_hist, record_s, summary_ms
 from .runner import run_processes
+from .text import auth_headers
 from .textload import host_port, split, throughput
 
 Pace = Literal["realtime", "fast"]
@@ -93,8 +94,9 @@ class _Stream(threading.Thread):
 
     def __init__(self, phase: str, k: int, load: AudioLoad, host: str, port: int,
                  audio: np.ndarray, t0: float, res: dict, lock: threading.Lock,
-                 verify: bool, progress) -> None:
+                 verify: bool, progress, token: str = "") -> None:
         super().__init__(daemon=True)
+        self.auth = auth_headers(token)
         self.phase, self.k, self.load, self.audio = phase, k, load, audio
         self.host, self.port, self.t0, self.res, self.lock = host, port, t0, res, lock
         self.verify, self.progress = verify, progress
@@ -112,7 +114,7 @@ class _Stream(threading.Thread):
 
     def request(self, conn: http.client.HTTPConnection, method: str, path: str,
                 body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
-        conn.request(method, path, body=body, headers=headers)
+        conn.request(method, path, body=body, headers={**headers, **self.auth})
         resp = conn.getresponse()
         return resp.status, resp.read()
 
@@ -251,7 +253,7 @@ class _Stream(threading.Thread):
 
 
 def _phase(url: str, load: AudioLoad, phase: str, label: str,
-           console: Console | None) -> dict:
+           console: Console | None, token: str = "") -> dict:
     host, port = host_port(url)
     procs = max(1, min(load.procs, load.streams))
     per = split(load.streams, procs)
@@ -266,7 +268,7 @@ def _phase(url: str, load: AudioLoad, phase: str, label: str,
                "chunk_bins": [], "audio_bins": [], "verify": []}
         lock = threading.Lock()
         threads = [_Stream(phase, k, load, host, port, audios[k], t0, res, lock,
-                           load.verify and j == 0, progress)
+                           load.verify and j == 0, progress, token)
                    for j, k in enumerate(range(firsts[i], firsts[i] + per[i]))]
         for t in threads:
             t.start()
@@ -316,7 +318,8 @@ def _phase(url: str, load: AudioLoad, phase: str, label: str,
 
 
 def run_audio(url: str, load: AudioLoad, *, label: str = "audio",
-              console: Console | None = None, gpu_index: int | None = None) -> dict:
+              console: Console | None = None, gpu_index: int | None = None,
+              token: str = "") -> dict:
     from .gpu import GpuSampler
 
     out: dict = {"load": {"url": url, "streams": load.streams, "pace": load.pace,
@@ -326,7 +329,7 @@ def run_audio(url: str, load: AudioLoad, *, label: str = "audio",
                           "signal": load.signal, "n_mels": load.n_mels}}
     for phase in load.phases:
         with GpuSampler(gpu_index) as gpu:
-            out[phase] = _phase(url, load, phase, label, console)
+            out[phase] = _phase(url, load, phase, label, console, token)
         if gpu.samples:
             out[phase]["gpu"] = gpu.summary()
     verify = [v for ph in load.phases for v in out[ph]["verify"]]

@@ -32,19 +32,25 @@ class Source:
     log_dir: str | None = None
     http_workers: int | None = None     # for the baseline when the target is a bare URL
     http_threads: int = 16
+    config_file: str | None = None      # spawn: settings of the spawned instance
+    token: str = field(default="", repr=False)  # auth_token of the url / instance
 
 
 @contextlib.contextmanager
 def open_target(src: Source, **overrides: Any) -> Iterator[targets.Target]:
     if src.url:
-        yield targets.Target(src.url, None, src.http_workers or 2, src.http_threads)
+        t = targets.Target(src.url, None, src.http_workers or 2, src.http_threads,
+                           token=src.token)
     elif src.spawn is not None:
-        with targets.spawned({**src.spawn, **overrides}, src.log_dir) as t:
+        with targets.spawned({**src.spawn, **overrides}, src.log_dir, src.config_file) as t:
             yield t
+        return
     else:
-        t = targets.describe(src.instance)
-        yield targets.Target(t.url, t.instance, src.http_workers or t.http_workers,
-                             src.http_threads, t.workers, t.worker_kind)
+        d = targets.describe(src.instance)
+        t = targets.Target(d.url, d.instance, src.http_workers or d.http_workers,
+                           src.http_threads, d.workers, d.worker_kind, token=src.token)
+    targets.check_reachable(t)
+    yield t
 
 
 def parse_sweep(spec: str) -> tuple[str, list[int]]:
@@ -87,16 +93,17 @@ def text_bench(src: Source, load: TextLoad, *, burst: int = 0, baseline: bool = 
                console: Console | None = None) -> Outcome:
     hists: dict[str, Any] = {}
     with open_target(src) as t:
-        ours = _strip(run_text(t.url, load, label="shmmel", console=console), hists, "shmmel")
+        ours = _strip(run_text(t.url, load, label="shmmel", console=console, token=t.token),
+                      hists, "shmmel")
         if burst:
-            ours["burst"] = run_burst(t.url, burst, load.procs, console=console)
-    data: dict[str, Any] = {"bench": "text", "host": host_info(), "target": asdict(t),
+            ours["burst"] = run_burst(t.url, burst, load.procs, console=console, token=t.token)
+    data: dict[str, Any] = {"bench": "text", "host": host_info(), "target": t.as_json(),
                             "shmmel": ours}
     if baseline:
         with targets.baseline(t.http_workers, t.http_threads) as b:
             bare = _strip(run_text(b.url, load, label="baseline", console=console), hists,
                           "baseline")
-        data["baseline"] = {"target": asdict(b), **bare}
+        data["baseline"] = {"target": b.as_json(), **bare}
         data["vs_baseline"] = {
             "throughput": report.ratio(ours["throughput"]["mean"], bare["throughput"]["mean"]),
             **{f"latency {p}": report.ratio(ours["latency_ms"].get(p), bare["latency_ms"].get(p))
@@ -111,15 +118,15 @@ def audio_bench(src: Source, load: AudioLoad, *, baseline: bool = False,
     hists: dict[str, Any] = {}
     with open_target(src) as t:
         ours = _strip(run_audio(t.url, load, label="shmmel", console=console,
-                                gpu_index=gpu_index), hists, "shmmel")
-    data: dict[str, Any] = {"bench": "audio", "host": host_info(), "target": asdict(t),
+                                gpu_index=gpu_index, token=t.token), hists, "shmmel")
+    data: dict[str, Any] = {"bench": "audio", "host": host_info(), "target": t.as_json(),
                             "shmmel": ours}
     if baseline:
         bare_load = AudioLoad(**{**asdict(load), "bare": True, "verify": False})
         with targets.baseline(t.http_workers, t.http_threads) as b:
             bare = _strip(run_audio(b.url, bare_load, label="baseline", console=console,
                                     gpu_index=None), hists, "baseline")
-        data["baseline"] = {"target": asdict(b), **bare}
+        data["baseline"] = {"target": b.as_json(), **bare}
         vs: dict[str, Any] = {}
         if "chunks" in ours:
             for p in ("p50", "p99"):
@@ -142,7 +149,8 @@ def sweep(kind: str, src: Source, name: str, values: list[int], load: TextLoad |
     rows = []
     base = src.spawn or {}
     for v in values:
-        point = Source(spawn={**base, name: v}, log_dir=src.log_dir)
+        point = Source(spawn={**base, name: v}, log_dir=src.log_dir,
+                       config_file=src.config_file)
         if kind == "text":
             r = text_bench(point, load, console=console).data["shmmel"]  # type: ignore[arg-type]
             rows.append({name: v, "req_per_s": r["throughput"]["mean"],

@@ -3,6 +3,8 @@
 Each process gets a 2-slot shared counter (answers, errors) that it overwrites as it goes;
 the parent sums them for the live display and never waits on a lock. Results come back
 through a queue as plain data (histograms encoded), read before the processes are joined.
+When the console is not a terminal (piped, CI) the display is a plain progress line every
+PIPED_EVERY seconds instead, so a long run shows it is alive.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from rich.live import Live
 from rich.text import Text
 
 
+PIPED_EVERY = 4.0  # seconds between progress lines when the console is not a terminal
+
+
 class LoadError(RuntimeError):
-    """A load process failed (its traceback is in the message)."""
+    """A load process failed (its last traceback line is in the message)."""
 
 
 def _child(target: Callable[[int, Any], dict], index: int, progress: Any, q: Any) -> None:
@@ -71,9 +76,14 @@ def run_processes(target: Callable[[int, Any], dict], procs: int, *, label: str,
                              (f"  errors {errors:,}", "red" if errors else "green"),
                              f"  [{len(results)}/{procs} done]")
 
+    piped = not console.is_terminal
+    printed = time.monotonic()
     try:
         with Live(view(), console=console, refresh_per_second=4, transient=True) as live:
             while len(results) < procs:
+                if piped and time.monotonic() - printed >= PIPED_EVERY:
+                    console.print(view())
+                    printed = time.monotonic()
                 try:
                     i, res, tb = q.get(timeout=0.25)
                 except queue.Empty:
@@ -86,7 +96,8 @@ def run_processes(target: Callable[[int, Any], dict], procs: int, *, label: str,
                     live.update(view())
                     continue
                 if tb is not None:
-                    raise LoadError(f"{label}: load process {i} failed:\n{tb}")
+                    last = (tb.strip().splitlines() or ["?"])[-1]
+                    raise LoadError(f"{label}: load process {i} failed: {last}")
                 results[i] = res
                 live.update(view())
     finally:

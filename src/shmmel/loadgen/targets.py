@@ -17,7 +17,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from urllib.parse import urlsplit
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import config as cfg
@@ -34,36 +35,54 @@ class Target:
     http_threads: int = 16
     workers: int | None = None
     worker_kind: str | None = None
+    token: str = field(default="", repr=False)  # sent as a bearer token; never in reports
 
-
-def instance_url(instance: str) -> str:
-    return str(daemon.status(instance)["url"])
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "token"}
 
 
 def describe(instance: str) -> Target:
+    daemon.running_url(instance)  # not running, or dead: say so
     info = daemon.status(instance)
-    live = [w for w in info["workers"] if w["state"] != "empty"]
+    live = [w for w in info["workers"] if w["state"] not in ("empty", "off")]
     kinds = sorted({w["kind"] for w in live})
     return Target(str(info["url"]), instance, max(1, len(info["http"])), 16,
                   len(live), ",".join(kinds))
 
 
+def check_reachable(t: Target, timeout: float = 5.0) -> None:
+    """One GET /healthz before any load process starts: an unreachable URL is one clear
+    error, not a load process's traceback."""
+    host, port = daemon.probe_host(urlsplit(t.url).hostname or "127.0.0.1"), \
+        urlsplit(t.url).port or 80
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise ShmmelError(f"cannot reach {t.url}: {exc}") from None
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
-def spawned(flags: dict[str, Any], log_dir: str | None = None) -> Iterator[Target]:
-    """Start a fresh instance (``flags`` as for ``config.resolve``; port 0, unique name)."""
+def spawned(flags: dict[str, Any], log_dir: str | None = None,
+            config_file: str | None = None) -> Iterator[Target]:
+    """Start a fresh instance (``flags`` over ``config_file``, as for ``config.resolve``;
+    port 0, unique name)."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
     # no transcription worker unless asked for: a bench of text or mel load should not
     # load a Whisper model (nor wait for one)
     flags = {"whisper_workers": 0, **flags, "instance": name, "port": 0}
     if log_dir:
         flags["log_file"] = os.path.join(log_dir, f"shmmel-{name}.log")
-    c = cfg.resolve(flags)
+    c = cfg.resolve(flags, config_file)
     try:
         started = daemon.start(c)
         info = wait_all_workers(name, c.boot_timeout)
-        kinds = sorted({w["kind"] for w in info["workers"]})
+        kinds = sorted({w["kind"] for w in info["workers"] if w["state"] != "off"})
         yield Target(started.url, name, c.http_workers, c.http_threads, c.workers,
-                     ",".join(kinds))
+                     ",".join(kinds), token=c.auth_token)
     finally:
         stop_instance(name, c.shutdown_timeout + 20)
 
@@ -73,8 +92,8 @@ def wait_all_workers(name: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         info = daemon.status(name)
-        # "empty" rows are never spawned (whisper rows without the [whisper] extra)
-        if all(w["state"] in ("ready", "empty") for w in info["workers"]):
+        # "off" rows are never spawned (whisper rows without the [whisper] extra)
+        if all(w["state"] in ("ready", "off") for w in info["workers"]):
             return info
         if time.monotonic() > deadline:
             states = ", ".join(w["state"] for w in info["workers"])

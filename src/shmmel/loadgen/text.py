@@ -47,17 +47,23 @@ def message(size: int, rng: random.Random) -> str:
     return text + "x" * (size - len(text.encode()))
 
 
+def auth_headers(token: str) -> dict[str, str]:
+    """The header an instance with ``auth_token`` set wants (none for "")."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def build_requests(host: str, sizes: list[int], ops: list[str], seed: int = 0,
-                   count: int = 64, path: str = "/process") -> list[bytes]:
+                   count: int = 64, path: str = "/process", token: str = "") -> list[bytes]:
     """``count`` distinct request byte strings; sizes and ops drawn from the given lists."""
     rng = random.Random(seed)
+    auth = "".join(f"{k}: {v}\r\n" for k, v in auth_headers(token).items())
     out = []
     for i in range(count):
         size, op = sizes[i % len(sizes)], ops[rng.randrange(len(ops))]
         body = json.dumps({"message": message(size, rng), "op": op},
                           ensure_ascii=False).encode()
         out.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
-                   f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                   f"\r\n{auth}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     rng.shuffle(out)
     return out
 

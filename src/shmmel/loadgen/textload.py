@@ -77,11 +77,11 @@ def merge_results(parts: list[dict], duration: float) -> dict:
 
 
 def run_text(url: str, load: TextLoad, *, label: str = "text",
-             console: Console | None = None) -> dict:
+             console: Console | None = None, token: str = "") -> dict:
     """Run the text load against ``url``; the merged report (``_hist``: the HdrHistogram)."""
     host, port = host_port(url)
     requests = text.build_requests(f"{host}:{port}", list(load.sizes), list(load.ops),
-                                   load.seed)
+                                   load.seed, token=token)
     procs = max(1, min(load.procs, load.connections))
     conns = split(load.connections, procs)
     firsts = [sum(conns[:i]) for i in range(procs)]
@@ -106,11 +106,11 @@ def run_text(url: str, load: TextLoad, *, label: str = "text",
 
 
 def run_burst(url: str, n: int = 1000, procs: int = 1, timeout: float = 30.0,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, token: str = "") -> dict:
     """``n`` requests, one per connection, all sent at the same instant (connections opened
     beforehand): every one must be answered, with no error, within ``timeout``."""
     host, port = host_port(url)
-    requests = text.build_requests(f"{host}:{port}", [256], ["reverse"], 1)
+    requests = text.build_requests(f"{host}:{port}", [256], ["reverse"], 1, token=token)
     procs = max(1, min(procs, n))
     conns = split(n, procs)
     t0 = time.monotonic() + 1.0 + 0.003 * n

@@ -33,6 +33,7 @@ from .bench import Outcome, Source, host_info, open_target
 from .hist import encode, merge, new_hist, record_s, summary_ms
 from .report import Check, checks_json
 from .runner import run_processes
+from .text import auth_headers
 from .textload import host_port, throughput
 
 WINDOW_SECONDS = 30
@@ -79,13 +80,13 @@ def window_pcm(load: TranscribeLoad) -> bytes:
     return np.concatenate([pcm, np.zeros(N_SAMPLES - pcm.size, "<i2")]).astype("<i2").tobytes()
 
 
-def check_available(url: str, timeout: float = 30.0) -> None:
+def check_available(url: str, timeout: float = 30.0, token: str = "") -> None:
     """Raise TranscribeUnavailable if the instance answers 501 (it does before reading the
     body, so an empty request is enough)."""
     host, port = host_port(url)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("POST", PATH, b"", {"Content-Type": L16})
+        conn.request("POST", PATH, b"", {"Content-Type": L16, **auth_headers(token)})
         resp = conn.getresponse()
         body = resp.read()
     except (OSError, http.client.HTTPException) as exc:
@@ -119,8 +120,9 @@ def parse_windows(body: bytes) -> list[dict]:
 
 class _Client(threading.Thread):
     def __init__(self, host: str, port: int, body: bytes, load: TranscribeLoad, t0: float,
-                 res: dict, lock: threading.Lock, progress: Any) -> None:
+                 res: dict, lock: threading.Lock, progress: Any, token: str = "") -> None:
         super().__init__(daemon=True)
+        self.auth = auth_headers(token)
         self.host, self.port, self.body, self.load = host, port, body, load
         self.t0, self.res, self.lock, self.progress = t0, res, lock, progress
         self.start_at = t0 + load.warmup
@@ -137,7 +139,7 @@ class _Client(threading.Thread):
 
     def run(self) -> None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.load.timeout)
-        hdr = {"Content-Type": L16}
+        hdr = {"Content-Type": L16, **self.auth}
         time.sleep(max(0.0, self.t0 - time.monotonic()))
         try:
             while (sent := time.monotonic()) < self.end_at:
@@ -181,12 +183,12 @@ def _stats(values: list[int]) -> dict[str, float | int | None]:
 
 
 def run_transcribe(url: str, load: TranscribeLoad, *, label: str = "transcribe",
-                   console: Console | None = None) -> dict:
+                   console: Console | None = None, token: str = "") -> dict:
     """The load against ``url``; plain data plus the merged histogram under ``_hist``."""
     if load.streams < 1 or load.duration <= 0 or load.warmup < 0:
         raise ValueError("streams must be >= 1, duration > 0 and warmup >= 0")
     body = window_pcm(load)
-    check_available(url)
+    check_available(url, token=token)
     host, port = host_port(url)
     t0 = time.monotonic() + 0.3
 
@@ -194,7 +196,7 @@ def run_transcribe(url: str, load: TranscribeLoad, *, label: str = "transcribe",
         res: dict = {"hist": new_hist(), "errors": Counter(), "windows": 0, "batches": [],
                      "tokens": [], "bins": []}
         lock = threading.Lock()
-        clients = [_Client(host, port, body, load, t0, res, lock, progress)
+        clients = [_Client(host, port, body, load, t0, res, lock, progress, token)
                    for _ in range(load.streams)]
         for c in clients:
             c.start()
@@ -239,11 +241,13 @@ def spawn_flags(flags: dict[str, Any], streams: int) -> dict[str, Any]:
 def transcribe_bench(src: Source, load: TranscribeLoad, *,
                      console: Console | None = None) -> Outcome:
     if src.spawn is not None:
-        src = Source(spawn=spawn_flags(src.spawn, load.streams), log_dir=src.log_dir)
+        src = Source(spawn=spawn_flags(src.spawn, load.streams), log_dir=src.log_dir,
+                     config_file=src.config_file)
     with open_target(src) as t:
-        ours = run_transcribe(t.url, load, label="shmmel transcribe", console=console)
+        ours = run_transcribe(t.url, load, label="shmmel transcribe", console=console,
+                              token=t.token)
     hist = ours.pop("_hist")
-    data: dict[str, Any] = {"bench": "transcribe", "host": host_info(), "target": asdict(t),
+    data: dict[str, Any] = {"bench": "transcribe", "host": host_info(), "target": t.as_json(),
                             "shmmel": ours}
     cs = checks(ours)
     data["checks"] = checks_json(cs)
