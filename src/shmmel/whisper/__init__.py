@@ -32,6 +32,28 @@ TIME_PRECISION = 0.02                        # seconds per timestamp token
 PROMPT = ("<|startoftranscript|>",)
 GENERATE_OPTIONS: dict[str, Any] = {"beam_size": 1, "max_length": 448, "suppress_blank": True,
                                     "suppress_tokens": [-1]}
+N_TEXT_CTX = 448                             # the decoder's positions: prompt + output
+MAX_PROMPT_TOKENS = N_TEXT_CTX // 2 - 1      # Whisper keeps the last 223 tokens of context
+MAX_TEMPERATURE = 1.0                        # OpenAI's range: 0..1
+
+
+def generate_options(temperature: float, prompt_len: int) -> dict[str, Any]:
+    """CTranslate2 ``generate`` options for one batch: greedy at temperature 0 (exactly
+    GENERATE_OPTIONS), else sampling from the whole distribution at that temperature (as
+    faster-whisper does: top-k 0). Prompt and output share the decoder's 448 positions."""
+    opts = dict(GENERATE_OPTIONS, max_length=min(448, N_TEXT_CTX - prompt_len))
+    if temperature > 0:
+        opts.update(sampling_topk=0, sampling_temperature=temperature)
+    return opts
+
+
+def context_prompt(prompt_ids: list[int], sot_prev: int, sot: int) -> list[int]:
+    """The decoder prompt: ``<|startofprev|>`` and the last 223 tokens of ``prompt_ids``
+    before ``<|startoftranscript|>``, as Whisper passes previous text; PROMPT alone when
+    there is none."""
+    if not prompt_ids:
+        return [sot]
+    return [sot_prev, *prompt_ids[-MAX_PROMPT_TOKENS:], sot]
 
 
 def whisper_missing() -> str | None:

@@ -49,11 +49,14 @@ class WhisperJob:
     through one slot, and the transcript assembled from the windows' replies."""
 
     def __init__(self, config: Config, producer: Producer, table: StreamTable, slot: Slot,
-                 emit: Callable[[dict[str, Any]], bytes] | None = None) -> None:
+                 emit: Callable[[dict[str, Any]], bytes] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.config, self.producer, self.table, self.slot = config, producer, table, slot
         self.emit = emit  # streaming: encode each window's record as it is decoded
+        self.options = options  # {"prompt": str, "temperature": float}; None: greedy, none
         self.handle: Handle | None = None
         self.windows: list[dict[str, Any]] = []
+        self.scores: list[dict[str, float]] = []  # per window: avg_logprob, no_speech_prob, ...
         self.duration = 0.0
 
     def open(self) -> None:
@@ -63,7 +66,11 @@ class WhisperJob:
             raise ServiceUnavailable(f"no whisper worker can take it: {exc}") from None
         h = self.table.allocate(k, gen, N_MELS, 0)
         try:
-            self.table.call(self.slot, h, L.OP_WHISPER_OPEN, 0, ())
+            opts = json.dumps(self.options).encode() if self.options else b""
+            if len(opts) > self.slot.capacity:
+                raise BadRequest("the prompt is too long")
+            self.slot.view(len(opts))[:] = opts
+            self.table.call(self.slot, h, L.OP_WHISPER_OPEN, len(opts), ())
         except BaseException:
             self.table.shm.streams["state"][h.index] = L.ST_FREE  # the worker holds nothing
             raise
@@ -114,6 +121,8 @@ class WhisperJob:
                "text": "".join(s["text"] for s in segments).strip(),
                "tokens": reply["tokens"], "segments": segments, "batch": batch}
         self.windows.append(rec)
+        self.scores.append({k: reply[k] for k in ("avg_logprob", "no_speech_prob",
+                                                   "temperature") if k in reply})
         self.duration = offset + dur
         return self.emit(rec) if self.emit else b""
 

@@ -26,8 +26,8 @@ from .. import layout as L
 from ..channel import Inbox, pid_alive
 from ..config import Config
 from ..shm import Shm
-from . import (GENERATE_OPTIONS, N_FRAMES, N_MELS, PROMPT, WINDOW_BYTES, WINDOW_FLOATS,
-               compute_type, segments_from_tokens)
+from . import (MAX_TEMPERATURE, N_FRAMES, N_MELS, PROMPT, WINDOW_BYTES, WINDOW_FLOATS,
+               compute_type, context_prompt, generate_options, segments_from_tokens)
 
 log = logging.getLogger("shmmel.whisper")
 
@@ -58,6 +58,8 @@ def load_model(config: Config, index: int) -> tuple[Any, Any, str]:
 @dataclass
 class Job:
     token: int
+    prompt: tuple[int, ...]  # the decoder prompt (context, then <|startoftranscript|>)
+    temperature: float = 0.0
     buf: np.ndarray = field(default_factory=lambda: np.empty(WINDOW_FLOATS, np.float32))
     received: int = 0  # bytes of the current window
 
@@ -67,6 +69,7 @@ class Window:
     slot: int
     features: np.ndarray
     queued: float
+    key: tuple[float, tuple[int, ...]]  # (temperature, prompt): one generate call per key
 
 
 class WhisperJobs:
@@ -74,7 +77,8 @@ class WhisperJobs:
         self.config, self.shm, self.index, self.gen, self.inbox = config, shm, index, gen, inbox
         self.model, self.tokenizer, self.device = load_model(config, index)
         tok = self.tokenizer
-        self.prompt = [tok.token_to_id(t) for t in PROMPT]
+        self.prompt = tuple(tok.token_to_id(t) for t in PROMPT)
+        self.sot_prev = tok.token_to_id("<|startofprev|>")
         self.eot = tok.token_to_id("<|endoftext|>")
         # timestamp tokens follow <|notimestamps|> (tokenizer.json does not list them)
         self.ts_begin = tok.token_to_id("<|notimestamps|>") + 1
@@ -115,7 +119,12 @@ class WhisperJobs:
                 continue
             token = int(table["token"][k])
             if op == L.OP_WHISPER_OPEN:
-                self.jobs[k] = Job(token)
+                try:
+                    job = self.new_job(token, bytes(self.shm.payload[j, :n]))
+                except ValueError as exc:
+                    errors += self._bad(j, L.R_BAD_INPUT, f"bad transcription options: {exc}")
+                    continue
+                self.jobs[k] = job
                 self.shm.workers["streams"][self.index] = len(self.jobs)
                 inbox.answer(j, L.R_OK, 0)
                 continue
@@ -140,11 +149,29 @@ class WhisperJobs:
                                         f"features; {job.received} arrived")
                     continue
                 self.waiting.append(Window(j, job.buf.reshape(N_MELS, N_FRAMES),
-                                           time.monotonic()))
+                                           time.monotonic(), (job.temperature, job.prompt)))
                 job.buf, job.received = np.empty(WINDOW_FLOATS, np.float32), 0
             else:
                 errors += self._bad(j, L.R_ERROR, f"unknown op {op}")
         return errors
+
+    def new_job(self, token: int, options: bytes) -> Job:
+        """A job from OPEN's payload: empty (greedy, no context, as /audio/transcribe) or
+        JSON ``{"prompt": str, "temperature": float}``. The prompt is tokenised here, where
+        the tokenizer lives, as Whisper does: ``" " + prompt.strip()``."""
+        if not options:
+            return Job(token, self.prompt)
+        opts = json.loads(options)
+        if not isinstance(opts, dict):
+            raise ValueError("options must be a JSON object")
+        temperature = float(opts.get("temperature", 0.0))
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE}")
+        text = str(opts.get("prompt") or "").strip()
+        ids = (self.tokenizer.encode(" " + text, add_special_tokens=False).ids
+               if text else [])
+        return Job(token, tuple(context_prompt(ids, self.sot_prev, self.prompt[-1])),
+                   temperature)
 
     # -- batching ------------------------------------------------------------------------
     def wait_time(self, interval: float) -> float:
@@ -160,7 +187,10 @@ class WhisperJobs:
             return
         if (flush or len(self.waiting) >= self.max_batch
                 or now >= self.waiting[0].queued + self.wait_s):
-            batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch :]
+            key = self.waiting[0].key  # the oldest window's options; others wait their turn
+            batch = [w for w in self.waiting if w.key == key][: self.max_batch]
+            taken = {id(w) for w in batch}
+            self.waiting = [w for w in self.waiting if id(w) not in taken]
             self._decoding = True
             self._batches.put(batch)
 
@@ -184,12 +214,20 @@ class WhisperJobs:
         import ctranslate2
 
         feats = np.stack([w.features for w in batch])
+        temperature, prompt = batch[0].key
         results = self.model.generate(ctranslate2.StorageView.from_array(feats),
-                                      [self.prompt] * len(batch), **GENERATE_OPTIONS)
+                                      [list(prompt)] * len(batch), return_scores=True,
+                                      return_no_speech_prob=True,
+                                      **generate_options(temperature, len(prompt)))
         errors = 0
         for w, r in zip(batch, results):
             ids = [int(t) for t in r.sequences_ids[0]]
-            body = json.dumps(self.window_result(ids)).encode()
+            res = self.window_result(ids)
+            # faster-whisper's avg_logprob: the score is the log probability over the length
+            res["avg_logprob"] = float(r.scores[0]) * len(ids) / (len(ids) + 1)
+            res["no_speech_prob"] = float(r.no_speech_prob)
+            res["temperature"] = temperature
+            body = json.dumps(res).encode()
             if len(body) > self.shm.slot_bytes:
                 errors += self._bad(w.slot, L.R_ERROR, "transcript larger than a slot")
                 continue
@@ -198,7 +236,8 @@ class WhisperJobs:
         return errors
 
     def window_result(self, ids: list[int]) -> dict[str, Any]:
-        """{"tokens", "segments": [[start, end|null, text, text_ids]]}, window-relative."""
+        """{"tokens", "segments": [[start, end|null, text, text_ids]]}, window-relative
+        (:meth:`decode` adds avg_logprob, no_speech_prob and temperature)."""
         segs = segments_from_tokens(ids, self.ts_begin, self.eot)
         return {"tokens": ids,
                 "segments": [[s, e, self.tokenizer.decode(t), t] for s, e, t in segs]}
