@@ -15,7 +15,7 @@ import pytest
 from shmmel import layout as L
 from shmmel.channel import Inbox, Producer, Slot
 from shmmel.config import Config
-from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied
+from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from shmmel.shm import Shm, instance_names
 
 
@@ -59,6 +59,7 @@ def echo_worker(shm: Shm, k: int, gen: int, delay: float = 0.0) -> int:
     """Answers each request with reversed payload + "|k"; exits when its generation changes."""
     inbox = Inbox(shm, k, gen)
     while shm.workers["gen"][k] == gen:
+        shm.set_worker_word(k, "heartbeat", time.monotonic())
         if not inbox.wait(0.05):
             continue
         for j in inbox.pending():
@@ -74,6 +75,7 @@ def echo_worker(shm: Shm, k: int, gen: int, delay: float = 0.0) -> int:
 def start_workers(shm: Shm, n: int, delay: float = 0.0) -> list[int]:
     pids = []
     for k in range(n):
+        shm.set_worker_word(k, "heartbeat", time.monotonic())
         shm.workers["gen"][k] = 1
         shm.workers["state"][k] = L.W_READY
         pids.append(fork(shm, lambda k=k: echo_worker(shm, k, 1, delay)))
@@ -156,6 +158,29 @@ def test_killed_worker_gives_worker_died_and_frees_the_slot(shm):
     assert set(np.unique(shm.slots["state"]).tolist()) <= {L.S_FREE, L.S_PARKED}
 
 
+def test_a_stalled_worker_gets_no_new_work_and_its_queue_is_rerouted(shm):
+    """SIGSTOP one of two workers: a request queued on it is re-sent to the other within about
+    stall_timeout (not heartbeat_timeout), and new requests skip it."""
+    pids = start_workers(shm, 2)
+    prod = Producer(shm, queue_depth=8, stall_timeout=0.5)
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        reply = prod.call(L.OP_PING, b"abc", timeout=10, worker=None)
+        answers = {prod.call(L.OP_PING, b"x", timeout=10).data for _ in range(20)}
+        elapsed = time.monotonic() - t0
+        assert reply.data in (b"cba|0", b"cba|1")
+        assert answers == {b"x|1"}  # the stopped worker 0 is skipped once it is silent
+        assert elapsed < 3.0
+        # a request pinned to the stopped worker is answered 503 (WorkerStalled), not hung
+        with pytest.raises(WorkerStalled):
+            prod.call(L.OP_PING, b"pinned", timeout=10, worker=(0, 1))
+        orphaned = (shm.slots["state"] != L.S_FREE) & (shm.slots["owner"] == 0)
+        assert orphaned.sum() >= 1  # left to the supervisor: the worker may still wake
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+
+
 def test_timeout_orphans_the_slot_instead_of_reusing_it(shm):
     start_workers(shm, 1, delay=0.6)
     prod = Producer(shm, queue_depth=8)
@@ -176,6 +201,9 @@ def test_no_worker_and_full_queue_are_unavailable(shm):
     with pytest.raises(ServiceUnavailable, match="no live worker"):
         prod.pick_worker()
     shm.workers["state"][0] = L.W_READY
+    with pytest.raises(ServiceUnavailable, match="no live worker"):
+        prod.pick_worker()  # ready, but never beat: taken for stalled
+    shm.set_worker_word(0, "heartbeat", time.monotonic())
     slot = prod.claim()
     slot.submit(0, int(shm.workers["gen"][0]), L.OP_PING, 0, prod.next_seq())
     with pytest.raises(ServiceUnavailable, match="queues are full"):

@@ -10,10 +10,10 @@ def offsets(dt):
 
 
 def test_record_sizes_are_pinned():
-    assert L.VERSION == 1
+    assert L.VERSION == 2
     assert L.HEADER.itemsize == 184
-    assert L.WORKER.itemsize == 96
-    assert L.METRICS.itemsize == 2560
+    assert L.WORKER.itemsize == 112
+    assert L.METRICS.itemsize == 3072
     assert L.HTTP.itemsize == 24
     assert L.SLOT.itemsize == 144
     assert L.STREAM.itemsize == 64
@@ -32,7 +32,8 @@ def test_worker_and_header_offsets_are_pinned():
     assert offsets(L.WORKER) == {
         "pid": 0, "kind": 8, "state": 12, "gen": 16, "device": 20, "restarts": 24,
         "streams": 28, "heartbeat": 32, "started": 40, "served": 48, "errors": 56,
-        "batches": 64, "busy_s": 72, "audio_samples": 80, "gpu_bytes": 88,
+        "batches": 64, "busy_s": 72, "audio_samples": 80, "gpu_bytes": 88, "respawn_at": 96,
+        "crashes": 104,
     }
     assert offsets(L.HEADER)["supervisor_pid"] == 32
     assert offsets(L.HEADER)["host"] == 72
@@ -42,8 +43,8 @@ def test_worker_and_header_offsets_are_pinned():
 def test_control_segment_regions_are_aligned_and_disjoint():
     lay = L.CtlLayout(n_workers=4, n_slots=128, max_streams=256)
     assert (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off) == (
-        192, 576, 2112, 20544, 36928)
-    assert lay.size == 204800 and lay.size % L.PAGE == 0
+        192, 640, 2176, 20608, 36992)
+    assert lay.size == 237568 and lay.size % L.PAGE == 0
     for off in (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off):
         assert off % 64 == 0
     assert lay.workers_off >= L.HEADER.itemsize
@@ -52,6 +53,12 @@ def test_control_segment_regions_are_aligned_and_disjoint():
     assert lay.streams_off >= lay.slots_off + 128 * L.SLOT.itemsize
     assert lay.metrics_off >= lay.streams_off + 256 * L.STREAM.itemsize
     assert lay.size >= lay.metrics_off + L.MAX_HTTP * L.METRICS.itemsize
+
+
+def test_no_slot_state_is_zero():
+    """0 is what a half-written or never-initialised word reads as: it must mean nothing."""
+    assert 0 not in (L.S_FREE, L.S_CLAIMED, L.S_PARKED, L.S_DONE)
+    assert L.S_SUBMITTED & 0xFF == 0 and L.S_TAKEN & 0xFF == 0 and L.S_SUBMITTED > 0
 
 
 def test_names_carry_the_instance_and_never_collide():

@@ -26,27 +26,39 @@ import numpy as np
 import posix_ipc
 
 from . import layout as L
-from .errors import RequestTimeout, ServiceUnavailable, WorkerDied
+from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
 
 _SO = {name: L.SLOT.fields[name][1] for name in L.SLOT.names}
 _WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
-# op, worker, gen, seq, resp_seq | req_len, resp_len, status, stream, arg0..arg3
-_REQ_A = struct.Struct("<IIIQQ")
-_REQ_B = struct.Struct("<IIIiqqqq")
+# Reads may use struct codecs (several times faster than numpy field access per request);
+# writes never do: struct.pack_into clears its target before writing, so a word another
+# process reads at that instant would read 0. Every write below is one aligned store of the
+# word's full width through the typed views of Shm (u32, i32, u64, i64, f64).
+_REQ_B = struct.Struct("<IIIiqqqq")       # req_len, resp_len, status, stream, arg0..arg3
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_I64 = struct.Struct("<q")
 _F64 = struct.Struct("<d")
 _LEN_STATUS = struct.Struct("<II")        # resp_len, status
 _RESULTS = struct.Struct("<qqdd")         # r0, r1, f0, f1
 _W_STATE_GEN = struct.Struct("<II")       # worker state, gen
-assert _SO["op"] + _REQ_A.size == _SO["owner"] and _SO["resp_seq"] == _SO["seq"] + 8
 assert _SO["req_len"] + _REQ_B.size == _SO["r0"]
 assert _SO["status"] == _SO["resp_len"] + 4 and _SO["f1"] == _SO["r0"] + 24
 assert _WO["gen"] == _WO["state"] + 4
+assert L.SLOT.itemsize % 8 == 0
+
+# Word indexes of slot fields, relative to the slot's first 4-byte (I4) or 8-byte (I8) word.
+I4 = {n: _SO[n] // 4 for n in ("state", "op", "worker", "gen", "req_len", "resp_len", "status",
+                               "stream")}
+I8 = {n: _SO[n] // 8 for n in ("seq", "resp_seq", "owner", "arg0", "r0", "r1", "f0", "f1",
+                               "t_submit", "t_taken", "t_done")}
+_ST, _OP, _WK, _GEN = I4["state"], I4["op"], I4["worker"], I4["gen"]
+_REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"], I4["stream"]
+_SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
+_R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
+_TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -82,11 +94,13 @@ class Reply:
 class Slot:
     """A claimed slot. Use as a context manager; ``release()`` is idempotent."""
 
-    __slots__ = ("producer", "shm", "index", "off", "buf", "seq", "worker", "gen", "_owned")
+    __slots__ = ("producer", "shm", "index", "off", "w4", "w8", "buf", "seq", "worker", "gen",
+                 "_owned")
 
     def __init__(self, producer: Producer, index: int) -> None:
         self.producer, self.shm, self.index = producer, producer.shm, index
         self.off = producer.slots_off + index * L.SLOT.itemsize
+        self.w4, self.w8 = self.off >> 2, self.off >> 3
         self.buf = self.shm.payload[index]  # uint8 view of the payload area
         self.seq = 0
         self.worker = -1
@@ -111,19 +125,27 @@ class Slot:
                args: tuple[int, ...] = (), stream: int = -1) -> None:
         if not self._owned:
             raise ServiceUnavailable("this request's slot was given up after a timeout")
-        ctl, off = self.shm.ctl_view, self.off
-        a = tuple(args) + (0,) * (4 - len(args))
-        _REQ_A.pack_into(ctl, off + _SO["op"], op, worker, gen, seq, 0)
-        _REQ_B.pack_into(ctl, off + _SO["req_len"], req_len, 0, 0, stream, *a)
-        _F64.pack_into(ctl, off + _SO["t_submit"], time.monotonic())
-        _U32.pack_into(ctl, off, L.S_SUBMITTED | worker)  # publish last; the post is a barrier
+        shm, w4, w8 = self.shm, self.w4, self.w8
+        u32, i64 = shm.u32, shm.i64
+        u32[w4 + _OP] = op
+        u32[w4 + _WK] = worker
+        u32[w4 + _GEN] = gen
+        shm.u64[w8 + _SEQ] = seq
+        shm.u64[w8 + _RSEQ] = 0
+        u32[w4 + _REQLEN] = req_len
+        u32[w4 + _RESPLEN] = 0
+        u32[w4 + _STATUS] = 0
+        shm.i32[w4 + _STREAM] = stream
+        for i in range(4):
+            i64[w8 + _ARG0 + i] = args[i] if i < len(args) else 0
+        shm.f64[w8 + _TSUB] = time.monotonic()
+        u32[w4 + _ST] = L.S_SUBMITTED | worker  # publish last; the post is a barrier
         self.seq, self.worker, self.gen = seq, worker, gen
         self.shm.doorbells[worker].release()
 
     def _answered(self) -> bool:
-        ctl, off = self.shm.ctl_view, self.off
-        return (_U32.unpack_from(ctl, off)[0] == L.S_DONE
-                and _U64.unpack_from(ctl, off + _SO["resp_seq"])[0] == self.seq)
+        shm = self.shm
+        return shm.u32[self.w4 + _ST] == L.S_DONE and shm.u64[self.w8 + _RSEQ] == self.seq
 
     def wait(self, timeout: float) -> None:
         """Block until the worker answered this slot's current request.
@@ -133,8 +155,10 @@ class Slot:
         orphaned, since the live worker may still write into it.
         """
         sem = self.shm.replies[self.index]
-        ctl = self.shm.ctl_view
-        w_off = self.producer.workers_off + self.worker * L.WORKER.itemsize + _WO["state"]
+        ctl, f64 = self.shm.ctl_view, self.shm.f64
+        w_off = self.producer.workers_off + self.worker * L.WORKER.itemsize
+        beat = (w_off + _WO["heartbeat"]) >> 3
+        stall = self.producer.stall_timeout
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -143,14 +167,22 @@ class Slot:
                 pass
             if self._answered():
                 return
-            state, gen = _W_STATE_GEN.unpack_from(ctl, w_off)
+            state, gen = _W_STATE_GEN.unpack_from(ctl, w_off + _WO["state"])
             if gen != self.gen or state == L.W_DEAD:
                 if self._answered():
                     return
                 # the worker is gone, so nobody else writes this slot: it stays ours, for
                 # the caller to reuse or release
                 raise WorkerDied("the worker handling this request died")
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now - f64[beat] > stall:
+                # stopped or stuck: it may still wake and write this slot, so give the slot
+                # to the supervisor (freed once answered or the worker is replaced) and tell
+                # the caller now rather than at heartbeat_timeout
+                self.orphan()
+                raise WorkerStalled(f"worker {self.worker} stopped responding "
+                                    f"(no heartbeat for {now - f64[beat]:.1f} s)")
+            if now >= deadline:
                 self.orphan()
                 raise RequestTimeout(f"no answer from worker {self.worker} within {timeout:g} s")
 
@@ -176,7 +208,7 @@ class Slot:
         """Give the slot to the supervisor, which frees it once its worker is done with it."""
         if self._owned:
             self._owned = False
-            _I64.pack_into(self.shm.ctl_view, self.off + _SO["owner"], 0)
+            self.shm.i64[self.w8 + _OWNER] = 0
 
     def __enter__(self) -> Slot:
         return self
@@ -191,9 +223,11 @@ class Producer:
     CLAIM_BATCH = 4
     DEPTH_TTL = 0.001  # seconds
 
-    def __init__(self, shm: Shm, queue_depth: int, pool_max: int = 4) -> None:
+    def __init__(self, shm: Shm, queue_depth: int, pool_max: int = 4,
+                 stall_timeout: float = 2.0) -> None:
         self.shm = shm
         self.queue_depth = queue_depth
+        self.stall_timeout = stall_timeout
         self.pool_max = pool_max
         self.pid = os.getpid()
         self.slots_off = shm.layout.slots_off
@@ -214,8 +248,7 @@ class Producer:
         with self._plock:
             if self._pool:
                 j = self._pool.pop()
-                _U32.pack_into(self.shm.ctl_view, self.slots_off + j * L.SLOT.itemsize,
-                               L.S_CLAIMED)
+                self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_CLAIMED
             else:
                 j = self._claim_shared()
         return Slot(self, j)
@@ -240,13 +273,13 @@ class Producer:
         return int(free[0])
 
     def _give_back(self, j: int) -> None:
-        off = self.slots_off + j * L.SLOT.itemsize
+        w4 = (self.slots_off + j * L.SLOT.itemsize) >> 2
         with self._plock:
             if len(self._pool) < self.pool_max:
-                _U32.pack_into(self.shm.ctl_view, off, L.S_PARKED)
+                self.shm.u32[w4] = L.S_PARKED
                 self._pool.append(j)
                 return
-        _U32.pack_into(self.shm.ctl_view, off, L.S_FREE)
+        self.shm.u32[w4] = L.S_FREE
 
     def queue_depths(self) -> np.ndarray:
         return L.queue_depths(self._states, len(self.shm.workers))
@@ -259,15 +292,18 @@ class Producer:
         return self._depths
 
     def ready_workers(self, kinds: Iterable[int] | None = None) -> list[tuple[int, int]]:
-        """(index, generation) of every ready worker (of ``kinds``)."""
+        """(index, generation) of every ready worker (of ``kinds``) that is beating: one silent
+        for ``stall_timeout`` (SIGSTOP, stuck in a call) gets no new work."""
         ctl, off, size = self.shm.ctl_view, self.workers_off, L.WORKER.itemsize
         kind_set = None if kinds is None else set(kinds)
+        oldest = time.monotonic() - self.stall_timeout
         out = []
         for k in range(len(self.shm.workers)):
             base = off + k * size
             state, gen = _W_STATE_GEN.unpack_from(ctl, base + _WO["state"])
-            if state == L.W_READY and (
-                    kind_set is None or _U32.unpack_from(ctl, base + _WO["kind"])[0] in kind_set):
+            if state == L.W_READY and _F64.unpack_from(ctl, base + _WO["heartbeat"])[0] >= oldest \
+                    and (kind_set is None
+                         or _U32.unpack_from(ctl, base + _WO["kind"])[0] in kind_set):
                 out.append((k, gen))
         return out
 
@@ -307,15 +343,32 @@ class Producer:
              worker: tuple[int, int] | None = None, stream: int = -1,
              kinds: Iterable[int] | None = None) -> Reply:
         """One round trip: payload in, Reply out, on ``worker`` or a ready worker of ``kinds``
-        (None: any; text and mel audio pass ``layout.MEL_KINDS``)."""
+        (None: any; text and mel audio pass ``layout.MEL_KINDS``).
+
+        A stateless call (no ``worker`` given) whose worker dies or stalls before answering
+        is sent once more to another worker: the op has no state on the worker, so running it
+        again is safe. A pinned call (a stream's worker) raises instead.
+        """
         if len(payload) > self.shm.slot_bytes:
             raise ValueError("payload larger than a slot")
+        deadline = time.monotonic() + timeout
         k, gen = worker if worker is not None else self.pick_worker(kinds)
-        with self.claim() as slot:
-            slot.view(len(payload))[:] = payload
-            slot.submit(k, gen, op, len(payload), self.next_seq(), args, stream)
-            slot.wait(timeout)
-            return slot.reply()
+        for attempt in (0, 1):
+            with self.claim() as slot:
+                slot.view(len(payload))[:] = payload
+                slot.submit(k, gen, op, len(payload), self.next_seq(), args, stream)
+                try:
+                    slot.wait(max(0.0, deadline - time.monotonic()))
+                    return slot.reply()
+                except (WorkerDied, WorkerStalled) as exc:
+                    if worker is not None or attempt:
+                        raise
+                    lost = exc
+            try:
+                k, gen = self.pick_worker(kinds)  # a stalled or dead worker is not picked
+            except ServiceUnavailable:
+                raise lost from None
+        raise AssertionError("unreachable")
 
 
 class Inbox:
@@ -344,15 +397,17 @@ class Inbox:
         mine = np.flatnonzero(self._states == self._submitted)
         if mine.size == 0:
             return []
-        ctl, size = self.shm.ctl_view, L.SLOT.itemsize
+        shm, size = self.shm, L.SLOT.itemsize
+        u32, f64 = shm.u32, shm.f64
         now = time.monotonic()
         out = []
         for j in mine.tolist():
             off = self._slots_off + j * size
-            if _U32.unpack_from(ctl, off + _SO["gen"])[0] != self.gen:
+            w4 = off >> 2
+            if u32[w4 + _GEN] != self.gen:
                 continue  # queued on a dead generation; its producer frees it
-            _F64.pack_into(ctl, off + _SO["t_taken"], now)
-            _U32.pack_into(ctl, off, self._taken)
+            f64[(off >> 3) + _TTAKEN] = now
+            u32[w4 + _ST] = self._taken
             out.append(j)
         if len(out) > 1:
             ts = self.shm.slots["t_submit"]
@@ -368,11 +423,17 @@ class Inbox:
 
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:
-        ctl = self.shm.ctl_view
+        shm = self.shm
         off = self._slots_off + j * L.SLOT.itemsize
-        _LEN_STATUS.pack_into(ctl, off + _SO["resp_len"], resp_len, status)
-        _RESULTS.pack_into(ctl, off + _SO["r0"], r0, r1, f0, f1)
-        _U64.pack_into(ctl, off + _SO["resp_seq"], _U64.unpack_from(ctl, off + _SO["seq"])[0])
-        _F64.pack_into(ctl, off + _SO["t_done"], time.monotonic())
-        _U32.pack_into(ctl, off, L.S_DONE)
-        self.shm.replies[j].release()
+        w4, w8 = off >> 2, off >> 3
+        u32, i64, f64 = shm.u32, shm.i64, shm.f64
+        u32[w4 + _RESPLEN] = resp_len
+        u32[w4 + _STATUS] = status
+        i64[w8 + _R0] = r0
+        i64[w8 + _R1] = r1
+        f64[w8 + _F0] = f0
+        f64[w8 + _F1] = f1
+        shm.u64[w8 + _RSEQ] = shm.u64[w8 + _SEQ]
+        f64[w8 + _TDONE] = time.monotonic()
+        u32[w4 + _ST] = L.S_DONE
+        shm.replies[j].release()

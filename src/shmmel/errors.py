@@ -29,6 +29,10 @@ class WorkerDied(ServiceUnavailable):
     """The worker holding a request died before answering."""
 
 
+class WorkerStalled(ServiceUnavailable):
+    """The worker holding a request stopped beating (stopped, stuck) before answering."""
+
+
 class RequestTimeout(ShmmelError):
     """The worker did not answer within request_timeout: HTTP 504."""
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 1
+VERSION = 2  # 2: S_FREE is non-zero; worker rows carry respawn_at and crashes
 MAX_HTTP = 64  # rows for gunicorn worker processes (respawned ones reuse dead rows)
 PAGE = 4096
 
@@ -55,9 +55,10 @@ INST_STARTING, INST_RUNNING, INST_STOPPING = 0, 1, 2
 INST_STATES = {INST_STARTING: "starting", INST_RUNNING: "running", INST_STOPPING: "stopping"}
 
 # worker state (WORKER.state) and kind (WORKER.kind)
-W_EMPTY, W_BOOTING, W_READY, W_STOPPING, W_DEAD = 0, 1, 2, 3, 4
+W_EMPTY, W_BOOTING, W_READY, W_STOPPING, W_DEAD, W_BACKOFF = 0, 1, 2, 3, 4, 5
 W_STATES = {W_EMPTY: "empty", W_BOOTING: "booting", W_READY: "ready",
-            W_STOPPING: "stopping", W_DEAD: "dead"}
+            W_STOPPING: "stopping", W_DEAD: "dead",
+            W_BACKOFF: "backoff"}  # crashed; respawned at WORKER.respawn_at
 K_NONE, K_CPU, K_CUDA = 0, 1, 2
 K_WHISPER = 3        # a speech-recognition worker (rows after the mel workers)
 W_KINDS = {K_NONE: "-", K_CPU: "cpu", K_CUDA: "cuda", K_WHISPER: "whisper"}
@@ -65,7 +66,11 @@ MEL_KINDS = (K_CPU, K_CUDA)  # where text and mel audio may go: never to a whisp
 
 # slot state (SLOT.state). SUBMITTED and TAKEN carry the target worker in their low byte, so
 # a worker finds its work, and a producer a worker's queue depth, with one vectorised compare.
-S_FREE, S_CLAIMED, S_PARKED, S_DONE = 0, 1, 2, 4  # PARKED: in a producer's local pool
+# No state is 0: a word caught half-written (or a segment not yet initialised) never reads as
+# FREE. (struct.pack_into zeroes its target before writing it, which once made in-use slots
+# read as free to a claimer in another process; every shared word is now written with one
+# aligned store, and 0 is kept meaningless as a second line of defence.)
+S_FREE, S_CLAIMED, S_PARKED, S_DONE = 1, 2, 3, 4  # PARKED: in a producer's local pool
 S_SUBMITTED, S_TAKEN = 0x100, 0x200   # | worker index (workers <= 256)
 S_QUEUED_MIN = S_SUBMITTED            # state >= this: queued on (state & 0xFF)
 
@@ -128,6 +133,8 @@ WORKER = np.dtype([
     ("busy_s", "<f8"),       # seconds spent computing
     ("audio_samples", "<u8"),  # audio samples turned into frames
     ("gpu_bytes", "<u8"),    # device memory held by the worker's CuPy pool
+    ("respawn_at", "<f8"),   # time.monotonic() of a scheduled respawn (state BACKOFF), else 0
+    ("crashes", "<u4"),      # deaths within the supervisor's crash window (drives the backoff)
 ], align=True)
 
 HTTP = np.dtype([
@@ -179,7 +186,8 @@ STREAM = np.dtype([
 # (a respawned process inherits a dead one's row and counts on from its values, so sums over
 # rows never go backwards). Read by the /metrics collector in any process.
 ROUTES = ("process", "audio_stream", "audio_streams", "audio_session", "transcribe",
-          "healthz", "readyz", "metrics", "openapi", "other")
+          "healthz", "readyz", "metrics", "openapi", "openai_transcriptions", "openai_models",
+          "other")
 CODES = (200, 201, 400, 401, 404, 405, 406, 408, 409, 413, 415, 500, 501, 503, 504,
          0)  # 0: any other
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

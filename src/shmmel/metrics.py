@@ -35,6 +35,8 @@ ROUTE_OF_TEMPLATE = {
     "/process": "process", "/audio/stream": "audio_stream", "/audio/streams": "audio_streams",
     "/audio/streams/{stream_id}": "audio_session", "/healthz": "healthz", "/readyz": "readyz",
     "/metrics": "metrics", "/openapi.json": "openapi", "/audio/transcribe": "transcribe",
+    "/v1/audio/transcriptions": "openai_transcriptions", "/v1/models": "openai_models",
+    "/v1/models/{model}": "openai_models",
 }
 ROUTE_INDEX = {name: i for i, name in enumerate(L.ROUTES)}
 CODE_INDEX = {code: i for i, code in enumerate(L.CODES)}
@@ -127,6 +129,12 @@ class ShmCollector:
                                     labels=["worker"])
         gpu = GaugeMetricFamily("shmmel_gpu_memory_bytes", "Device memory held (CUDA workers)",
                                 labels=["worker", "device"])
+        crashes = GaugeMetricFamily("shmmel_worker_recent_crashes",
+                                    "Deaths within the supervisor's crash window (drives the "
+                                    "respawn backoff)", labels=["worker"])
+        respawn = GaugeMetricFamily("shmmel_worker_respawn_in_seconds",
+                                    "Seconds until a backed-off worker is respawned (0: none)",
+                                    labels=["worker"])
         for k in range(len(w)):
             r = w[k]
             kind = L.W_KINDS[int(r["kind"])]
@@ -142,10 +150,13 @@ class ShmCollector:
             beat.add_metric([str(k)], max(0.0, now - float(r["heartbeat"])))
             queue.add_metric([str(k)], float(depth[k]))
             streams.add_metric([str(k)], float(r["streams"]))
+            crashes.add_metric([str(k)], float(r["crashes"]))
+            at = float(r["respawn_at"]) if int(r["state"]) == L.W_BACKOFF else 0.0
+            respawn.add_metric([str(k)], max(0.0, at - now) if at else 0.0)
             if int(r["kind"]) == L.K_CUDA:
                 gpu.add_metric([str(k), str(int(r["device"]))], float(r["gpu_bytes"]))
         yield from (served, errors, batches, busy, audio, restarts, state, beat, queue, streams,
-                    gpu)
+                    gpu, crashes, respawn)
         slots = GaugeMetricFamily("shmmel_slots", "Shared-memory slots by state", labels=["state"])
         for name, count in L.slot_counts(st).items():
             slots.add_metric([name], float(count))

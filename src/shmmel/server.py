@@ -60,7 +60,10 @@ class GunicornServer(BaseApplication):
 
         shm = Shm.attach(self.config.instance)
         row = register_http_process(shm)
-        return create_app(self.config, Producer(shm, self.config.queue_depth), shm, row)
+        producer = Producer(shm, self.config.queue_depth,
+                            stall_timeout=min(self.config.stall_timeout,
+                                              self.config.heartbeat_timeout))
+        return create_app(self.config, producer, shm, row)
 
 
 def register_http_process(shm: Shm) -> int:

@@ -47,7 +47,16 @@ class Shm:
         self.payload = np.frombuffer(self._data_map, np.uint8).reshape(self.layout.n_slots,
                                                                        self.slot_bytes)
         self.data_view = memoryview(self._data_map)
-        self.ctl_view = memoryview(self._ctl_map)  # for struct access on hot paths
+        self.ctl_view = memoryview(self._ctl_map)  # for struct reads on hot paths
+        # Typed views of the control segment, indexed by byte offset // width. A store through
+        # one of them is one aligned store of the word's full width, which is how every word
+        # another process may read concurrently is written (never struct.pack_into: it clears
+        # its target before writing, so a reader can see 0, a value nobody wrote).
+        self.u32 = self.ctl_view.cast("I")
+        self.i32 = self.ctl_view.cast("i")
+        self.u64 = self.ctl_view.cast("Q")
+        self.i64 = self.ctl_view.cast("q")
+        self.f64 = self.ctl_view.cast("d")
         self.doorbells = [posix_ipc.Semaphore(L.doorbell_name(instance, k))
                           for k in range(self.layout.n_workers)]
         self.replies = [posix_ipc.Semaphore(L.reply_name(instance, j))
@@ -88,6 +97,9 @@ class Shm:
                 head["http_workers"] = config.http_workers
                 head["host"] = config.host.encode()[:63]
                 head["instance"] = inst.encode()
+                slots = np.frombuffer(m, L.SLOT, config.slots, lay.slots_off)
+                slots["state"] = L.S_FREE  # no slot state is 0 (see layout)
+                del slots
                 head["magic"] = L.MAGIC  # last: attachers check it
                 del head
             return cls(inst, ctl, data, owner=True)
@@ -119,6 +131,23 @@ class Shm:
             ctl.close_fd()
             data.close_fd()
             raise InstanceError(f"instance {instance!r}: semaphores missing (stale?)") from None
+
+    # -- worker-row words ---------------------------------------------------------------------
+    def worker_word_ref(self, k: int, name: str) -> tuple[memoryview, int]:
+        """(typed view, word index) of field ``name`` of worker row ``k``."""
+        dtype, off = L.WORKER.fields[name][:2]
+        view = {"<u4": self.u32, "<i4": self.i32, "<u8": self.u64, "<i8": self.i64,
+                "<f8": self.f64}[dtype.str]
+        return view, (self.layout.workers_off + k * L.WORKER.itemsize + off) // dtype.itemsize
+
+    def set_worker_word(self, k: int, name: str, value: float) -> None:
+        """Write one field of worker row ``k`` in one aligned store (see ``u32`` above)."""
+        view, i = self.worker_word_ref(k, name)
+        view[i] = value
+
+    def worker_word(self, k: int, name: str) -> float:
+        view, i = self.worker_word_ref(k, name)
+        return view[i]
 
     # -- the instance lock ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -153,6 +182,8 @@ class Shm:
         self.header = self.workers = self.http = self.slots = self.streams = None  # type: ignore[assignment]
         self.metrics = None  # type: ignore[assignment]
         self.payload = None  # type: ignore[assignment]
+        for v in (self.u32, self.i32, self.u64, self.i64, self.f64):
+            v.release()
         self.data_view.release()
         self.ctl_view.release()
         self._unmap()

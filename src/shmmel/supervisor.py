@@ -3,8 +3,13 @@
 Shaped after gunicorn's arbiter and uvicorn's multiprocess supervisor: signal handlers only
 record the signal (and wake the loop through a pipe); one loop acts::
 
-    while running: wait(); handle_signals(); reap(); check_workers(); keep_workers_alive();
-                   reclaim()
+    while running: wait(); handle_signals(); reap(); check_workers(); respawn_due(); reclaim()
+
+A worker that dies is respawned at once the first time, then after an exponential backoff
+(0.5 s, 1 s, 2 s, ... up to respawn_backoff_max) while it keeps dying within CRASH_WINDOW;
+the others keep serving meanwhile, and status/metrics show it as "backoff". The instance
+stops only when a kind of worker it needs cannot run at all: a worker fails to boot while no
+worker of its kind (mel or whisper) is ready.
 
 gunicorn runs in a child of its own (its arbiter reaps every child of its process, so it must
 not share a process with our workers), in its own process group so a terminal's Ctrl-C reaches
@@ -36,8 +41,8 @@ from .worker import EXIT_BOOT_FAILED, set_parent_death_signal, worker_main
 
 log = logging.getLogger("shmmel.supervisor")
 
-CRASH_WINDOW = 60.0   # seconds
-CRASH_LIMIT = 10      # respawns of one worker within CRASH_WINDOW before giving up
+CRASH_WINDOW = 60.0   # seconds: deaths of one worker counted for its respawn backoff
+BACKOFF_BASE = 0.5    # seconds: the second death in the window waits this, then doubles
 RECLAIM_EVERY = 0.5   # seconds between sweeps for orphaned slots and streams
 
 
@@ -81,6 +86,7 @@ class Supervisor:
         self.exit_code = 0
         self.failure = ""
         self.crashes: dict[int, list[float]] = {}
+        self.respawn_at: dict[int, float] = {}  # worker index -> time.monotonic() to respawn
         self._wake_r = self._wake_w = -1
         self._next_reclaim = 0.0
 
@@ -142,6 +148,7 @@ class Supervisor:
         rec["heartbeat"] = time.monotonic()
         rec["started"] = time.monotonic()
         rec["streams"] = 0
+        rec["respawn_at"] = 0.0
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
@@ -192,6 +199,7 @@ class Supervisor:
                 if not self.running:
                     break
                 self.check_workers()
+                self.respawn_due()
                 self.reclaim()
         finally:
             self.shutdown()
@@ -254,16 +262,49 @@ class Supervisor:
             if not self.running:
                 continue
             if code == EXIT_BOOT_FAILED or was == L.W_BOOTING:
-                self.fail(f"worker {k} could not boot (exit code {code}); see the log above")
-                continue
-            now = time.monotonic()
-            recent = [t for t in self.crashes.get(k, []) if now - t < CRASH_WINDOW] + [now]
-            self.crashes[k] = recent
-            if len(recent) > CRASH_LIMIT:
-                self.fail(f"worker {k} died {len(recent)} times within {CRASH_WINDOW:.0f} s")
-                continue
-            rec["restarts"] += 1
+                if not self._kind_serving(k):
+                    self.fail(f"worker {k} could not boot (exit code {code}) and no worker of "
+                              "its kind is running; see the log above")
+                    continue
+                log.error("worker %d could not boot (exit code %d); others of its kind serve",
+                          k, code)
+            self.schedule_respawn(k)
+
+    def _kind_serving(self, k: int) -> bool:
+        """Whether another worker of row ``k``'s group (mel rows or whisper rows) is ready."""
+        assert self.shm is not None
+        mel = k < self.config.workers
+        rows = range(self.config.workers) if mel else range(self.config.workers,
+                                                             self.config.worker_rows)
+        states = self.shm.workers["state"]
+        return any(int(states[r]) == L.W_READY for r in rows if r != k)
+
+    def schedule_respawn(self, k: int) -> None:
+        """Respawn now after a first death, else after an exponential, capped backoff."""
+        assert self.shm is not None
+        now = time.monotonic()
+        recent = [t for t in self.crashes.get(k, []) if now - t < CRASH_WINDOW] + [now]
+        self.crashes[k] = recent
+        delay = 0.0 if len(recent) == 1 else min(
+            self.config.respawn_backoff_max, BACKOFF_BASE * 2.0 ** (len(recent) - 2))
+        rec = self.shm.workers[k : k + 1]
+        rec["crashes"] = len(recent)
+        rec["restarts"] += 1
+        if delay <= 0:
             self.spawn_worker(k)
+            return
+        log.warning("worker %d died %d times within %.0f s: respawning in %.1f s", k,
+                    len(recent), CRASH_WINDOW, delay)
+        rec["respawn_at"] = now + delay
+        rec["state"] = L.W_BACKOFF
+        self.respawn_at[k] = now + delay
+
+    def respawn_due(self) -> None:
+        now = time.monotonic()
+        for k, at in list(self.respawn_at.items()):
+            if now >= at:
+                del self.respawn_at[k]
+                self.spawn_worker(k)
 
     def check_workers(self) -> None:
         """Kill workers that stopped beating (stuck) or never finished booting."""
@@ -271,7 +312,7 @@ class Supervisor:
         now = time.monotonic()
         w = self.shm.workers
         for pid, k in list(self.pids.items()):
-            state, beat = int(w["state"][k]), float(w["heartbeat"][k])
+            state, beat = int(w["state"][k]), self.shm.worker_word(k, "heartbeat")
             if state == L.W_READY and now - beat > self.config.heartbeat_timeout:
                 log.error("worker %d (pid %d): no heartbeat for %.1f s, killing it", k, pid,
                           now - beat)

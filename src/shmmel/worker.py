@@ -23,11 +23,7 @@ from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
 
-_WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
-_F64 = struct.Struct("<d")
-_COUNTERS = struct.Struct("<QQQdQ")  # served, errors, batches, busy_s, audio_samples
-_U64 = struct.Struct("<Q")
-assert _WO["audio_samples"] == _WO["served"] + 32
+_COUNTERS = struct.Struct("<QQQdQ")  # served, errors, batches, busy_s, audio_samples (reads)
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
@@ -56,10 +52,14 @@ class Worker:
     def __init__(self, config: Config, shm: Shm, index: int, gen: int, parent: int) -> None:
         self.config, self.shm, self.index, self.gen, self.parent = config, shm, index, gen, parent
         self.rec = shm.workers[index : index + 1]
-        self._w_off = shm.layout.workers_off + index * L.WORKER.itemsize
+        w_off = shm.layout.workers_off + index * L.WORKER.itemsize
         # counters continue from the record: a respawned worker keeps them monotonic
         self.served, self.errors, self.batches, self.busy_s, self.samples = \
-            _COUNTERS.unpack_from(shm.ctl_view, self._w_off + _WO["served"])
+            _COUNTERS.unpack_from(shm.ctl_view, w_off + L.WORKER.fields["served"][1])
+        # word indexes for the single-store writes of this row (see Shm.u32)
+        self._beat = shm.worker_word_ref(index, "heartbeat")[1]
+        self._counter_words = [shm.worker_word_ref(index, n) for n in
+                               ("served", "errors", "batches", "busy_s", "audio_samples")]
         self.inbox = Inbox(shm, index, gen)
         self.stop_signal: int | None = None
         self.engine = None
@@ -107,12 +107,12 @@ class Worker:
         interval = self.config.heartbeat_interval
         spin = self.config.worker_spin_us / 1e6
         rec = self.rec
-        ctl, beat_off = self.shm.ctl_view, self._w_off + _WO["heartbeat"]
+        f64, beat = self.shm.f64, self._beat
         whisper = self.whisper
         while self.stop_signal is None:
             woke = self.inbox.wait(interval if whisper is None else whisper.wait_time(interval))
             now = time.monotonic()
-            _F64.pack_into(ctl, beat_off, now)
+            f64[beat] = now  # see beat()
             if os.getppid() != self.parent:
                 log.error("worker %d: supervisor is gone, exiting", self.index)
                 break
@@ -128,7 +128,7 @@ class Worker:
                 self.collect_whisper_stats()
             if self.kind == L.K_CUDA and now >= self._next_gpu_sample:
                 self._next_gpu_sample = now + 1.0
-                _U64.pack_into(ctl, self._w_off + _WO["gpu_bytes"], self.gpu_bytes())
+                self.shm.setworker_word_ref(self.index, "gpu_bytes", self.gpu_bytes())
         rec["state"] = L.W_STOPPING
         self.serve_pending()  # answer what was already submitted
         if self.audio is not None:
@@ -162,6 +162,14 @@ class Worker:
                 self.serve_pending()
                 deadline = clock() + seconds
 
+    def beat(self) -> None:
+        """Stamp the heartbeat: one aligned store (the supervisor never reads a torn beat).
+
+        Also stamped between the items of a batch, so a worker busy with a long batch is not
+        taken for a stalled one (producers stop routing to a worker silent for stall_timeout).
+        """
+        self.shm.f64[self._beat] = time.monotonic()
+
     def serve_pending(self) -> None:
         taken = self.inbox.pending()
         if not taken:
@@ -182,18 +190,26 @@ class Worker:
                 whisper.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
+        self.beat()
         if audio:
             errors += self.audio.serve(audio, self.inbox)
+            self.beat()
         if whisper:
             errors += self.whisper.serve(whisper)
+            self.beat()
         self.served += len(taken)
         self.errors += errors
         self.batches += 1
         self.busy_s += time.perf_counter() - t0
         if self.audio is not None:
             self.samples += self.audio.take_samples()
-        _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
-                            self.errors, self.batches, self.busy_s, self.samples)
+        self.publish_counters()
+
+    def publish_counters(self) -> None:
+        """Counters into the row, one aligned store each (status and /metrics read them)."""
+        values = (self.served, self.errors, self.batches, self.busy_s, self.samples)
+        for (view, i), v in zip(self._counter_words, values):
+            view[i] = v
 
     def collect_whisper_stats(self) -> None:
         """Add the decode thread's errors and compute time to this worker's counters."""
@@ -201,8 +217,7 @@ class Worker:
         if errors or busy:
             self.errors += errors
             self.busy_s += busy
-            _COUNTERS.pack_into(self.shm.ctl_view, self._w_off + _WO["served"], self.served,
-                                self.errors, self.batches, self.busy_s, self.samples)
+            self.publish_counters()
 
     def fail(self, j: int, status: int, message: str) -> int:
         data = message.encode()[: self.shm.slot_bytes]
