@@ -185,6 +185,9 @@ def test_without_whisper_workers_it_is_501_and_no_model_is_listed():
     body, ctype = multipart({"model": "whisper-1"})
     r = c.simulate_post("/v1/audio/transcriptions", body=body, headers={"Content-Type": ctype})
     assert r.status_code == 501 and "whisper_workers" in r.json["error"]["message"]
+    body, ctype = multipart({"model": "whisper-2"})  # the form is checked first
+    r = c.simulate_post("/v1/audio/transcriptions", body=body, headers={"Content-Type": ctype})
+    assert r.status_code == 400 and r.json["error"]["param"] == "model"
     assert c.simulate_get("/v1/models").json["data"] == []
 
 

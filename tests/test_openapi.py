@@ -45,7 +45,8 @@ def test_spec_is_valid_openapi_and_lists_every_endpoint():
         "POST /process", "GET /healthz", "GET /readyz", "POST /audio/stream",
         "POST /audio/streams", "POST /audio/streams/{stream_id}",
         "GET /audio/streams/{stream_id}", "DELETE /audio/streams/{stream_id}",
-        "POST /audio/transcribe", "GET /metrics", "GET /openapi.json"}
+        "POST /audio/transcribe", "GET /metrics", "GET /openapi.json",
+        "POST /v1/audio/transcriptions", "GET /v1/models", "GET /v1/models/{model}"}
     assert json.loads(SPEC_JSON) == SPEC
 
 
@@ -61,6 +62,8 @@ def test_every_error_is_declared_as_json_with_error_and_detail():
                     assert list(resp["content"]) == ["application/json"], (method, path, code)
     err = SPEC["components"]["schemas"]["Error"]
     assert err["required"] == ["error", "detail"]
+    oai = SPEC["components"]["schemas"]["OpenAIError"]["properties"]["error"]  # under /v1/
+    assert oai["required"] == ["message", "type", "param", "code"]
 
 
 def test_the_resource_serves_the_document():
@@ -163,6 +166,7 @@ def no_server_error(ctx, response, case) -> None:
 
 
 def errors_are_json(ctx, response, case) -> None:
+    """JSON {"error", "detail"}; under /v1/ OpenAI's {"error": {"message", ...}}."""
     if response.status_code < 400:
         return
     ctype = (response.headers.get("content-type") or [""])[0]
@@ -170,6 +174,9 @@ def errors_are_json(ctx, response, case) -> None:
         body = json.loads(response.content)
     except ValueError:
         body = None
+    if case.path.startswith("/v1/") and isinstance(body, dict):
+        err = body.get("error")
+        body = {"error": "", "detail": err.get("message")} if isinstance(err, dict) else None
     if not (ctype.startswith("application/json") and isinstance(body, dict)
             and isinstance(body.get("error"), str) and isinstance(body.get("detail"), str)):
         raise AssertionError(f"error {response.status_code} is not JSON error+detail: "

@@ -20,6 +20,7 @@ from . import layout as L
 from . import wire
 from .config import MAX_MESSAGE_BYTES
 from .mel import N_SAMPLES
+from .whisper.openai_spec import OPENAI_ERROR_SCHEMA, V1_PATHS
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 BINARY = {"type": "string", "format": "binary"}
@@ -257,7 +258,9 @@ SPEC: dict[str, Any] = {
         "description": (
             "Whisper log-mel spectrograms (and a small text endpoint) over HTTP; requests "
             "travel to compute workers through POSIX shared memory. Every error body is JSON "
-            "{\"error\": <HTTP reason>, \"detail\": <what went wrong>}."),
+            "{\"error\": <HTTP reason>, \"detail\": <what went wrong>}, except under /v1/ "
+            "(OpenAI's transcription API), where errors take OpenAI's shape "
+            "{\"error\": {\"message\", \"type\", \"param\", \"code\"}}."),
     },
     "security": [{"bearerAuth": []}],
     "paths": {
@@ -351,6 +354,7 @@ SPEC: dict[str, Any] = {
             "get": _session_info_op(),
             "delete": _session_finish_op(),
         },
+        **V1_PATHS,
         "/metrics": {"get": {
             "operationId": "metrics",
             "summary": "Prometheus metrics",
@@ -383,6 +387,7 @@ SPEC: dict[str, Any] = {
                           "properties": {"ready": {"type": "integer", "minimum": 0},
                                          "workers": {"type": "integer", "minimum": 0},
                                          "state": {"type": "string"}}},
+            "OpenAIError": OPENAI_ERROR_SCHEMA,
             "Batch": BATCH,
             "Whole": WHOLE,
         },

@@ -199,14 +199,14 @@ class TranscriptionsResource:
         self.max_seconds = config.max_body_bytes / (2 * SAMPLE_RATE)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self.unavailable:
-            raise OpenAIError(501, self.unavailable, None, "not_implemented")
         limit = self.config.max_body_bytes
         try:
-            r = parse_request(*read_form(req, limit))
+            r = parse_request(*read_form(req, limit))  # a bad form is a 400 even here
         except falcon.HTTPError:
             BodyReader(req.bounded_stream, limit, 1 << 16).drain()  # lingering close
             raise
+        if self.unavailable:
+            raise OpenAIError(501, self.unavailable, None, "not_implemented")
         try:
             audio = open_audio(r.file)
         except BadAudio as exc:
