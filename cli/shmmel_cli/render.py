@@ -80,5 +80,5 @@ def status_table(info: dict[str, Any], wide: bool = False) -> list[RenderableTyp
                  f"{info['streams']['max']} open")
     off = next((w["reason"] for w in info["workers"] if w["state"] == "off"), None)
     if off:
-        parts.append(Text(f"whisper workers off: {off}", style="yellow"))
+        parts.append(Text(f"whisper workers off:\n  {off}", style="yellow"))
     return parts
