@@ -10,7 +10,6 @@ stereo file, whose text equals /audio/transcribe's for the same audio after conv
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -32,27 +31,11 @@ from .test_whisper import MISSING, SENTENCES, load, two_windows, wer
 av = pytest.importorskip("av", reason="the [audio] extra (PyAV) is not installed: "
                                       "pip install 'shmmel[audio]'")
 from shmmel.decode import AudioTooLong, Undecodable, decode_audio  # noqa: E402
+from shmmel.decode import encode_audio as encode  # noqa: E402
 from shmmel.whisper import openai as oa  # noqa: E402
 
 TOKEN = "openai-test-token-42"
 SR = 16000
-
-
-def encode(pcm: np.ndarray, rate: int, container: str, codec: str, channels: int = 1) -> bytes:
-    """16 kHz s16 ``pcm`` as a file: resampled to ``rate``, copied to ``channels``."""
-    layout = "stereo" if channels == 2 else "mono"
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as c:
-        s = c.add_stream(codec, rate=rate, layout=layout)
-        data = np.repeat(pcm.astype("<i2")[:, None], channels, axis=1).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(data, format="s16", layout=layout)
-        frame.sample_rate = SR
-        rs = av.AudioResampler(format=s.codec_context.format.name, layout=layout, rate=rate,
-                               frame_size=s.codec_context.frame_size or None)
-        for f in [*rs.resample(frame), *rs.resample(None)]:
-            c.mux(s.encode(f))
-        c.mux(s.encode(None))
-    return buf.getvalue()
 
 
 FILES = {  # name: (container, codec, rate, channels)
@@ -377,3 +360,16 @@ def test_curl_as_in_openais_docs(odaemon, tmp_path, mp3):
                           "-F", "response_format=srt"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("1\n00:00:00")
+
+
+@pytest.mark.e2e
+def test_the_transcribe_bench_drives_the_openai_route(odaemon):
+    from shmmel.loadgen.transcribeload import TranscribeLoad, run_transcribe
+
+    url = f"http://127.0.0.1:{odaemon.port}"
+    r = run_transcribe(url, TranscribeLoad(streams=1, duration=2, warmup=0, signal="noise",
+                                           openai=True), token=TOKEN)
+    assert r["windows"] >= 1 and r["error_count"] == 0, r["errors"]
+    assert r["load"]["openai"] is True and r["mp3_bytes"] > 1000
+    assert 0 < r["decode_ms"]["min"] <= r["decode_ms"]["median"] < r["latency_ms"]["max"]
+    assert r["batch"]["mean"] is None  # OpenAI's answer does not say

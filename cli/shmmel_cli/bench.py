@@ -227,6 +227,8 @@ def bench_audio(
                                                   "instead: windows/s, latency a window.")] = False,
     file: Annotated[Optional[Path], typer.Option(help="--transcribe: the window's audio (WAV "
                                                       "or raw s16le, 16 kHz; first 30 s).")] = None,
+    openai: Annotated[bool, typer.Option(help="--transcribe: send each window as an mp3 to "
+                                              "OpenAI's /v1/audio/transcriptions.")] = False,
     baseline: Baseline = False, sweep: Sweep = None, as_json: AsJson = False, save: Save = None,
     hgrm: Hgrm = None, plot: Plot = None, log_dir: LogDir = None,
 ) -> None:
@@ -236,15 +238,16 @@ def bench_audio(
         if baseline or sweep:
             raise fail(ValueError("--transcribe takes neither --baseline nor --sweep"))
         _bench_transcribe(TranscribeLoad(streams=streams, duration=duration, warmup=warmup,
-                                         signal=signal, file=str(file) if file else None),
+                                         signal=signal, file=str(file) if file else None,
+                                         openai=openai),
                           _source(url, instance, spawn, None, dict(
                               workers=workers, http_workers=http_workers,
                               http_threads=http_threads, worker_kind=worker_kind),
                               log_dir, http_workers, http_threads, config, token),
                           as_json, save, hgrm, plot)
         return
-    if file is not None:
-        raise fail(ValueError("--file goes with --transcribe"))
+    if file is not None or openai:
+        raise fail(ValueError("--file and --openai go with --transcribe"))
     try:
         if pace not in ("realtime", "fast"):
             raise ValueError("--pace must be realtime or fast")
@@ -317,6 +320,10 @@ def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save:
                   f"{report._fmt(b['max'])}); mean tokens a window {report._fmt(tok['mean'])}"
                   + (f"; errors {s['errors']}" if s["errors"] else "; no errors"),
                   )
+        if "decode_ms" in s:
+            d = s["decode_ms"]
+            out.print(f"mp3 ({s['mp3_bytes']:,} bytes) decoded here in {d['median']} ms "
+                      f"(median of {d['repeat']}; {d['min']}-{d['max']})")
 
 
 def gen_audio(

@@ -29,6 +29,7 @@ import numpy as np
 from .audio_io import BadAudio
 
 SAMPLE_RATE = 16000
+BLOCK_S = 0.5  # seconds of decoded audio resampled at a time
 INSTALL_HINT = "install it with: pip install 'shmmel[audio]'"
 
 
@@ -91,13 +92,13 @@ class AudioFile:
         return self.samples / SAMPLE_RATE
 
     def chunks(self, max_seconds: float | None = None) -> Iterator[np.ndarray]:
-        """int16 16 kHz mono arrays, one per decoded packet's worth (the resampler's
+        """int16 16 kHz mono arrays, one per BLOCK_S of decoded audio (the resampler's
         delay flushed at the end). Raises Undecodable when a packet cannot be decoded and
         AudioTooLong as soon as the output passes ``max_seconds``."""
         av = _av()
         limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
-        frames = self._frames()
+        frames = self._blocks(av)
         while True:
             try:
                 frame = next(frames, None)
@@ -115,9 +116,21 @@ class AudioFile:
             if frame is None:
                 return
 
-    def _frames(self) -> Iterator[Any]:
+    def _blocks(self, av: Any) -> Iterator[Any]:
+        """Decoded frames regrouped into blocks of about BLOCK_S of audio (an AudioFifo):
+        the resampler and the Python around it then run once a block instead of once a
+        packet (an mp3 packet is 26 ms), which cuts the decode time by about half."""
+        fifo = av.AudioFifo()
+        block = 0
         for packet in self.container.demux(self.stream):
-            yield from packet.decode()
+            for frame in packet.decode():
+                frame.pts = None  # the FIFO checks timestamps; gaps are FFmpeg's business
+                fifo.write(frame)
+                block = block or max(1, int(frame.sample_rate * BLOCK_S))
+                if fifo.samples >= block:
+                    yield fifo.read(block)
+        if fifo.samples:
+            yield fifo.read()
 
 
 def open_audio(data: bytes | Path | str) -> AudioFile:
@@ -152,3 +165,23 @@ def decode_audio(data: bytes | Path | str, max_seconds: float | None = None) -> 
     if not parts or not sum(p.size for p in parts):
         raise Undecodable("the file holds no audio samples")
     return np.concatenate(parts)
+
+
+def encode_audio(pcm: np.ndarray, rate: int = 44100, container: str = "mp3",
+                 codec: str = "libmp3lame", channels: int = 1) -> bytes:
+    """16 kHz mono int16 ``pcm`` as a compressed file (the benchmark's and tests' inputs):
+    resampled to ``rate`` and copied to ``channels`` by FFmpeg, encoded with ``codec``."""
+    av = _av()
+    layout = "stereo" if channels == 2 else "mono"
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as c:
+        s = c.add_stream(codec, rate=rate, layout=layout)
+        data = np.repeat(np.asarray(pcm, "<i2")[:, None], channels, axis=1).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(data, format="s16", layout=layout)
+        frame.sample_rate = SAMPLE_RATE
+        resampler = av.AudioResampler(format=s.codec_context.format.name, layout=layout,
+                                      rate=rate, frame_size=s.codec_context.frame_size or None)
+        for f in [*resampler.resample(frame), *resampler.resample(None)]:
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return buf.getvalue()

@@ -7,6 +7,11 @@ measured interval (``warmup`` .. ``warmup + duration``); windows per second are 
 completed in each whole 1 s interval. The latency of a window is upload, mel, features to a
 whisper worker, batched ``generate`` and reply.
 
+With ``openai`` the same window goes to OpenAI's ``POST /v1/audio/transcriptions`` as an
+mp3 (encoded once with PyAV, 44.1 kHz mono) in a multipart form, ``response_format=
+verbose_json``: the latency then includes the server's mp3 decode and resampling, which is
+also timed on its own here (``decode_ms``: the same file decoded in this process).
+
 The window is made by ``signals`` (or read from a file: the first 30 s, zero-padded).
 Synthetic speech is not speech: Whisper tends to decode it to the maximum length, a worst
 case; the mean tokens per window is reported so that runs stay comparable.
@@ -39,7 +44,9 @@ from .textload import host_port, throughput
 WINDOW_SECONDS = 30
 N_SAMPLES = WINDOW_SECONDS * signals.RATE
 PATH = "/audio/transcribe?format=ndjson"
+OPENAI_PATH = "/v1/audio/transcriptions"
 L16 = "audio/L16;rate=16000"
+BOUNDARY = "shmmel-bench-3f9c2a"
 MAX_BATCH = 64  # config: whisper_max_batch is 1..64
 
 
@@ -56,6 +63,7 @@ class TranscribeLoad:
     seed: int = 0
     file: str | None = None       # WAV (16 kHz mono 16-bit) or raw s16le instead of signal
     timeout: float = 300.0        # one request
+    openai: bool = False          # the window as an mp3 to /v1/audio/transcriptions
 
 
 def window_pcm(load: TranscribeLoad) -> bytes:
@@ -78,6 +86,45 @@ def window_pcm(load: TranscribeLoad) -> bytes:
         pcm = signals.to_s16(signals.generate(load.signal, WINDOW_SECONDS, seed=load.seed))  # type: ignore[arg-type]
     pcm = pcm[:N_SAMPLES]
     return np.concatenate([pcm, np.zeros(N_SAMPLES - pcm.size, "<i2")]).astype("<i2").tobytes()
+
+
+def openai_request(pcm: bytes) -> tuple[bytes, str, bytes]:
+    """(multipart body, its Content-Type, the mp3 in it) for /v1/audio/transcriptions."""
+    from ..decode import encode_audio
+
+    mp3 = encode_audio(np.frombuffer(pcm, "<i2"), 44100, "mp3", "libmp3lame", 1)
+    b = BOUNDARY.encode()
+    parts = [b"--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
+             % (b, k, v) for k, v in ((b"model", b"whisper-1"),
+                                      (b"response_format", b"verbose_json"))]
+    parts.append(b"--%s\r\nContent-Disposition: form-data; name=\"file\"; "
+                 b"filename=\"window.mp3\"\r\nContent-Type: audio/mpeg\r\n\r\n" % b
+                 + mp3 + b"\r\n--%s--\r\n" % b)
+    return b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}", mp3
+
+
+def parse_openai(body: bytes) -> list[dict]:
+    """A verbose_json answer -> one record a 30 s window (segments grouped by ``seek``)."""
+    res = json.loads(body)
+    windows: dict[int, list[int]] = {}
+    for seg in res.get("segments") or []:
+        windows.setdefault(int(seg["seek"]), []).extend(seg["tokens"])
+    if "text" not in res:
+        raise ValueError("no transcript in the answer")
+    return [{"tokens": t} for t in windows.values()] or [{"tokens": []}]
+
+
+def decode_ms(mp3: bytes, repeat: int = 20) -> dict[str, float]:
+    """Median, min and max of decoding ``mp3`` to 16 kHz mono here, as the server does."""
+    from ..decode import decode_audio
+
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        decode_audio(mp3)
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"median": round(float(np.median(times)), 2), "min": round(min(times), 2),
+            "max": round(max(times), 2), "repeat": repeat}
 
 
 def check_available(url: str, timeout: float = 30.0, token: str = "") -> None:
@@ -120,9 +167,13 @@ def parse_windows(body: bytes) -> list[dict]:
 
 class _Client(threading.Thread):
     def __init__(self, host: str, port: int, body: bytes, load: TranscribeLoad, t0: float,
-                 res: dict, lock: threading.Lock, progress: Any, token: str = "") -> None:
+                 res: dict, lock: threading.Lock, progress: Any, token: str = "",
+                 ctype: str = L16) -> None:
         super().__init__(daemon=True)
         self.auth = auth_headers(token)
+        self.ctype = ctype
+        self.path, self.parse = ((OPENAI_PATH, parse_openai) if load.openai
+                                 else (PATH, parse_windows))
         self.host, self.port, self.body, self.load = host, port, body, load
         self.t0, self.res, self.lock, self.progress = t0, res, lock, progress
         self.start_at = t0 + load.warmup
@@ -139,12 +190,12 @@ class _Client(threading.Thread):
 
     def run(self) -> None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.load.timeout)
-        hdr = {"Content-Type": L16, **self.auth}
+        hdr = {"Content-Type": self.ctype, **self.auth}
         time.sleep(max(0.0, self.t0 - time.monotonic()))
         try:
             while (sent := time.monotonic()) < self.end_at:
                 try:
-                    conn.request("POST", PATH, self.body, hdr)
+                    conn.request("POST", self.path, self.body, hdr)
                     resp = conn.getresponse()
                     raw = resp.read()
                 except (OSError, http.client.HTTPException):
@@ -158,7 +209,7 @@ class _Client(threading.Thread):
                     time.sleep(0.1)
                     continue
                 try:
-                    windows = parse_windows(raw)
+                    windows = self.parse(raw)
                 except ValueError:
                     self.error("stream error", sent)
                     continue
@@ -167,7 +218,7 @@ class _Client(threading.Thread):
                 with self.lock:
                     record_s(self.res["hist"], done - sent)
                     self.res["windows"] += len(windows)
-                    self.res["batches"] += [int(w.get("batch", 0)) for w in windows]
+                    self.res["batches"] += [int(w["batch"]) for w in windows if "batch" in w]
                     self.res["tokens"] += [len(w.get("tokens", ())) for w in windows]
                     if done < self.end_at:
                         self.res["bins"].append(int(done - self.start_at))
@@ -187,7 +238,9 @@ def run_transcribe(url: str, load: TranscribeLoad, *, label: str = "transcribe",
     """The load against ``url``; plain data plus the merged histogram under ``_hist``."""
     if load.streams < 1 or load.duration <= 0 or load.warmup < 0:
         raise ValueError("streams must be >= 1, duration > 0 and warmup >= 0")
-    body = window_pcm(load)
+    body, ctype, mp3 = window_pcm(load), L16, b""
+    if load.openai:
+        body, ctype, mp3 = openai_request(body)
     check_available(url, token=token)
     host, port = host_port(url)
     t0 = time.monotonic() + 0.3
@@ -196,7 +249,7 @@ def run_transcribe(url: str, load: TranscribeLoad, *, label: str = "transcribe",
         res: dict = {"hist": new_hist(), "errors": Counter(), "windows": 0, "batches": [],
                      "tokens": [], "bins": []}
         lock = threading.Lock()
-        clients = [_Client(host, port, body, load, t0, res, lock, progress, token)
+        clients = [_Client(host, port, body, load, t0, res, lock, progress, token, ctype)
                    for _ in range(load.streams)]
         for c in clients:
             c.start()
@@ -214,8 +267,9 @@ def run_transcribe(url: str, load: TranscribeLoad, *, label: str = "transcribe",
         if 0 <= b < len(bins):
             bins[b] += 1
     errors = part["errors"]
+    extra = {"mp3_bytes": len(mp3), "decode_ms": decode_ms(mp3)} if load.openai else {}
     return {"load": {"url": url, **{k: v for k, v in asdict(load).items() if k != "timeout"},
-                     "window_s": WINDOW_SECONDS},
+                     "window_s": WINDOW_SECONDS}, **extra,
             "windows": part["windows"], "windows_per_s": throughput(bins, load.duration),
             "latency_ms": summary_ms(h), "batch": _stats(part["batches"]),
             "tokens": _stats(part["tokens"]), "errors": errors,
