@@ -36,7 +36,23 @@ def setup_logging(level: str = "info") -> None:
 
 
 def default_log_file(config: Config) -> Path:
-    return Path(config.log_file or Path(tempfile.gettempdir()) / f"shmmel-{config.instance}.log")
+    """``log_file``, else ``shmmel-<instance>.log`` in the user's runtime directory
+    ($XDG_RUNTIME_DIR: private to the user) where there is one, else the temp directory."""
+    if config.log_file:
+        return Path(config.log_file)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(tempfile.gettempdir())
+    return base / f"shmmel-{config.instance}.log"
+
+
+def open_log(path: Path) -> int:
+    """Open the detached instance's log for appending: mode 0600, never through a symlink
+    (the default path is predictable, and /tmp is world-writable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    if os.fstat(fd).st_uid == os.getuid():
+        os.fchmod(fd, 0o600)  # a log left 0644 by an older version
+    return fd
 
 
 def _is_supervisor(pid: int) -> bool:
@@ -129,7 +145,12 @@ def start(config: Config, timeout: float | None = None) -> Started:
     cleared = clear_stale(config.instance)
     log_file = default_log_file(config)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as out:
+    try:
+        fd = open_log(log_file)
+    except OSError as exc:
+        raise InstanceError(f"cannot open the log file {log_file}: {exc.strerror} "
+                            "(a symbolic link is refused)") from None
+    with open(fd, "ab") as out:
         # the config (which may hold auth_token) goes through a pipe, never the command line
         proc = subprocess.Popen(
             [sys.executable, "-m", "shmmel.daemon"],

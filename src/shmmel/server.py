@@ -34,7 +34,8 @@ class GunicornServer(BaseApplication):
         settings: dict[str, Any] = {
             "bind": [f"fd://{self.listen_fd}"],
             "workers": c.http_workers,
-            "worker_class": "gthread",
+            # gthread, with headers read by the poller and JSON error pages (httpworker.py)
+            "worker_class": "shmmel.httpworker.ShmmelThreadWorker",
             "threads": c.http_threads,
             "worker_connections": max(1000, c.http_threads * 4),
             "keepalive": 5,
