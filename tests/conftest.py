@@ -50,8 +50,10 @@ class Daemon:
     pids: set[int] = field(default_factory=set)
 
     def status(self) -> dict:
-        return json.loads(run_cli("status", "--instance", self.instance, "--json",
-                                  env=self.env).stdout)
+        # a dead instance (SIGKILLed supervisor) still prints its JSON, with exit code 1
+        proc = run_cli("status", "--instance", self.instance, "--json", env=self.env,
+                       check=not instance_names(self.instance))
+        return json.loads(proc.stdout)
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 30
