@@ -45,7 +45,7 @@ class Config:
     worker_spin_us: int = 0
     heartbeat_interval: float = 0.2
     heartbeat_timeout: float = 30.0
-    stall_timeout: float = 2.0        # no heartbeat for this long: no new work, queued work 503/re-routed
+    stall_timeout: float = 1.0        # no heartbeat for this long: no new work, queued work 503/re-routed
     respawn_backoff_max: float = 30.0  # cap of the exponential respawn delay of a crash-looping worker
     header_timeout: float = 10.0      # a request's headers must arrive whole within this
     min_body_rate: int = 1024         # bytes/s a Content-Length body must keep up (0: off)
