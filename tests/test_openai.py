@@ -373,3 +373,32 @@ def test_the_transcribe_bench_drives_the_openai_route(odaemon):
     assert r["load"]["openai"] is True and r["mp3_bytes"] > 1000
     assert 0 < r["decode_ms"]["min"] <= r["decode_ms"]["median"] < r["latency_ms"]["max"]
     assert r["batch"]["mean"] is None  # OpenAI's answer does not say
+
+
+def test_only_a_16k_mono_wav_is_sent_as_it_is(tmp_path):
+    from shmmel.decode import is_service_wav
+
+    cases = {"a.wav": encode(load("speech1"), SR, "wav", "pcm_s16le"),
+             "b.wav": encode(load("speech1"), 44100, "wav", "pcm_s16le"),
+             "c.wav": encode(load("speech1"), SR, "wav", "pcm_s16le", 2),
+             "d.mp3": encode(load("speech1"), SR, "mp3", "libmp3lame")}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    assert [is_service_wav(tmp_path / n) for n in sorted(cases)] == [True, False, False, False]
+
+
+@pytest.mark.e2e
+def test_shmmel_mel_takes_an_mp3(odaemon, tmp_path, mp3):
+    from shmmel.client import MelClient
+
+    from .conftest import run_cli
+
+    path, out = tmp_path / "speech.mp3", tmp_path / "mel.npy"
+    path.write_bytes(mp3)
+    url = f"http://127.0.0.1:{odaemon.port}"
+    run_cli("mel", str(path), "-o", str(out), "--url", url, "--token", TOKEN, env=odaemon.env)
+    got = np.load(out)
+    # the mel of the audio after conversion, as the service computes it for 16 kHz PCM
+    want = MelClient(url, token=TOKEN).mel(decode_audio(mp3))
+    assert got.shape == want.shape == (80, speech().size // 160)
+    assert np.array_equal(got, want)

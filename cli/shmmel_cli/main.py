@@ -150,7 +150,10 @@ def status(
 
 @app.command("mel")
 def mel_cmd(
-    file: Annotated[Path, typer.Argument(help="WAV file (16 kHz mono, 16-bit or float32).")],
+    file: Annotated[Path, typer.Argument(help="Audio file: a 16 kHz mono WAV is sent as it "
+                                              "is; mp3, m4a, ogg, flac, webm, other rates or "
+                                              "stereo are decoded here to 16 kHz mono (needs "
+                                              "the [audio] extra).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .npy.")],
     n_mels: Annotated[int, typer.Option(help="80 or 128.")] = 80,
     windows: Annotated[bool, typer.Option(help="Whisper's 30 s windows of 3000 frames.")] = False,

@@ -27,6 +27,7 @@ from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 
+from .decode import decode_audio, is_service_wav
 from .errors import ShmmelError
 from .mel import final_floor
 
@@ -55,7 +56,11 @@ class Batch:
 
 def _pieces(audio: np.ndarray | str | Path | bytes, chunk_s: float
             ) -> tuple[str, Iterable[bytes], float]:
-    """(content type, body pieces, seconds of audio per piece)."""
+    """(content type, body pieces, seconds of audio per piece). A path that is not a 16 kHz
+    mono WAV (mp3, m4a, ogg, flac, another rate, stereo) is decoded here to 16 kHz mono
+    16-bit with PyAV (the [audio] extra): its mel is then that of the converted audio."""
+    if isinstance(audio, (str, Path)) and not is_service_wav(audio):
+        audio = decode_audio(audio)
     if isinstance(audio, (str, Path)):
         fh = Path(audio).open("rb")  # here, not in the sender: a missing file fails at once
         size = 32000 * chunk_s

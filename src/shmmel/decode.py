@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from .audio_io import BadAudio
+from .errors import ShmmelError
 
 SAMPLE_RATE = 16000
 BLOCK_S = 0.5  # seconds of decoded audio resampled at a time
 INSTALL_HINT = "install it with: pip install 'shmmel[audio]'"
 
 
-class AudioExtraMissing(RuntimeError):
+class AudioExtraMissing(ShmmelError):
     """PyAV (the ``[audio]`` extra) is not installed."""
 
 
@@ -185,3 +186,16 @@ def encode_audio(pcm: np.ndarray, rate: int = 44100, container: str = "mp3",
             c.mux(s.encode(f))
         c.mux(s.encode(None))
     return buf.getvalue()
+
+
+def is_service_wav(path: Path | str) -> bool:
+    """Whether the file is a WAV that shmmel takes as it is (16 kHz mono, 16-bit PCM or
+    float32): sent unchanged, its mel is exact; anything else is decoded first."""
+    from .audio_io import read_wav_header
+
+    with open(path, "rb") as fh:
+        try:
+            read_wav_header(fh.read)
+        except BadAudio:
+            return False
+    return True

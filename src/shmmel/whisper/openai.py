@@ -202,9 +202,9 @@ class TranscriptionsResource:
         limit = self.config.max_body_bytes
         try:
             r = parse_request(*read_form(req, limit))  # a bad form is a 400 even here
-        except falcon.HTTPError:
-            BodyReader(req.bounded_stream, limit, 1 << 16).drain()  # lingering close
-            raise
+        finally:  # the epilogue after the last boundary, or the rest after an error: read
+            # it (bounded), so the connection stays usable and the answer is not reset
+            BodyReader(req.bounded_stream, limit, 1 << 16).drain()
         if self.unavailable:
             raise OpenAIError(501, self.unavailable, None, "not_implemented")
         try:
