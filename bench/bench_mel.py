@@ -1,11 +1,14 @@
-"""Mel engine benchmark: CUDA engine (host and device input), torchaudio on the same
-batch, per-chunk GPU latency, NumPy engine. Prints a markdown table and writes JSON.
+"""Mel engine benchmark, one run, side by side: one clip against openai-whisper's
+``log_mel_spectrogram`` on torch/CUDA; host batches (numpy in, numpy out); device batches
+against torchaudio; kernel variants; streaming chunks; the NumPy engine. Prints JSON
+lines and a summary table; writes everything to --json.
 
     source .device/setup && python3 bench/bench_mel.py --json $OUT/bench_mel.json
+    ncu --clock-control none -k regex:shmmel python3 bench/bench_mel.py --ncu   # one batch
 
-Throughput is seconds of audio per second of wall (host path) or of GPU time between
-CUDA events on the engine's stream (device path, torchaudio). Medians of --repeat runs
-after two warm-ups.
+Wall figures are medians of --repeat calls after warm-ups, each call ending with its
+result on the host (or, for device results, a synchronize). Device figures are CUDA
+events on the producing stream.
 """
 
 from __future__ import annotations
@@ -15,26 +18,28 @@ import json
 import platform
 import statistics
 import time
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
 
 from shmmel import mel
 
-HBM_BYTES_PER_S = 3.35e12  # H100 SXM5 80 GB HBM3, NVIDIA's datasheet figure
+HBM_BYTES_PER_S = 4.8e12  # H200 SXM 141 GB HBM3e, NVIDIA's datasheet figure
 
 
-def wall_median(fn: Callable[[], Any], repeat: int) -> float:
-    fn(), fn()
+def wall(fn: Callable[[], Any], repeat: int, warm: int = 3) -> dict[str, float]:
+    for _ in range(warm):
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
-def cupy_event_median(fn: Callable[[], Any], stream: Any, repeat: int) -> float:
+def cupy_events(fn: Callable[[], Any], stream: Any, repeat: int) -> float:
     import cupy as cp
 
     fn(), fn()
@@ -50,7 +55,7 @@ def cupy_event_median(fn: Callable[[], Any], stream: Any, repeat: int) -> float:
     return statistics.median(times)
 
 
-def torch_event_median(fn: Callable[[], Any], repeat: int) -> float:
+def torch_events(fn: Callable[[], Any], repeat: int) -> float:
     import torch
 
     fn(), fn()
@@ -64,6 +69,41 @@ def torch_event_median(fn: Callable[[], Any], repeat: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+# -- the peers ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _whisper_filters(device: str, n_mels: int) -> Any:
+    import torch
+
+    # whisper loads librosa's filterbank from mel_filters.npz; shmmel's mel_filters() is
+    # that filterbank (tests/test_mel.py pins it to librosa's values)
+    return torch.from_numpy(np.array(mel.mel_filters(n_mels))).to(device)
+
+
+def whisper_log_mel_spectrogram(audio: Any, n_mels: int = 80, padding: int = 0, device: Any = None) -> Any:
+    """openai/whisper ``whisper/audio.py`` ``log_mel_spectrogram`` (commit 06dc24a),
+    reproduced line for line (openai-whisper is not installed on the GPU host)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.is_tensor(audio):
+        audio = torch.from_numpy(audio)
+    if device is not None:
+        audio = audio.to(device)
+    if padding > 0:
+        audio = F.pad(audio, (0, padding))
+    window = torch.hann_window(mel.N_FFT).to(audio.device)
+    stft = torch.stft(audio, mel.N_FFT, mel.HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    filters = _whisper_filters(str(audio.device), n_mels)
+    mel_spec = filters @ magnitudes
+    log_spec = torch.clamp(mel_spec, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    log_spec = (log_spec + 4.0) / 4.0
+    return log_spec
 
 
 def torchaudio_whisper(n_mels: int = 80) -> Callable[[Any], Any]:
@@ -85,124 +125,262 @@ def torchaudio_whisper(n_mels: int = 80) -> Callable[[Any], Any]:
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", default="1,64,512")
-    parser.add_argument("--seconds", type=int, default=30)
-    parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--cpu-clips", type=int, default=8)
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+# -- sections --------------------------------------------------------------------------------
 
+
+def single_clip(engine: Any, rng: np.random.Generator, repeat: int) -> dict[str, Any]:
+    """One clip host numpy -> host numpy, and torch CUDA tensor -> torch CUDA tensor."""
+    import torch
+
+    out: dict[str, Any] = {}
+    staged = mel.CudaEngine(0, pageable_direct_bytes=0)
+    direct = mel.CudaEngine(0, pageable_direct_bytes=1 << 30)
+    for seconds in (1, 10, 30):
+        x = (rng.standard_normal(seconds * 16000) * 0.1).astype(np.float32)
+        tx = torch.from_numpy(x).cuda()
+        row = {
+            "shmmel_host": wall(lambda: mel.log_mel_spectrogram(x, engine=engine), repeat),
+            "shmmel_host_staged": wall(lambda: mel.log_mel_spectrogram(x, engine=staged), repeat),
+            "shmmel_host_driver_copies": wall(lambda: mel.log_mel_spectrogram(x, engine=direct), repeat),
+            "whisper_host": wall(lambda: whisper_log_mel_spectrogram(torch.from_numpy(x), device="cuda").cpu(), repeat),
+        }
+
+        def shmmel_dev() -> None:
+            mel.log_mel_spectrogram(tx, engine=engine)
+            torch.cuda.synchronize()
+
+        def whisper_dev() -> None:
+            whisper_log_mel_spectrogram(tx)
+            torch.cuda.synchronize()
+
+        row["shmmel_device"] = wall(shmmel_dev, repeat)
+        row["whisper_device"] = wall(whisper_dev, repeat)
+        ours = mel.log_mel_spectrogram(x, engine=engine)
+        theirs = whisper_log_mel_spectrogram(torch.from_numpy(x), device="cuda").cpu().numpy()
+        row["max_abs_diff_vs_whisper"] = float(np.abs(ours - theirs).max())
+        for side in ("host", "device"):
+            row[f"speedup_{side}"] = row[f"whisper_{side}"]["median_s"] / row[f"shmmel_{side}"]["median_s"]
+        out[f"{seconds}s"] = row
+        print(json.dumps({"single_clip": seconds, **row}), flush=True)
+    staged.close()
+    direct.close()
+    return out
+
+
+def host_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int, repeat: int) -> dict[str, Any]:
+    n = seconds * mel.SAMPLE_RATE
+    pcm = rng.integers(-12000, 12000, size=(clips, n), dtype=np.int16)
+    f32 = pcm.astype(np.float32) / np.float32(32768)
+    audio_s = clips * seconds
+    shape = (clips, 80, n // mel.HOP_LENGTH)
+    out_plain = np.empty(shape, np.float32)
+    pinned_in = engine.empty_pinned(pcm.shape, np.int16)
+    pinned_in[:] = pcm
+    pinned_out = engine.empty_pinned(shape, np.float32)
+    cases = {
+        "int16_fresh_out": lambda: mel.log_mel_batch(pcm, engine=engine),
+        "int16_out": lambda: mel.log_mel_batch(pcm, engine=engine, out=out_plain),
+        "int16_pinned_in_out": lambda: mel.log_mel_batch(pinned_in, engine=engine, out=pinned_out),
+        "int16_pinned_out": lambda: mel.log_mel_batch(pcm, engine=engine, out=pinned_out),
+        "float32_out": lambda: mel.log_mel_batch(f32, engine=engine, out=out_plain),
+        "float32_fresh_out": lambda: mel.log_mel_batch(f32, engine=engine),
+    }
+    row: dict[str, Any] = {"clips": clips, "seconds": seconds}
+    for name, fn in cases.items():
+        t = wall(fn, repeat, warm=2)
+        row[name] = {**t, "audio_per_s": audio_s / t["median_s"]}
+        print(json.dumps({"host_batch": name, **row[name]}), flush=True)
+    # the copy ceilings on this host for the same bytes, pinned, one direction at a time
     import cupy as cp
 
-    engine = mel.CudaEngine(0, timing=True)
+    dev = cp.empty(pcm.nbytes, cp.uint8)
+    dev_out = cp.empty(out_plain.nbytes, cp.uint8)
     stream = engine.stream
+    rt = cp.cuda.runtime
+    row["h2d_pinned_GBps"] = pcm.nbytes / cupy_events(
+        lambda: rt.memcpyAsync(dev.data.ptr, pinned_in.ctypes.data, pcm.nbytes, rt.memcpyHostToDevice, stream.ptr),
+        stream, 5) / 1e9
+    row["d2h_pinned_GBps"] = out_plain.nbytes / cupy_events(
+        lambda: rt.memcpyAsync(pinned_out.ctypes.data, dev_out.data.ptr, out_plain.nbytes, rt.memcpyDeviceToHost,
+                               stream.ptr), stream, 5) / 1e9
+    t = wall(lambda: np.copyto(out_plain, pinned_out), 3, warm=1)
+    row["host_memcpy_1thread_GBps"] = out_plain.nbytes / t["median_s"] / 1e9
+    print(json.dumps({"copy_ceilings": {k: row[k] for k in row if k.endswith("GBps")}}), flush=True)
+    return row
+
+
+def device_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int, repeat: int,
+                 peer: Any) -> dict[str, Any]:
+    import cupy as cp
+
+    n = seconds * mel.SAMPLE_RATE
+    frames = n // mel.HOP_LENGTH
+    pcm = rng.integers(-12000, 12000, size=(clips, n), dtype=np.int16)
+    f32 = pcm.astype(np.float32) / np.float32(32768)
+    audio_s = clips * seconds
+    out_bytes = clips * frames * 80 * 4
+    row: dict[str, Any] = {"clips": clips, "audio_s": audio_s}
+    ours = None
+    for name, host in (("device_int16", pcm), ("device_float32", f32)):
+        x = cp.asarray(host)
+        out = cp.empty((clips, 80, frames), cp.float32)
+        cp.cuda.Device().synchronize()
+        t = cupy_events(lambda: mel.log_mel_batch(x, engine=engine, out=out), engine.stream, repeat)
+        t_raw = cupy_events(lambda: engine.log10_mel_device(x, layout="mels"), engine.stream, repeat)
+        kernel = engine.replay_last_launch(20) / 1e3
+        moved = host.nbytes + 3 * out_bytes  # read input, write frames, normalise r+w
+        row[name] = {"s": t, "audio_per_s": audio_s / t, "frames_only_s": t_raw, "kernel_replayed_s": kernel,
+                     "bandwidth_fraction": moved / t / HBM_BYTES_PER_S,
+                     "kernel_bandwidth_fraction": (host.nbytes + out_bytes) / kernel / HBM_BYTES_PER_S}
+        if name == "device_float32":
+            ours = out
+    if peer is not None:
+        import torch
+
+        tx = torch.as_tensor(f32, device="cuda")
+        t = torch_events(lambda: peer(tx), repeat)
+        row["torchaudio"] = {"s": t, "audio_per_s": audio_s / t}
+        theirs = peer(tx).cpu().numpy()
+        row["max_abs_diff_vs_torchaudio"] = float(np.abs(cp.asnumpy(ours) - theirs).max())
+        row["speedup_int16"] = t / row["device_int16"]["s"]
+        row["speedup_float32"] = t / row["device_float32"]["s"]
+        del tx
+        torch.cuda.empty_cache()
+    del ours
+    cp.get_default_memory_pool().free_all_blocks()
+    print(json.dumps({"device_batch": row}), flush=True)
+    return row
+
+
+def kernel_variants(rng: np.random.Generator, clips: int, seconds: int) -> dict[str, Any]:
+    """The frames kernel alone (replayed) at other block shapes, int16 device input."""
+    import cupy as cp
+
+    x = cp.asarray(rng.integers(-12000, 12000, size=(clips, seconds * 16000), dtype=np.int16))
+    out = {}
+    for fpb, min_blocks, ilp in ((8, 7, True), (8, 7, False), (8, 8, True), (8, 6, True), (12, 5, True)):
+        with mel.CudaEngine(0, frames_per_block=fpb, min_blocks=min_blocks, mel_ilp=ilp) as eng:
+            for layout in ("mels", "frames"):
+                eng.log10_mel_device(x, layout=layout)
+                eng.synchronize()
+                out[f"fpb{fpb}_min{min_blocks}_{'ilp' if ilp else 'chain'}_{layout}_ms"] = eng.replay_last_launch(20)
+    print(json.dumps({"kernel_variants": out}), flush=True)
+    return out
+
+
+def stream_chunks(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
+    """One 1 s int16 chunk per process(): one stream, and 64 streams in one call; with
+    plain results and with out= into registered slots (the worker's lean path)."""
+    chunk = rng.integers(-12000, 12000, size=mel.SAMPLE_RATE, dtype=np.int16)
+    slots = np.zeros((64, 100 * 80), np.float32)
+    engine.register_host(slots)
+    res = {}
+    for n_streams in (1, 64):
+        for mode in ("plain", "out_registered"):
+            streams = [engine.new_stream() for _ in range(n_streams)]
+            outs = list(slots[:n_streams]) if mode != "plain" else None
+            kernel, gpu, walls = [], [], []
+            for i in range(60):
+                t0 = time.perf_counter()
+                engine.process([(s, chunk, False) for s in streams], out=outs)
+                walls.append(time.perf_counter() - t0)
+                if i >= 10:
+                    kernel.append(engine.last_kernel_ms * 1e3)
+                    gpu.append(engine.last_gpu_ms * 1e3)
+            res[f"x{n_streams}_{mode}"] = {
+                "kernel_replayed_us": engine.replay_last_launch(200) * 1e3,
+                "kernel_us": statistics.median(kernel), "gpu_us": statistics.median(gpu),
+                "wall_us": statistics.median(walls[10:]) * 1e6,
+            }
+    print(json.dumps({"stream_chunks": res}), flush=True)
+    return res
+
+
+def ncu_target() -> None:
+    """One 512 x 30 s int16 device batch after a warm-up on another size, for ncu."""
+    import cupy as cp
+
+    engine = mel.CudaEngine(0)
+    x = cp.asarray(np.random.default_rng(0).integers(-12000, 12000, size=(512, 480000), dtype=np.int16))
+    engine.synchronize()
+    mel.log_mel_batch(x, engine=engine)
+    engine.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=512)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--single-repeat", type=int, default=50)
+    parser.add_argument("--cpu-clips", type=int, default=4)
+    parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--ncu", action="store_true", help="one batch for Nsight Compute, nothing else")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.ncu:
+        return ncu_target()
+
+    import cupy as cp
+    import torch
+    import torchaudio
+
+    engine = mel.CudaEngine(0, timing=True)
     props = cp.cuda.runtime.getDeviceProperties(0)
     results: dict[str, Any] = {
-        "gpu": props["name"].decode(),
-        "cpu": platform.processor() or platform.machine(),
-        "cupy": cp.__version__,
-        "numpy_version": np.__version__,
-        "hbm_bytes_per_s": HBM_BYTES_PER_S,
-        "rows": [],
+        "date": time.strftime("%Y-%m-%d"), "gpu": props["name"].decode(),
+        "cpu": platform.processor() or platform.machine(), "cupy": cp.__version__, "numpy": np.__version__,
+        "torch": torch.__version__, "torchaudio": torchaudio.__version__, "hbm_bytes_per_s": HBM_BYTES_PER_S,
     }
     try:
         with open("/proc/cpuinfo") as f:
             results["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    peer = None
-    if not args.no_torch:
-        import torch
-        import torchaudio
-
-        results["torch"], results["torchaudio"] = torch.__version__, torchaudio.__version__
-        peer = torchaudio_whisper()
-
-    n = args.seconds * mel.SAMPLE_RATE
-    frames = n // mel.HOP_LENGTH
     rng = np.random.default_rng(0)
-    for b in [int(c) for c in args.clips.split(",")]:
-        audio_s = b * args.seconds
-        pcm = rng.integers(-12000, 12000, size=(b, n), dtype=np.int16)
-        f32 = pcm.astype(np.float32) / np.float32(32768)
-        out_bytes = b * frames * 80 * 4
-        row: dict[str, Any] = {"clips": b, "audio_s": audio_s}
-
-        for name, host in (("host_int16", pcm), ("host_float32", f32)):
-            def run_host(host: np.ndarray = host) -> None:
-                engine.process([(engine.new_stream(), host[i], True) for i in range(b)])
-
-            t = wall_median(run_host, args.repeat)
-            row[name] = {"s": t, "audio_per_s": audio_s / t, "kernel_ms": engine.last_kernel_ms,
-                         "gpu_ms": engine.last_gpu_ms}
-
-        for name, host in (("device_int16", pcm), ("device_float32", f32)):
-            x = cp.asarray(host)
-            cp.cuda.Device().synchronize()
-            t = cupy_event_median(lambda x=x: engine.log_mel_device(x), stream, args.repeat)
-            t_raw = cupy_event_median(lambda x=x: engine.log10_mel_device(x, layout="mels"), stream, args.repeat)
-            moved = host.nbytes + out_bytes + 2 * out_bytes  # read input, write frames, normalise r+w
-            row[name] = {"s": t, "audio_per_s": audio_s / t, "frames_only_s": t_raw,
-                         "bytes": moved, "bandwidth_fraction": moved / t / HBM_BYTES_PER_S,
-                         "frames_only_bandwidth_fraction": (host.nbytes + out_bytes) / t_raw / HBM_BYTES_PER_S}
-            if name == "device_float32":
-                ours = engine.log_mel_device(x)
-                engine.synchronize()
-            del x
-
-        if peer is not None:
-            import torch
-
-            tx = torch.as_tensor(f32, device="cuda")
-            t = torch_event_median(lambda: peer(tx), args.repeat)
-            row["torchaudio"] = {"s": t, "audio_per_s": audio_s / t}
-            theirs = peer(tx).cpu().numpy()
-            row["max_abs_diff_vs_torchaudio"] = float(np.abs(cp.asnumpy(ours) - theirs).max())
-            row["speedup_device_float32"] = t / row["device_float32"]["s"]
-            row["speedup_device_int16"] = t / row["device_int16"]["s"]
-            del tx
-            torch.cuda.empty_cache()
-        del ours
-        cp.get_default_memory_pool().free_all_blocks()
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
-
-    # one 1-second chunk per process(): one stream, and 64 streams in one call.
-    # kernel_us / gpu_us: CUDA events around the launch / around copy in..copy out of one
-    # call (they include the host's launch latency); kernel_replayed_us: the same launch
-    # repeated 200 times back to back, per launch (the kernel's own GPU time)
-    chunk = rng.integers(-12000, 12000, size=mel.SAMPLE_RATE, dtype=np.int16)
-    for n_streams in (1, 64):
-        streams = [engine.new_stream() for _ in range(n_streams)]
-        kernel, gpu, wall = [], [], []
-        for i in range(60):
-            t0 = time.perf_counter()
-            engine.process([(s, chunk, False) for s in streams])
-            wall.append(time.perf_counter() - t0)
-            if i >= 10:
-                kernel.append(engine.last_kernel_ms * 1e3)
-                gpu.append(engine.last_gpu_ms * 1e3)
-        results[f"chunk_1s_x{n_streams}"] = {
-            "kernel_replayed_us": engine.replay_last_launch(200) * 1e3,
-            "kernel_us": statistics.median(kernel), "gpu_us": statistics.median(gpu),
-            "wall_us": statistics.median(wall[10:]) * 1e6,
-        }
-        print(json.dumps({f"chunk_1s_x{n_streams}": results[f"chunk_1s_x{n_streams}"]}), flush=True)
-
-    # NumPy engine on this host's CPU, one thread (pocketfft is single-threaded)
+    results["single_clip"] = single_clip(engine, rng, args.single_repeat)
+    results["host_batch"] = host_batch(engine, rng, args.clips, args.seconds, args.repeat)
+    results["device_batch"] = device_batch(engine, rng, args.clips, args.seconds, args.repeat, torchaudio_whisper())
+    if not args.no_variants:
+        results["kernel_variants"] = kernel_variants(rng, args.clips, args.seconds)
+    results["stream_chunks"] = stream_chunks(engine, rng)
     cpu_engine = mel.NumpyEngine()
-    pcm = rng.integers(-12000, 12000, size=(args.cpu_clips, n), dtype=np.int16)
-    t = wall_median(lambda: cpu_engine.process([(cpu_engine.new_stream(), pcm[i], True) for i in range(len(pcm))]), 3)
-    results["numpy"] = {"clips": args.cpu_clips, "s": t, "audio_per_s": args.cpu_clips * args.seconds / t}
-    print(json.dumps({"numpy": results["numpy"]}), flush=True)
-
+    pcm = rng.integers(-12000, 12000, size=(args.cpu_clips, args.seconds * 16000), dtype=np.int16)
+    t = wall(lambda: mel.log_mel_batch(pcm, engine=cpu_engine), 3, warm=1)
+    results["numpy"] = {"clips": args.cpu_clips, **t, "audio_per_s": args.cpu_clips * args.seconds / t["median_s"]}
     engine.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    summary(results)
+
+
+def summary(r: dict[str, Any]) -> None:
+    print(f"\n{r['gpu']} | {r['cpu']} | torch {r['torch']} | cupy {r['cupy']} | {r['date']}")
+    print("one clip, median ms (host numpy -> host numpy | torch CUDA -> torch CUDA)")
+    for k, row in r["single_clip"].items():
+        print(f"  {k:>4}: staged {row['shmmel_host_staged']['median_s'] * 1e3:.3f}, driver copies "
+              f"{row['shmmel_host_driver_copies']['median_s'] * 1e3:.3f}")
+        print(f"  {k:>4}: shmmel {row['shmmel_host']['median_s'] * 1e3:.3f} | whisper {row['whisper_host']['median_s'] * 1e3:.3f}"
+              f" ({row['speedup_host']:.2f}x)   device: shmmel {row['shmmel_device']['median_s'] * 1e3:.3f} | whisper"
+              f" {row['whisper_device']['median_s'] * 1e3:.3f} ({row['speedup_device']:.2f}x)  max|d| {row['max_abs_diff_vs_whisper']:.2g}")
+    hb = r["host_batch"]
+    print(f"host batch {hb['clips']} x {hb['seconds']} s, audio-s/s:")
+    for k, v in hb.items():
+        if isinstance(v, dict):
+            print(f"  {k:>22}: {v['audio_per_s']:>12,.0f}  ({v['median_s'] * 1e3:.1f} ms, {v['min_s'] * 1e3:.1f}..{v['max_s'] * 1e3:.1f})")
+    print(f"  copy ceilings GB/s: H2D pinned {hb['h2d_pinned_GBps']:.1f}, D2H pinned {hb['d2h_pinned_GBps']:.1f}, "
+          f"host memcpy 1 thread {hb['host_memcpy_1thread_GBps']:.1f}")
+    db = r["device_batch"]
+    print(f"device batch: int16 {db['device_int16']['audio_per_s']:,.0f} ({db['device_int16']['s'] * 1e3:.2f} ms, kernel "
+          f"{db['device_int16']['kernel_replayed_s'] * 1e3:.2f} ms) | float32 {db['device_float32']['audio_per_s']:,.0f}"
+          f" | torchaudio {db['torchaudio']['audio_per_s']:,.0f} ({db['torchaudio']['s'] * 1e3:.2f} ms) | speed-up "
+          f"{db['speedup_int16']:.2f}x / {db['speedup_float32']:.2f}x | max|d| {db['max_abs_diff_vs_torchaudio']:.2g}")
+    if "kernel_variants" in r:
+        print("kernel variants (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["kernel_variants"].items()))
+    for k, v in r["stream_chunks"].items():
+        print(f"chunk 1 s {k}: kernel {v['kernel_replayed_us']:.1f} us, gpu {v['gpu_us']:.1f} us, wall {v['wall_us']:.0f} us")
+    print(f"numpy engine: {r['numpy']['audio_per_s']:,.0f} audio-s/s")
 
 
 if __name__ == "__main__":

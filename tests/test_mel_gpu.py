@@ -146,3 +146,171 @@ def test_gpu_random_chunk_sizes_long(engine: mel.CudaEngine) -> None:
         assert_stream_equals_offline(engine, audio, seed=100 + seed)
     sizes = random_chunks(audio.size, np.random.default_rng(3))
     assert len(sizes) > 5
+
+
+# -- batches, device arrays, out= ------------------------------------------------------------
+
+
+def per_clip(engine: mel.CudaEngine, clip: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+    """The streaming code path's result (process() + host normalisation) for one clip."""
+    frames, top = mel.log10_mel(clip, n_mels, padding, engine=engine)
+    return np.ascontiguousarray(mel.normalise(frames, top).T)
+
+
+def mixed_clips(lengths: list[int]) -> list[np.ndarray]:
+    clips = []
+    for i, n in enumerate(lengths):
+        clip = make_signal(SIGNALS[i % len(SIGNALS)], n, seed=i)
+        clips.append((clip * 30000).astype(np.int16) if i % 2 else clip)
+    return clips
+
+
+def test_gpu_batch_equals_streaming_path(engine: mel.CudaEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host batches (several pipeline groups) equal the process() path bit for bit."""
+    from shmmel.mel import cuda_batch
+
+    monkeypatch.setattr(cuda_batch, "GROUP_BYTES", 200_000)  # many groups, both slots reused
+    monkeypatch.setattr(cuda_batch, "PARALLEL_BYTES", 50_000)  # threaded copies too
+    clips = mixed_clips([0, 1, 200, 201, 16000, 16001, 48000, 99999, 5000, 70000, 12345])
+    got = mel.log_mel_batch(clips, 128, padding=333, engine=engine)
+    for spec, clip in zip(got, clips):
+        assert np.array_equal(spec, per_clip(engine, clip, 128, 333))
+    windows = mel.log_mel_batch(clips, pad_or_trim=True, engine=engine)
+    assert windows.shape == (len(clips), 80, 3000)
+    for spec, clip in zip(windows, clips):
+        assert np.array_equal(spec, per_clip(engine, mel.pad_or_trim(clip)))
+    single = mel.log_mel_spectrogram(clips[7], engine=engine)
+    assert np.array_equal(single, per_clip(engine, clips[7]))
+
+
+def test_gpu_batch_pinned_and_registered_buffers(engine: mel.CudaEngine) -> None:
+    host = np.stack(mixed_clips([30000, 30000, 30000])[0::2])
+    want = mel.log_mel_batch(host, engine=engine)
+    pinned_in = engine.empty_pinned(host.shape, host.dtype)
+    pinned_in[:] = host
+    pinned_out = engine.empty_pinned(want.shape)
+    pinned_out[:] = np.nan
+    assert mel.log_mel_batch(pinned_in, out=pinned_out, engine=engine) is pinned_out
+    assert np.array_equal(pinned_out, want)
+    with mel.CudaEngine(0) as other:
+        registered = np.full(want.shape, np.nan, np.float32)
+        other.register_host(registered)
+        other.log_mel_batch(host, out=registered)
+        assert np.array_equal(registered, want)
+
+
+def test_gpu_process_out_registered_slots(engine: mel.CudaEngine) -> None:
+    """process(out=) into registered memory (the kernel writes the slots) and into plain
+    memory (staged) both equal the plain process() frames; a slot may hold its chunk."""
+    audio = [make_signal("speech", 40000, seed=s) for s in range(3)]
+    with mel.CudaEngine(0) as gpu:
+        slots = np.zeros((3, 40000), np.float32)  # like shared-memory reply slots
+        gpu.register_host(slots)
+        plain = [gpu.new_stream() for _ in audio]
+        into = [gpu.new_stream() for _ in audio]
+        staged = [gpu.new_stream() for _ in audio]
+        loose = np.zeros((3, 40000), np.float32)
+        for lo, hi, final in [(0, 9000, False), (9000, 40000, True)]:
+            want = gpu.process([(s, a[lo:hi], final) for s, a in zip(plain, audio)])
+            for k, a in enumerate(audio):
+                slots[k, : hi - lo] = a[lo:hi]  # the chunk sits in the slot it is answered in
+            got = gpu.process([(s, slots[k, : hi - lo], final) for k, s in enumerate(into)], out=list(slots))
+            got2 = gpu.process([(s, a[lo:hi], final) for s, a in zip(staged, audio)], out=list(loose))
+            for w, g, g2, slot in zip(want, got, got2, slots):
+                assert np.shares_memory(g.log10, slot)
+                assert np.array_equal(g.log10, w.log10) and np.array_equal(g2.log10, w.log10)
+                assert g.running_max == w.running_max and g.start == w.start
+
+
+def test_gpu_cupy_in_cupy_out(engine: mel.CudaEngine) -> None:
+    clips = mixed_clips([16000, 48000, 30001])
+    device = [cp.asarray(c) for c in clips]
+    got = mel.log_mel_batch(device, engine=engine)
+    engine.synchronize()
+    for spec, clip in zip(got, clips):
+        assert isinstance(spec, cp.ndarray)
+        assert np.array_equal(cp.asnumpy(spec), per_clip(engine, clip))
+    one = mel.log_mel_spectrogram(device[1], engine=engine)
+    assert isinstance(one, cp.ndarray) and np.array_equal(cp.asnumpy(one), per_clip(engine, clips[1]))
+    out = cp.full((2, 80, 3000), cp.nan, cp.float32)
+    assert mel.log_mel_batch(device[:2], pad_or_trim=True, out=out, engine=engine) is out
+    assert np.array_equal(cp.asnumpy(out[0]), per_clip(engine, mel.pad_or_trim(clips[0])))
+
+
+def test_gpu_torch_in_torch_out_without_host_transfers(engine: mel.CudaEngine) -> None:
+    """A torch CUDA tensor in and a torch CUDA tensor out: the kernel reads the tensor's own
+    memory, the result is the engine's device memory (DLPack, no copy), and the CUDA
+    trace of the call holds no device-to-host copy and no upload but the descriptors."""
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    clips = mixed_clips([48000, 48000])
+    for host in clips:
+        tensor = torch.from_numpy(host).cuda()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            spec = mel.log_mel_spectrogram(tensor, engine=engine)
+            torch.cuda.synchronize()
+        assert isinstance(spec, torch.Tensor) and spec.is_cuda and spec.shape == (80, 300)
+        assert int(engine._last_body_pointers[0]) == tensor.data_ptr()
+        names = [e.name for e in prof.events()]
+        assert any("shmmel_mel_frames" in n for n in names), names  # the trace saw the kernel
+        assert not [n for n in names if "DtoH" in n], names
+        uploads = [n for n in names if "HtoD" in n]
+        assert len(uploads) <= 2, uploads  # descriptors and tile starts, nothing else
+        assert np.array_equal(spec.cpu().numpy(), per_clip(engine, host))
+    stacked = np.stack(clips)  # float32 (the int16 clip's values unscaled)
+    batch = torch.from_numpy(stacked).cuda()
+    out = mel.log_mel_batch(batch, engine=engine)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 80, 300)
+    assert np.array_equal(out[1].cpu().numpy(), per_clip(engine, stacked[1]))
+    pcm = torch.from_numpy(clips[1]).cuda()
+    out16 = mel.log_mel_batch([pcm, pcm[:20000]], engine=engine)
+    assert np.array_equal(out16[1].cpu().numpy(), per_clip(engine, clips[1][:20000]))
+    auto = mel.log_mel_spectrogram(batch[0])  # no engine: the cached CUDA engine of its device
+    assert isinstance(auto, torch.Tensor) and auto.is_cuda
+
+
+def test_gpu_batch_accuracy_30s_windows(engine: mel.CudaEngine) -> None:
+    clips = [make_signal(k, mel.N_SAMPLES - 777 * i, seed=i) for i, k in enumerate(SIGNALS)]
+    got = mel.log_mel_batch(clips, pad_or_trim=True, engine=engine)
+    error = np.concatenate([np.abs(g - ref_log_mel(mel.pad_or_trim(c))).ravel() for g, c in zip(got, clips)])
+    assert error.max() <= 1e-3 and np.percentile(error, 99.99) <= 2e-4
+
+
+def test_gpu_batch_rejects_nan_found_on_the_device(engine: mel.CudaEngine) -> None:
+    """Host float clips are checked for NaN/Inf by the kernel, not by a host pass."""
+    clips = mixed_clips([50000, 3000, 150, 8000])
+    bad = clips[0].copy()
+    bad[41234] = np.nan
+    with pytest.raises(ValueError, match="clip 1: audio contains NaN or Inf \\(first at sample 41234\\)"):
+        mel.log_mel_batch([clips[1], bad, clips[2]], engine=engine)
+    tiny = clips[2].copy()
+    tiny[7] = -np.inf  # a clip too short for a frame: checked on the host
+    with pytest.raises(ValueError, match="clip 0: .*first at sample 7"):
+        mel.log_mel_batch([tiny], engine=engine)
+    short = make_signal("noise", 3000, seed=3)
+    short[150] = np.nan  # 3000 samples, 18 frames: read by the reflect path of the first tile
+    with pytest.raises(ValueError, match="clip 0: .*first at sample 150"):
+        mel.log_mel_batch([short], engine=engine)
+    tail = np.stack([clips[0], clips[0]])
+    tail[1, -5] = np.inf  # read by no frame (50000 % 160 = 80 samples past the last one)
+    with pytest.raises(ValueError, match="clip 1: .*first at sample 49995"):
+        mel.log_mel_batch(tail, engine=engine)
+    with pytest.raises(ValueError, match="NaN"):
+        mel.log_mel_spectrogram(bad, engine=engine)
+    assert len(mel.log_mel_batch(clips, engine=engine)) == 4  # the engine is fine after
+
+
+def test_gpu_kernel_variants_and_driver_copies_give_the_same_bits(engine: mel.CudaEngine) -> None:
+    """The frame-major mel sum several frames at a time (mel_ilp) gives the bits of one
+    chain at a time; staged and driver copies give the same batch."""
+    clips = mixed_clips([48000, 16001, 777, 30000])
+    want = mel.log_mel_batch(clips, 128, engine=engine)
+    audio = make_signal("speech", 33333, seed=9)
+    with mel.CudaEngine(0, mel_ilp=False) as chain:
+        assert np.array_equal(mel.log10_mel(audio, engine=chain)[0], mel.log10_mel(audio, engine=engine)[0])
+    for kwargs in ({"mel_ilp": False}, {"pageable_direct_bytes": 0}):
+        with mel.CudaEngine(0, **kwargs) as other:
+            got = mel.log_mel_batch(clips, 128, engine=other)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want)), kwargs

@@ -2,6 +2,8 @@
 
     from shmmel import mel
     spec = mel.log_mel_spectrogram(audio)            # (80, T) float32, like Whisper
+    spec = mel.log_mel_spectrogram("clip.wav")       # a 16 kHz mono WAV file
+    specs = mel.log_mel_batch(clips, pad_or_trim=True, engine=engine)  # (B, 80, 3000)
     engine = mel.create_engine("auto")               # CUDA if available, else NumPy
     stream = engine.new_stream(n_mels=80)
     batches = engine.process([(stream, chunk, False), ...])   # many streams, one call
@@ -15,8 +17,12 @@ from .api import (
     MelStream,
     create_engine,
     cuda_available,
+    cuda_engine,
     default_engine,
+    is_device_array,
+    load_wav,
     log10_mel,
+    log_mel_batch,
     log_mel_spectrogram,
     log_mel_windows,
     normalise,
@@ -51,7 +57,11 @@ __all__ = [
     "StreamState",
     "create_engine",
     "cuda_available",
+    "cuda_engine",
     "default_engine",
+    "is_device_array",
+    "load_wav",
+    "log_mel_batch",
     "final_floor",
     "log10_mel",
     "log_mel_spectrogram",

@@ -28,10 +28,12 @@ THREADS = 20 * FRAMES_PER_BLOCK
 D_PRE, D_BODY, D_POST, D_OUT = 0, 1, 2, 3
 D_PRE_LEN, D_BODY_LEN, D_ZERO_LEN, D_POST_LEN = 4, 5, 6, 7
 D_BODY_I16, D_N_MELS, D_N_FRAMES, D_OUT_FS, D_OUT_MS, D_MAX_INDEX = 8, 9, 10, 11, 12, 13
+D_REFLECT = 14  # 1: an offline clip; pre/post are the body's reflections, read in place
 D_FIELDS = 16
 
 _TEMPLATE = r"""
 #define FPB %(fpb)d
+#define MEL_ILP %(mel_ilp)d
 #define NTHREADS %(threads)d
 #define BS 436   /* frame stride of B: 20 rows of 21 (+16), 436 %% 32 == 20 */
 #define PS 204   /* frame stride of the power spectrum */
@@ -55,28 +57,37 @@ __device__ __forceinline__ float mel_log10(const float* p, const float* w, int l
     return __log2f(fmaxf(acc, 1e-10f)) * 0.30102999566398120f;  /* log10 */
 }
 
-/* Sample s of an item's segment: pre | body | zeros | post, laid end to end. */
+__device__ __forceinline__ float body_at(const long long* d, long long i) {
+    if (d[%(D_BODY_I16)d]) return (float)((const short*)d[%(D_BODY)d])[i] * 3.0517578125e-05f;
+    return ((const float*)d[%(D_BODY)d])[i];
+}
+
+/* Sample s of an item's segment: pre | body | zeros | post, laid end to end. With
+   D_REFLECT the segment is Whisper's whole padded clip xp (pre and post lengths 200):
+   xp[s] = x[200 - s], xp[Lp + 200 + j] = x[Lp - 2 - j] over x with Lp - L zeros
+   appended, zero where that index has no sample (the planner's definition). */
 __device__ __forceinline__ float fetch(const long long* d, long long s) {
+    if (d[%(D_REFLECT)d]) {
+        const long long n = d[%(D_BODY_LEN)d], lp = n + d[%(D_ZERO_LEN)d];
+        const long long i = s < 200 ? 200 - s : (s < lp + 200 ? s - 200 : 2 * lp + 198 - s);
+        return (i >= 0 && i < n) ? body_at(d, i) : 0.0f;
+    }
     if (s < d[%(D_PRE_LEN)d]) return ((const float*)d[%(D_PRE)d])[s];
     s -= d[%(D_PRE_LEN)d];
-    if (s < d[%(D_BODY_LEN)d]) {
-        if (d[%(D_BODY_I16)d])
-            return (float)((const short*)d[%(D_BODY)d])[s] * 3.0517578125e-05f;
-        return ((const float*)d[%(D_BODY)d])[s];
-    }
+    if (s < d[%(D_BODY_LEN)d]) return body_at(d, s);
     s -= d[%(D_BODY_LEN)d];
     if (s < d[%(D_ZERO_LEN)d]) return 0.0f;
     s -= d[%(D_ZERO_LEN)d];
     return s < d[%(D_POST_LEN)d] ? ((const float*)d[%(D_POST)d])[s] : 0.0f;
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 7)
+extern "C" __global__ void __launch_bounds__(NTHREADS, %(min_blocks)d)
 shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ tile_starts,
                   int n_items, const float* __restrict__ window,
                   const float2* __restrict__ twiddle,
                   const int* __restrict__ tab80, const float* __restrict__ w80,
                   const int* __restrict__ tab128, const float* __restrict__ w128,
-                  unsigned int* __restrict__ item_max)
+                  unsigned int* __restrict__ item_max, unsigned int* __restrict__ bad)
 {
     __shared__ float sm[2 * FPB * BS];
     __shared__ long long sd[%(D_FIELDS)d];
@@ -106,18 +117,28 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
     const long long base = (long long)f0 * 160;
     const int span = (nf - 1) * 160 + 400;
     const long long body0 = sd[%(D_PRE_LEN)d], body1 = body0 + sd[%(D_BODY_LEN)d];
+    bool nonfinite = false;  /* float input: NaN/Inf flagged per item when bad != 0 */
     if (base >= body0 && base + span <= body1) {
         if (sd[%(D_BODY_I16)d]) {
             const short* p = (const short*)sd[%(D_BODY)d] + (base - body0);
             for (int e = tid; e < span; e += NTHREADS) sm[e] = (float)p[e] * 3.0517578125e-05f;
         } else {
             const float* p = (const float*)sd[%(D_BODY)d] + (base - body0);
-            for (int e = tid; e < span; e += NTHREADS) sm[e] = p[e];
+            for (int e = tid; e < span; e += NTHREADS) {
+                const float v = p[e];
+                nonfinite |= !isfinite(v);
+                sm[e] = v;
+            }
         }
     } else {
-        for (int e = tid; e < span; e += NTHREADS) sm[e] = fetch(sd, base + e);
+        for (int e = tid; e < span; e += NTHREADS) {
+            const float v = fetch(sd, base + e);
+            nonfinite |= !isfinite(v);
+            sm[e] = v;
+        }
     }
-    __syncthreads();
+    if (__syncthreads_or(nonfinite) && tid == 0 && bad != nullptr)
+        atomicOr(bad + sd[%(D_MAX_INDEX)d], 1u);
 
     const int f = tid / 20;
     const int r = tid - f * 20;   /* n2 in stage 1, k1 in stage 2 */
@@ -211,6 +232,38 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
     const long long fs = sd[%(D_OUT_FS)d], ms = sd[%(D_OUT_MS)d];
     float lmax = __int_as_float(0xff800000);  /* -inf */
     if (ms == 1) {
+#if MEL_ILP
+        /* frame-major output: thread (g, m) sums mel row m for frames g*per ..
+           g*per+per-1 at once: one weight load feeds up to FPB independent fmaf chains,
+           each in the fixed order j = 0..len-1 (the same bits as one chain at a time);
+           a warp stores consecutive mels of a frame */
+        const int groups = NTHREADS / n_mels;        /* 2 for 80 mels, 1 for 128 */
+        const int per = (FPB + groups - 1) / groups;
+        if (tid < groups * n_mels) {
+            const int g = tid / n_mels, m = tid - g * n_mels;
+            const int start = tab[3 * m], len = tab[3 * m + 1], off = tab[3 * m + 2];
+            const int fa = g * per;
+            const float* row = sp + fa * PS + start;
+            float acc[FPB];
+#pragma unroll
+            for (int q = 0; q < FPB; ++q) acc[q] = 0.0f;
+            for (int j = 0; j < len; ++j) {
+                const float w = wts[off + j];
+#pragma unroll
+                for (int q = 0; q < FPB; ++q)
+                    if (q < per) acc[q] = fmaf(w, row[q * PS + j], acc[q]);
+            }
+#pragma unroll
+            for (int q = 0; q < FPB; ++q) {
+                const int ff = fa + q;
+                if (q < per && ff < nf) {
+                    const float l = __log2f(fmaxf(acc[q], 1e-10f)) * 0.30102999566398120f;
+                    out[(long long)(f0 + ff) * fs + m] = l;
+                    lmax = fmaxf(lmax, l);
+                }
+            }
+        }
+#else
         /* frame-major output: a thread keeps one mel row over several frames, so a
            warp stores consecutive mels of a frame */
         const int groups = NTHREADS / n_mels;        /* 2 for 80 mels, 1 for 128 */
@@ -223,6 +276,7 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
                 lmax = fmaxf(lmax, l);
             }
         }
+#endif
     } else {
         /* mel-major output: 8 neighbouring threads store the tile's 8 frames of a row */
         for (int e = tid; e < FPB * n_mels; e += NTHREADS) {
@@ -241,20 +295,26 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
         atomicMax(item_max + sd[%(D_MAX_INDEX)d], ordered_bits(lmax));
 }
 
-/* In place: x = (max(x, max_item - 8) + 4) / 4, float32, per item of per_item floats. */
+/* In place, per item of a descriptor table: each item's output (contiguous, n_frames x
+   n_mels floats at D_OUT) normalised with its own max. Grid (x, y): y strides items. */
 extern "C" __global__ void
-shmmel_normalise(float4* __restrict__ x, const unsigned int* __restrict__ item_max,
-                 long long per_item4, long long total4)
+shmmel_normalise_items(const long long* __restrict__ desc, const unsigned int* __restrict__ item_max,
+                       int n_items)
 {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total4;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float floor = from_ordered_bits(item_max[i / per_item4]) - 8.0f;
-        float4 v = x[i];
-        v.x = (fmaxf(v.x, floor) + 4.0f) / 4.0f;
-        v.y = (fmaxf(v.y, floor) + 4.0f) / 4.0f;
-        v.z = (fmaxf(v.z, floor) + 4.0f) / 4.0f;
-        v.w = (fmaxf(v.w, floor) + 4.0f) / 4.0f;
-        x[i] = v;
+    for (int item = blockIdx.y; item < n_items; item += gridDim.y) {
+        const long long* d = desc + (long long)item * %(D_FIELDS)d;
+        float4* x = (float4*)d[%(D_OUT)d];
+        const long long n4 = d[%(D_N_FRAMES)d] * d[%(D_N_MELS)d] / 4;
+        const float floor = from_ordered_bits(item_max[d[%(D_MAX_INDEX)d]]) - 8.0f;
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n4;
+             i += (long long)gridDim.x * blockDim.x) {
+            float4 v = x[i];
+            v.x = (fmaxf(v.x, floor) + 4.0f) / 4.0f;
+            v.y = (fmaxf(v.y, floor) + 4.0f) / 4.0f;
+            v.z = (fmaxf(v.z, floor) + 4.0f) / 4.0f;
+            v.w = (fmaxf(v.w, floor) + 4.0f) / 4.0f;
+            x[i] = v;
+        }
     }
 }
 
@@ -272,17 +332,25 @@ def _literal(values: np.ndarray) -> str:
     return ", ".join(f"{float(v)!r}f" for v in values.astype(np.float32))
 
 
-def kernel_source() -> str:
+def kernel_source(frames_per_block: int = FRAMES_PER_BLOCK, min_blocks: int = 7, mel_ilp: bool = True) -> str:
     """The CUDA source with the DFT-20 constants filled in (exact zeros and ones where
-    cos/sin are)."""
+    cos/sin are). ``frames_per_block`` (7..13: 128 mel rows need 128 threads, the static
+    shared memory must stay under 48 KB), ``min_blocks`` (the launch bound) and
+    ``mel_ilp`` (frame-major mel sums several frames at a time) are tuning knobs. Within
+    one build a frame's bits depend only on its samples (streaming equals offline);
+    another ``frames_per_block`` may round differently (the compiler's contractions)."""
+    if not 7 <= frames_per_block <= 13:
+        raise ValueError(f"frames_per_block must be 7..13, got {frames_per_block}")
     angle = 2.0 * np.pi * np.arange(20) / 20
     cos20, sin20 = np.cos(angle), np.sin(angle)
     cos20[np.abs(cos20) < 1e-12] = 0.0
     sin20[np.abs(sin20) < 1e-12] = 0.0
     fields = {name: value for name, value in globals().items() if name.startswith("D_")}
     return _TEMPLATE % dict(
-        fpb=FRAMES_PER_BLOCK,
-        threads=THREADS,
+        fpb=frames_per_block,
+        threads=20 * frames_per_block,
+        min_blocks=min_blocks,
+        mel_ilp=int(mel_ilp),
         cos20=_literal(cos20),
         sin20=_literal(sin20),
         **fields,

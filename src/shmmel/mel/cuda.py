@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _kernels as K
 from .engine import Computed, Engine
-from .spec import MEL_CHOICES, PAD, check_n_mels, check_padding, hann_window, sparse_filters
+from .spec import MEL_CHOICES, hann_window, sparse_filters
 from .stream import Segment
 
 
@@ -42,21 +42,32 @@ class CudaEngine(Engine):
 
     kind: ClassVar[Literal["cpu", "cuda"]] = "cuda"
 
-    def __init__(self, device: int = 0, *, timing: bool = False) -> None:
+    def __init__(
+        self, device: int = 0, *, timing: bool = False, frames_per_block: int = K.FRAMES_PER_BLOCK,
+        min_blocks: int = 7, mel_ilp: bool = True, copy_threads: int | None = None,
+        pageable_direct_bytes: int = 16 << 20,
+    ) -> None:
         import cupy as cp  # here, never at module import: the supervisor must not touch CUDA
 
         self._cp = cp
         self.device = int(device)
         self.timing = timing
+        self.frames_per_block = int(frames_per_block)
+        self.copy_threads = copy_threads  # host copies of large batches (None: up to 8)
+        # batches whose pageable input/output is at most this many bytes are copied by
+        # the driver (cudaMemcpyAsync on pageable memory) instead of through staging
+        self.pageable_direct_bytes = int(pageable_direct_bytes)
         self.last_kernel_ms: float | None = None  # process(): the kernel alone, if timing
         self.last_gpu_ms: float | None = None  # process(): copy in + kernel + copy out
         self._closed = False
         self._device = cp.cuda.Device(self.device)
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
-            module = cp.RawModule(code=K.kernel_source(), options=("-std=c++17",))
+            self._copy_stream = cp.cuda.Stream(non_blocking=True)  # batch uploads
+            source = K.kernel_source(self.frames_per_block, min_blocks, mel_ilp)
+            module = cp.RawModule(code=source, options=("-std=c++17",))
             self._frames_kernel = module.get_function("shmmel_mel_frames")
-            self._normalise_kernel = module.get_function("shmmel_normalise")
+            self._normalise_items_kernel = module.get_function("shmmel_normalise_items")
             self._decode_kernel = module.get_function("shmmel_decode_max")
             self._window = cp.asarray(hann_window().astype(np.float32))
             self._twiddle = cp.asarray(K.twiddles())
@@ -71,6 +82,10 @@ class CudaEngine(Engine):
         self._host_in = self._host_out = None  # numpy uint8 views of it
         self._dev_in = self._dev_out = None  # CuPy uint8 arrays (memory pool)
         self._last_launch: tuple[Any, ...] | None = None
+        self._registered: list[tuple[int, int, int, np.ndarray]] = []  # host lo, hi, device lo
+        self._batches: Any = None  # cuda_batch.HostBatches, made on first use
+        self._external: dict[int, Any] = {}  # CuPy wrappers of foreign streams, by handle
+        self._last_body_pointers: Any = None  # device batches: what the kernel read (tests)
 
     # -- buffers -------------------------------------------------------------------
 
@@ -94,13 +109,18 @@ class CudaEngine(Engine):
 
     # -- the launch ----------------------------------------------------------------
 
-    def _launch(self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any) -> None:
+    def _launch(
+        self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any, bad: Any = None
+    ) -> None:
+        """The frames kernel on the current stream; ``bad`` (n uint32, or None): set to 1
+        for an item whose float samples hold a NaN or Inf."""
         tables = self._tables
         args = (
             desc, tile_starts, np.int32(n_items), self._window, self._twiddle,
             tables[80][0], tables[80][1], tables[128][0], tables[128][1], item_max,
+            bad if bad is not None else np.uint64(0),
         )
-        self._last_launch = ((n_tiles,), (K.THREADS,), args)
+        self._last_launch = ((n_tiles,), (20 * self.frames_per_block,), args)
         self._frames_kernel(*self._last_launch)
 
     def replay_last_launch(self, times: int) -> float:
@@ -116,15 +136,27 @@ class CudaEngine(Engine):
             end.synchronize()
         return self._cp.cuda.get_elapsed_time(start, end) / times
 
-    def _compute(self, work: list[tuple[Segment, int]]) -> list[Computed]:
+    def _compute(self, work: list[tuple[Segment, int]], views: list[np.ndarray | None]) -> list[Computed]:
         if self._closed:
             raise RuntimeError("CudaEngine is closed")
         cp = self._cp
-        results: list[Computed] = [(np.empty((0, m), np.float32), None) for _, m in work]
+        results: list[Computed] = [
+            (v if v is not None else np.empty((0, m), np.float32), None) for (_, m), v in zip(work, views)
+        ]
         active = [i for i, (segment, _) in enumerate(work) if segment.n_frames > 0]
         if not active:
             return results
         n = len(active)
+
+        # where each item's frames go: a registered (mapped) out view is written by the
+        # kernel itself; the others go through the staging buffer
+        direct: dict[int, int] = {}
+        for i in active:
+            view = views[i]
+            if view is not None:
+                dev = self._mapped_pointer(view.ctypes.data, view.nbytes)
+                if dev is not None:
+                    direct[i] = dev
 
         # layout
         desc_off, tiles_off = 0, n * K.D_FIELDS * 8
@@ -142,7 +174,8 @@ class CudaEngine(Engine):
             raw_pos.append(raw_off + raw_n)
             raw_n += _align(segment.body.nbytes, 16)
             out_pos.append(out_n)
-            out_n += segment.n_frames * n_mels
+            if i not in direct:
+                out_n += segment.n_frames * n_mels
         in_bytes = raw_off + raw_n
         max_off = _align(4 * out_n)
         out_bytes = max_off + 4 * n
@@ -168,12 +201,12 @@ class CudaEngine(Engine):
                 dev_base + f32_off + 4 * p0,  # D_PRE
                 dev_base + raw_pos[j],  # D_BODY
                 dev_base + f32_off + 4 * (p0 + npre),  # D_POST
-                out_base + 4 * out_pos[j],  # D_OUT
+                direct.get(i, out_base + 4 * out_pos[j]),  # D_OUT
                 npre, body.size, segment.zeros, npost,  # D_*_LEN
                 int(body.dtype == np.int16), n_mels, segment.n_frames,  # D_BODY_I16 .. D_N_FRAMES
                 n_mels, 1, j,  # D_OUT_FS, D_OUT_MS, D_MAX_INDEX
             )
-            counts[j + 1] = -(-segment.n_frames // K.FRAMES_PER_BLOCK)
+            counts[j + 1] = -(-segment.n_frames // self.frames_per_block)
         desc[:] = rows
         tiles[:] = np.cumsum(counts)
         n_tiles = int(tiles[n])
@@ -198,8 +231,13 @@ class CudaEngine(Engine):
             self._launch(*args)
             if timing:
                 self._events[2].record(stream)
+            if out_n:  # only the staged frames, and the maxima
+                runtime.memcpyAsync(
+                    self._host_out.ctypes.data, out_base, 4 * out_n, runtime.memcpyDeviceToHost, stream.ptr
+                )
             runtime.memcpyAsync(
-                self._host_out.ctypes.data, out_base, out_bytes, runtime.memcpyDeviceToHost, stream.ptr
+                self._host_out.ctypes.data + max_off, out_base + max_off, 4 * n,
+                runtime.memcpyDeviceToHost, stream.ptr,
             )
             if timing:
                 self._events[3].record(stream)
@@ -208,62 +246,87 @@ class CudaEngine(Engine):
             self.last_kernel_ms = cp.cuda.get_elapsed_time(self._events[1], self._events[2])
             self.last_gpu_ms = cp.cuda.get_elapsed_time(self._events[0], self._events[3])
 
-        frames = self._host_out[: 4 * out_n].view(np.float32).copy()
+        staged = self._host_out[: 4 * out_n].view(np.float32)
         maxima = _decode_max(self._host_out[max_off : max_off + 4 * n].view(np.uint32))
         for j, i in enumerate(active):
             segment, n_mels = work[i]
-            block = frames[out_pos[j] : out_pos[j] + segment.n_frames * n_mels]
-            results[i] = (block.reshape(segment.n_frames, n_mels), float(maxima[j]))
+            view = views[i]
+            if i not in direct:
+                block = staged[out_pos[j] : out_pos[j] + segment.n_frames * n_mels].reshape(-1, n_mels)
+                if view is None:
+                    view = block.copy()
+                else:
+                    view[...] = block
+            results[i] = (view, float(maxima[j]))
         return results
 
-    # -- device-resident batches (no host copies) ------------------------------------
+    # -- host memory the device reads and writes directly ------------------------------
 
-    def _device_batch(
-        self, audio: Any, n_mels: int, padding: int, layout: Literal["frames", "mels"]
-    ) -> tuple[Any, Any]:
-        """Launch on a (B, L) device batch; returns (raw log10 out, per-clip max bits)."""
+    def register_host(self, array: np.ndarray) -> None:
+        """Page-lock ``array``'s memory (cudaHostRegister, mapped) until ``close``.
+
+        For long-lived buffers such as shared-memory reply slots: a ``process(..., out=)``
+        view inside it is written by the kernel itself (no staging, no copy), and a batch
+        ``out=`` or a 2-D batch input inside it moves by DMA with no host copy."""
         cp = self._cp
-        check_n_mels(n_mels)
-        check_padding(padding)
-        if audio.ndim != 2 or audio.dtype not in (np.int16, np.float32):
-            raise ValueError(f"expected a (B, L) int16/float32 CuPy array, got {audio.shape} {audio.dtype}")
-        b, length = audio.shape
-        n_frames = (length + padding) // 160
-        shape = (b, n_frames, n_mels) if layout == "frames" else (b, n_mels, n_frames)
-        with self._device, self._stream:
-            audio = cp.ascontiguousarray(audio)
-            out = cp.empty(shape, cp.float32)
-            bits = cp.zeros(b, cp.uint32)
-            if n_frames == 0 or b == 0:
-                return out, bits
-            scale = np.float32(1 / 32768) if audio.dtype == np.int16 else np.float32(1)
-            head = cp.zeros((b, PAD + 1), cp.float32)
-            head[:, : min(PAD + 1, length)] = audio[:, : PAD + 1].astype(cp.float32) * scale
-            tail = cp.zeros((b, PAD + 1), cp.float32)
-            n_zero = min(padding, PAD + 1)
-            n_real = min(PAD + 1 - n_zero, length)
-            if n_real:
-                tail[:, PAD + 1 - n_zero - n_real : PAD + 1 - n_zero] = (
-                    audio[:, length - n_real :].astype(cp.float32) * scale
-                )
-            edges = cp.ascontiguousarray(cp.concatenate([head[:, PAD:0:-1], tail[:, PAD - 1 :: -1]], axis=1))
-            desc = np.zeros((b, K.D_FIELDS), np.int64)
-            rows = np.arange(b, dtype=np.int64)
-            desc[:, K.D_PRE] = edges.data.ptr + rows * (2 * PAD * 4)
-            desc[:, K.D_POST] = desc[:, K.D_PRE] + PAD * 4
-            desc[:, K.D_BODY] = audio.data.ptr + rows * audio.strides[0]
-            desc[:, K.D_OUT] = out.data.ptr + rows * (n_frames * n_mels * 4)
-            desc[:, K.D_PRE_LEN], desc[:, K.D_BODY_LEN] = PAD, length
-            desc[:, K.D_ZERO_LEN], desc[:, K.D_POST_LEN] = padding, PAD
-            desc[:, K.D_BODY_I16] = int(audio.dtype == np.int16)
-            desc[:, K.D_N_MELS], desc[:, K.D_N_FRAMES] = n_mels, n_frames
-            fs, ms = (n_mels, 1) if layout == "frames" else (1, n_frames)
-            desc[:, K.D_OUT_FS], desc[:, K.D_OUT_MS] = fs, ms
-            desc[:, K.D_MAX_INDEX] = rows
-            per_item_tiles = -(-n_frames // K.FRAMES_PER_BLOCK)
-            tiles = (np.arange(b + 1, dtype=np.int64) * per_item_tiles).astype(np.int32)
-            self._launch(cp.asarray(desc), cp.asarray(tiles), b, b * per_item_tiles, bits)
-        return out, bits
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous or array.nbytes == 0:
+            raise ValueError("register_host needs a non-empty C-contiguous numpy array")
+        ptr = array.ctypes.data
+        runtime = cp.cuda.runtime
+        with self._device:
+            runtime.hostRegister(ptr, array.nbytes, 1 | 2)  # portable | mapped
+            dev = int(runtime.pointerGetAttributes(ptr).devicePointer)
+        self._registered.append((ptr, ptr + array.nbytes, dev, array))
+
+    def empty_pinned(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        """A numpy array in pinned host memory (CuPy's pinned pool): batch input or ``out=``
+        there moves by DMA with no host copy. Freed back to the pool with the array."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        memory = self._cp.cuda.alloc_pinned_memory(max(1, count * dtype.itemsize))
+        return np.frombuffer(memory, dtype, count).reshape(shape)
+
+    def _mapped_pointer(self, ptr: int, nbytes: int) -> int | None:
+        """The device address of host range [ptr, ptr + nbytes) if this engine registered it."""
+        for lo, hi, dev, _ in self._registered:
+            if lo <= ptr and ptr + nbytes <= hi:
+                return dev + (ptr - lo)
+        return None
+
+    def _is_pinned(self, ptr: int, nbytes: int) -> bool:
+        """Whether host range [ptr, ptr + nbytes) is page-locked (pinned or registered)."""
+        if nbytes == 0:
+            return False
+        if self._mapped_pointer(ptr, nbytes) is not None:
+            return True
+        runtime = self._cp.cuda.runtime
+        try:
+            first = runtime.pointerGetAttributes(ptr)
+            last = runtime.pointerGetAttributes(ptr + nbytes - 1)
+        except Exception:  # noqa: BLE001 - older drivers raise for pageable memory
+            return False
+        return first.type == 1 and last.type == 1  # cudaMemoryTypeHost
+
+    # -- batches (host or device arrays) ------------------------------------------------
+
+    def log_mel_batch(
+        self, clips: Any, n_mels: int = 80, *, padding: int = 0, pad_or_trim: bool = False,
+        out: Any = None,
+    ) -> Any:
+        """Whisper's log-mel of many clips, each normalised with its own max (see
+        :mod:`.batch` and ``Engine.log_mel_batch``). Host clips (NumPy) go through a
+        pipeline of pinned buffers reused across calls (copy in, kernel, copy out of only
+        the frames overlap); the result is NumPy, or written into ``out``. Device clips
+        (CuPy, torch CUDA tensors, anything with ``__dlpack__`` or
+        ``__cuda_array_interface__`` on this engine's device) are read in place, one
+        launch, and the result stays on the device: CuPy, or torch for torch input."""
+        from . import cuda_batch
+
+        if self._closed:
+            raise RuntimeError("CudaEngine is closed")
+        if self._batches is None:
+            self._batches = cuda_batch.HostBatches(self)
+        return cuda_batch.log_mel_batch(self, clips, n_mels, padding, pad_or_trim, out)
 
     def log10_mel_device(
         self,
@@ -280,8 +343,10 @@ class CudaEngine(Engine):
         for ``"mels"``, and the per-clip max (B,) float32 (-inf where T == 0), as CuPy
         arrays queued on the engine's stream (``synchronize()`` before using them
         elsewhere). Bit-identical to ``process`` on the same clips."""
+        from . import cuda_batch
+
         cp = self._cp
-        out, bits = self._device_batch(audio, n_mels, padding, layout)
+        out, bits = cuda_batch.device_frames(self, audio, n_mels, padding, layout)
         with self._device, self._stream:
             maxima = cp.empty(bits.size, cp.float32)
             if bits.size:
@@ -291,18 +356,9 @@ class CudaEngine(Engine):
         return out, maxima
 
     def log_mel_device(self, audio: Any, n_mels: int = 80, padding: int = 0) -> Any:
-        """Whisper's normalised log-mel of a device batch: (B, n_mels, T) float32 CuPy,
-        each clip normalised with its own max (two launches: frames, then normalise)."""
-        out, bits = self._device_batch(audio, n_mels, padding, "mels")
-        if out.size:
-            with self._device, self._stream:
-                per_item4 = out[0].size // 4  # n_mels is a multiple of 4
-                total4 = out.size // 4
-                grid = min(-(-total4 // 256), 132 * 32)
-                self._normalise_kernel(
-                    (grid,), (256,), (out, bits, np.int64(per_item4), np.int64(total4))
-                )
-        return out
+        """Whisper's normalised log-mel of a (B, L) CuPy batch: (B, n_mels, T) float32
+        CuPy, each clip normalised with its own max. Same as ``log_mel_batch``."""
+        return self.log_mel_batch(audio, n_mels, padding=padding)
 
     @property
     def stream(self) -> Any:
@@ -317,6 +373,17 @@ class CudaEngine(Engine):
         if self._closed:
             return
         self._closed = True
-        self._dev_in = self._dev_out = None
-        self._host_in = self._host_out = None
-        self._pinned_in = self._pinned_out = None
+        try:
+            self._stream.synchronize()
+            self._copy_stream.synchronize()
+            with self._device:
+                for lo, _hi, _dev, _array in self._registered:
+                    self._cp.cuda.runtime.hostUnregister(lo)
+        finally:
+            self._registered.clear()
+            if self._batches is not None and self._batches.pool is not None:
+                self._batches.pool.shutdown()
+            self._batches = None
+            self._dev_in = self._dev_out = None
+            self._host_in = self._host_out = None
+            self._pinned_in = self._pinned_out = None

@@ -38,11 +38,12 @@ def check_padding(padding: int) -> int:
     return int(padding)
 
 
-def check_audio(audio: object, *, allow_none: bool = False) -> np.ndarray:
+def check_audio(audio: object, *, allow_none: bool = False, finite: bool = True) -> np.ndarray:
     """Return ``audio`` as a 1-D int16 or float32 array (no copy), or raise ValueError.
 
-    Float input must be finite. The check costs one float32 sum in the common case: NaN
-    or Inf anywhere makes the sum non-finite; only then is every sample examined.
+    Float input must be finite (unless ``finite=False``: the CUDA batch path checks on
+    the device). The check costs one float32 sum in the common case: NaN or Inf anywhere
+    makes the sum non-finite; only then is every sample examined.
     """
     if audio is None:
         if allow_none:
@@ -57,7 +58,7 @@ def check_audio(audio: object, *, allow_none: bool = False) -> np.ndarray:
             f"audio dtype must be float32 or int16, got {audio.dtype} "
             "(convert with .astype(np.float32))"
         )
-    if audio.dtype == np.float32 and audio.size:
+    if finite and audio.dtype == np.float32 and audio.size:
         with np.errstate(over="ignore", invalid="ignore"):
             total = np.add.reduce(audio)
         if not np.isfinite(total) and not np.isfinite(audio).all():
