@@ -119,6 +119,21 @@ def test_whole_upload_json_equals_offline(audio_daemon, kind):
     assert_clean(audio_daemon)
 
 
+def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_daemon):
+    """1 s of s16le with padding, Content-Length known: one message to a worker and one
+    back (the worker's served count moves by exactly 1; no stream-table entry), bit-exact."""
+    x = as_i16(speechlike(1.0, seed=5))
+    served = lambda: sum(w["served"] for w in audio_daemon.status()["workers"]  # noqa: E731
+                         if w["kind"] != "whisper")
+    before = served()
+    status, _, raw = post(audio_daemon, "/audio/stream?format=npy&padding=480", x.tobytes(),
+                          "audio/L16;rate=16000")
+    assert status == 200, raw
+    assert served() - before == 1  # the old path took 3: open, push, finish (zero padding)
+    assert np.array_equal(np.load(io.BytesIO(raw)), mel.log_mel_spectrogram(x, padding=480))
+    assert_clean(audio_daemon)
+
+
 def test_npy_and_binary_outputs(audio_daemon):
     x = as_i16(speechlike(1.7, seed=2))
     ref = mel.log_mel_spectrogram(x, n_mels=128, padding=123)

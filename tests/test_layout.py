@@ -10,8 +10,8 @@ def offsets(dt):
 
 
 def test_record_sizes_are_pinned():
-    assert L.VERSION == 2
-    assert L.HEADER.itemsize == 184
+    assert L.VERSION == 3
+    assert L.HEADER.itemsize == 192
     assert L.WORKER.itemsize == 112
     assert L.METRICS.itemsize == 3072
     assert L.HTTP.itemsize == 24
@@ -68,3 +68,14 @@ def test_names_carry_the_instance_and_never_collide():
     assert L.reply_name("a", 17) == "/shmmel.a.s17"
     # "a" is not a prefix of "a-b"'s names: the separator cannot occur in an instance name
     assert not L.ctl_name("a-b").startswith("/" + L.prefix("a"))
+
+
+def test_partitions_cover_every_thread_and_never_overlap():
+    for http_workers, threads in ((1, 1), (2, 16), (8, 16), (60, 64)):
+        parts = L.partitions_for(http_workers)
+        assert http_workers < parts <= L.MAX_HTTP
+        n = L.slots_for(128, http_workers, threads)
+        ranges = [L.partition_range(r, n, parts) for r in range(parts)]
+        assert all(len(r) >= threads + L.SLOTS_OVER_THREADS for r in ranges)
+        seen = [j for r in ranges for j in r]
+        assert len(seen) == len(set(seen)) and max(seen) < n

@@ -97,7 +97,7 @@ def test_no_slot_is_ever_used_by_two_producers(shm):
 
     def producer() -> int:
         mine = Shm.attach(shm.instance)
-        prod = Producer(mine, queue_depth=64, pool_max=0)
+        prod = Producer(mine, queue_depth=64)
         pid = os.getpid()
         faults: list[str] = []
         done = 0

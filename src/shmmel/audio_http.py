@@ -221,6 +221,20 @@ class Run:
                 self.window += 1
         return b"".join(out)
 
+    def oneshot(self, data: bytes) -> bytes:
+        """The whole upload in one round trip (no stream entry): see StreamTable.oneshot."""
+        if len(data) % self.width:
+            raise BadAudio(f"the body ends with {len(data) % self.width} stray byte(s): not a "
+                           f"whole number of {self.width}-byte samples")
+        if not data:
+            raise BadAudio("the body holds no audio samples")
+        fb = self.table.oneshot(self.slot, data, self.fmt, self.n_mels, self.padding)
+        self.total_samples = len(data) // self.width
+        if self.out not in wire.STREAMING:
+            self.whole.append((self.window, [], None))
+        self.done = True
+        return self._emit(fb, True)
+
     def finish(self, reason: str | None = None) -> bytes:
         """End the stream(s): padding, last frames, final max. With ``reason`` (the service
         is stopping) a trailing partial sample is dropped instead of refused."""
@@ -283,11 +297,18 @@ class AudioStreamResource:
         out = output_media(req, wire.NDJSON, self.OUTPUTS)
         body = AudioBody(req, media, self.config.max_body_bytes)
         fmt, reader, read = body.fmt, body.reader, body.read
+        whole = req.content_length is not None and not windows
+        if whole and req.content_length <= self.config.slot_bytes:
+            reader.block = max(reader.block, req.content_length)  # the body in one read
         slot = self.producer.claim()
         run = Run(self.table, slot, fmt, n_mels, padding, windows, out)
         try:
             first = read()
-            head = run.feed(first) if first else run.finish()
+            if whole and reader.total >= req.content_length and not body.data_left \
+                    and self.table.fits_oneshot(len(first), fmt, n_mels, padding):
+                head = run.oneshot(first)  # one message each way, no stream entry
+            else:
+                head = run.feed(first) if first else run.finish()
             if req.content_length is not None and reader.total >= req.content_length \
                     and not run.done:  # the whole body is here: finish before answering
                 if body.data_left:

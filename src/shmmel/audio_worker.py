@@ -9,6 +9,7 @@ worker computes the frames of many streams in one kernel launch.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -29,12 +30,16 @@ class AudioStreams:
         self.states: dict[int, tuple[int, Any]] = {}  # table index -> (token, StreamState)
         self._next_expiry = 0.0
         self._samples = 0  # samples turned into frames since take_samples()
-
-    def _bad(self, inbox: Inbox, j: int, status: int, message: str) -> int:
-        data = message.encode()[: self.shm.slot_bytes]
-        self.shm.payload[j, : len(data)] = memoryview(data)
-        inbox.answer(j, status, len(data))
-        return 1
+        # each slot's payload as float32: the engine writes a reply's frames straight there
+        self.out_views = shm.payload.view(np.float32)
+        if hasattr(engine, "register_host"):
+            # page-lock the data segment once: frames then go from the GPU into the reply
+            # slot by DMA (or the kernel writes them there), with no staging copy
+            try:
+                engine.register_host(shm.payload)
+            except Exception as exc:  # noqa: BLE001 - fall back to the engine's staging
+                log.warning("worker %d: could not page-lock the data segment (%s); frames "
+                            "are staged", index, exc)
 
     def _drop(self, k: int) -> None:
         if self.states.pop(k, None) is not None:
@@ -42,23 +47,37 @@ class AudioStreams:
             t["state"] = L.ST_FREE
             self.shm.workers["streams"][self.index] = len(self.states)
 
-    def serve(self, taken: list[int], inbox: Inbox) -> int:
-        """Answer OPEN/PUSH/CLOSE slots; all PUSHes go to the engine as one batch."""
+    def serve(self, taken: list[tuple[int, tuple[int, ...]]], inbox: Inbox) -> int:
+        """Answer OPEN/PUSH/CLOSE/ONESHOT slots (``(slot, decoded request)`` pairs, decoded
+        once by the worker loop); all pushes go to the engine as one batch, whose frames the
+        engine writes straight into each request's reply slot."""
         table = self.shm.streams
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
-        batch_slots: list[tuple[int, int, bool]] = []
-        for j in taken:
-            op, n, k, arg0, arg1, arg2, _ = inbox.request(j)
+        batch_slots: list[tuple[int, int, bool]] = []  # (slot, stream index or -1, final)
+        for j, (op, n, k, arg0, arg1, arg2, _) in taken:
+            if op == L.OP_AUDIO_ONESHOT:  # no table entry: state made, used, dropped here
+                dt = DTYPES.get(arg0)
+                if dt is None or n % dt.itemsize:
+                    errors += inbox.fail(j, L.R_BAD_INPUT, "bad sample format or byte count")
+                    continue
+                try:
+                    st = self.engine.new_stream(n_mels=arg1, padding=arg2)
+                except ValueError as exc:
+                    errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
+                    continue
+                batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt), True))
+                batch_slots.append((j, -1, True))
+                continue
             if not 0 <= k < len(table):
-                errors += self._bad(inbox, j, L.R_ERROR, f"stream index {k} out of range")
+                errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
                 continue
             token = int(table["token"][k])
             if op == L.OP_AUDIO_OPEN:
                 try:
                     st = self.engine.new_stream(n_mels=arg0)
                 except ValueError as exc:
-                    errors += self._bad(inbox, j, L.R_BAD_INPUT, str(exc))
+                    errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
                     continue
                 self.states[k] = (token, st)
                 self.shm.workers["streams"][self.index] = len(self.states)
@@ -66,7 +85,7 @@ class AudioStreams:
                 continue
             entry = self.states.get(k)
             if entry is None or entry[0] != token:
-                errors += self._bad(inbox, j, L.R_BAD_INPUT, "unknown or expired stream")
+                errors += inbox.fail(j, L.R_BAD_INPUT, "unknown or expired stream")
                 continue
             if op == L.OP_AUDIO_CLOSE:
                 self._drop(k)
@@ -75,34 +94,40 @@ class AudioStreams:
             fmt, final = arg0, bool(arg1)
             dt = DTYPES.get(fmt)
             if dt is None or n % dt.itemsize:
-                errors += self._bad(inbox, j, L.R_BAD_INPUT, "bad sample format or byte count")
+                errors += inbox.fail(j, L.R_BAD_INPUT, "bad sample format or byte count")
                 continue
-            chunk = np.frombuffer(self.shm.payload[j, :n], dtype=dt)
-            if fmt == L.FMT_F32LE and not np.isfinite(chunk).all():
-                errors += self._bad(inbox, j, L.R_BAD_INPUT, "float audio contains NaN or Inf")
-                continue
-            batch.append((entry[1], chunk, final))
+            batch.append((entry[1], np.frombuffer(self.shm.payload[j, :n], dtype=dt), final))
             batch_slots.append((j, k, final))
         if batch:
-            try:
-                results = self.engine.process(batch)
-            except ValueError as exc:  # a stream-level problem: fail the batch's requests
-                for j, _k, _f in batch_slots:
-                    errors += self._bad(inbox, j, L.R_BAD_INPUT, str(exc))
-                return errors
-            for (j, k, final), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
-                frames = np.ascontiguousarray(fb.log10, dtype=np.float32)
-                nbytes = frames.nbytes
-                self.shm.payload[j, :nbytes] = frames.reshape(-1).view(np.uint8)
+            errors += self._compute(batch, batch_slots, inbox)
+        return errors
+
+    def _compute(self, batch: list[tuple[Any, np.ndarray, bool]],
+                 batch_slots: list[tuple[int, int, bool]], inbox: Inbox) -> int:
+        """One engine call for the batch; the engine checks the audio (once). A bad item
+        (NaN in float audio, say) fails the whole call and changes no stream: then each item
+        goes alone, so only the bad ones are refused."""
+        outs = [self.out_views[j] for j, _k, _f in batch_slots]
+        try:
+            results = self.engine.process(batch, out=outs)
+        except ValueError as exc:
+            if len(batch) > 1:
+                return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
+            return inbox.fail(batch_slots[0][0], L.R_BAD_INPUT,
+                              re.sub(r"^item \d+: ", "", str(exc)))
+        table = self.shm.streams
+        for (j, k, final), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
+            frames = fb.log10.shape[0]
+            self._samples += chunk.shape[0]
+            if k >= 0:
                 t = table[k : k + 1]
-                t["frames"] += frames.shape[0]
+                t["frames"] += frames
                 t["samples"] += chunk.shape[0]
-                self._samples += chunk.shape[0]
                 if final:
                     self._drop(k)
-                inbox.answer(j, L.R_OK, nbytes, r0=fb.start, r1=frames.shape[0],
-                             f0=fb.running_max, f1=1.0 if final else 0.0)
-        return errors
+            inbox.answer(j, L.R_OK, frames * fb.log10.shape[1] * 4, r0=fb.start, r1=frames,
+                         f0=fb.running_max, f1=1.0 if final else 0.0)
+        return 0
 
     def take_samples(self) -> int:
         n, self._samples = self._samples, 0

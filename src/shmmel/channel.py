@@ -5,15 +5,17 @@ submit it to a worker, wait on the slot's reply semaphore, read the reply in pla
 Worker side (:class:`Inbox`): wait on the doorbell, take every slot submitted to this worker
 (one wake-up can take many, which is what lets audio batch across streams), answer each.
 
-Only a claim from the shared pool takes the instance lock (a kernel record lock, dropped if
-its holder dies); a process keeps the slots it released in a small local pool, so the common
-claim is a list pop. Everything else is single-writer per slot state (see
-:mod:`shmmel.layout`). Hot paths read and write slot headers with precompiled ``struct``
-codecs on the mapping, which is several times faster than numpy field access per request.
+Each producer process owns a partition of the slots (its row of the HTTP table), so a claim
+is a deque pop and a release a deque append: no lock, Python's or the kernel's, on the
+request path. Everything else is single-writer per slot state (see :mod:`shmmel.layout`).
+Hot paths read slot headers with precompiled ``struct`` codecs on the mapping (several
+times faster than numpy field access per request) and write them with single aligned stores.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import os
 import struct
@@ -71,6 +73,34 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def claim_row(shm: Shm) -> int:
+    """Claim a row of the HTTP table for this process (rows of dead processes are reused):
+    its index is this process's slot partition. The one cross-process lock of a producer's
+    life, taken once at its start."""
+    pid = os.getpid()
+    with shm.lock():
+        h = shm.http
+        for r in np.flatnonzero(h["pid"] != 0).tolist():
+            if not pid_alive(int(h["pid"][r])):
+                h["pid"][r] = 0
+        free = np.flatnonzero(h["pid"][: shm.partitions] == 0)
+        if free.size == 0:
+            raise ServiceUnavailable(f"all {shm.partitions} producer rows are in use "
+                                     "(http_workers plus spares): no slot partition left")
+        r = int(free[0])
+        h["pid"][r] = pid
+        h["started"][r] = time.monotonic()  # counters (and metrics row r) carry on
+        # a dead predecessor's idle slots are free at once (not at the supervisor's next
+        # sweep, which takes this lock too); its in-flight ones stay the supervisor's
+        part = L.partition_range(r, shm.layout.n_slots, shm.partitions)
+        s = shm.slots[part.start : part.stop]
+        idle = np.isin(s["state"], (L.S_PARKED, L.S_CLAIMED, L.S_DONE))
+        for j in np.flatnonzero(idle & (s["owner"] != 0)).tolist():
+            if not pid_alive(int(s["owner"][j])):
+                s["state"][j] = L.S_FREE
+    return r
 
 
 @dataclass(frozen=True)
@@ -218,68 +248,86 @@ class Slot:
 
 
 class Producer:
-    """The HTTP side of the channel (one per process; thread safe)."""
+    """The HTTP side of the channel (one per process; thread safe, and lock free per request).
 
-    CLAIM_BATCH = 4
+    A producer owns one row of the HTTP table and with it a partition of the slots
+    (``layout.partition_range``) that no other process claims: a claim is a ``deque.pop``
+    and a release a ``deque.append`` (both atomic under the GIL), with no lock of any kind.
+    Only when the deque runs dry does the producer adopt the FREE slots of its partition
+    (slots the supervisor freed after an orphaning, or never used yet), under a thread lock
+    held across no syscall.
+    """
+
     DEPTH_TTL = 0.001  # seconds
 
-    def __init__(self, shm: Shm, queue_depth: int, pool_max: int = 4,
-                 stall_timeout: float = 2.0) -> None:
+    def __init__(self, shm: Shm, queue_depth: int, stall_timeout: float = 1.0,
+                 row: int | None = None) -> None:
         self.shm = shm
         self.queue_depth = queue_depth
         self.stall_timeout = stall_timeout
-        self.pool_max = pool_max
         self.pid = os.getpid()
+        self.row = claim_row(shm) if row is None else row
+        part = L.partition_range(self.row, shm.layout.n_slots, shm.partitions)
+        self.first, self.stop = part.start, part.stop
         self.slots_off = shm.layout.slots_off
         self.workers_off = shm.layout.workers_off
         self._states = shm.slots["state"]
         self._counter = itertools.count(1)
-        self._pool: list[int] = []
-        self._plock = threading.Lock()
+        self._idle: collections.deque[int] = collections.deque()
+        self._adopt_lock = threading.Lock()
         self._rr = 0
         self._depths = np.zeros(len(shm.workers), np.int64)
         self._depths_at = -1.0
+        self._adopt()
 
     def next_seq(self) -> int:
         # itertools.count is atomic under the GIL; pid in the high half makes it unique
         return ((self.pid & 0xFFFFFFFF) << 32) | (next(self._counter) & 0xFFFFFFFF)
 
+    @property
+    def capacity(self) -> int:
+        return self.stop - self.first
+
     def claim(self) -> Slot:
-        with self._plock:
-            if self._pool:
-                j = self._pool.pop()
-                self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_CLAIMED
-            else:
-                j = self._claim_shared()
+        try:
+            j = self._idle.pop()
+        except IndexError:
+            j = self._adopt(need=True)
+        self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_CLAIMED
         return Slot(self, j)
 
-    def _claim_shared(self) -> int:
-        slots = self.shm.slots
-        with self.shm.lock():
-            free = np.flatnonzero(self._states == L.S_FREE)[: self.CLAIM_BATCH]
-            if free.size == 0:
-                raise ServiceUnavailable("all shared-memory slots are busy")
-            slots["owner"][free] = self.pid
-            self._states[free[:1]] = L.S_CLAIMED
-            self._states[free[1:]] = L.S_PARKED
-        for j in free.tolist():  # drain a late post left by an abandoned request
+    def _adopt(self, need: bool = False) -> int:
+        """Take the FREE slots of this partition into the deque (as PARKED); with ``need``,
+        return one of them (ServiceUnavailable when the partition has none)."""
+        with self._adopt_lock:  # numpy and stores only: no syscall under it
+            if need:
+                with contextlib.suppress(IndexError):
+                    return self._idle.pop()  # another thread adopted meanwhile
+            states = self._states[self.first : self.stop]
+            free = (np.flatnonzero(states == L.S_FREE) + self.first).tolist()
+            u32, i64, size = self.shm.u32, self.shm.i64, L.SLOT.itemsize
+            for j in free:
+                off = self.slots_off + j * size
+                i64[(off >> 3) + _OWNER] = self.pid
+                u32[(off >> 2) + _ST] = L.S_PARKED
+        for j in free:  # a late post of an abandoned request must not wake the next one
             sem = self.shm.replies[j]
-            while True:
-                try:
+            with contextlib.suppress(posix_ipc.BusyError):
+                while True:
                     sem.acquire(0)
-                except posix_ipc.BusyError:
-                    break
-        self._pool.extend(free[1:].tolist())
-        return int(free[0])
+        if need:
+            if not free:
+                raise ServiceUnavailable(
+                    f"all {self.capacity} shared-memory slots of this HTTP process are busy")
+            j = free.pop()
+            self._idle.extend(free)
+            return j
+        self._idle.extend(free)
+        return -1
 
     def _give_back(self, j: int) -> None:
-        w4 = (self.slots_off + j * L.SLOT.itemsize) >> 2
-        with self._plock:
-            if len(self._pool) < self.pool_max:
-                self.shm.u32[w4] = L.S_PARKED
-                self._pool.append(j)
-                return
-        self.shm.u32[w4] = L.S_FREE
+        self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_PARKED
+        self._idle.append(j)
 
     def queue_depths(self) -> np.ndarray:
         return L.queue_depths(self._states, len(self.shm.workers))
@@ -420,6 +468,14 @@ class Inbox:
         op = _U32.unpack_from(ctl, off + _SO["op"])[0]
         req_len, _, _, stream, a0, a1, a2, a3 = _REQ_B.unpack_from(ctl, off + _SO["req_len"])
         return op, req_len, stream, a0, a1, a2, a3
+
+    def fail(self, j: int, status: int, message: str) -> int:
+        """Answer slot ``j`` with an error status and ``message`` (UTF-8); returns 1 (an
+        error, for the caller's count)."""
+        data = message.encode()[: self.shm.slot_bytes]
+        self.shm.payload[j, : len(data)] = memoryview(data)
+        self.answer(j, status, len(data))
+        return 1
 
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:

@@ -27,18 +27,24 @@ Two POSIX shared-memory segments and two families of semaphores per instance ``I
 Every offset below derives from the numpy dtypes; ``tests/test_layout.py`` pins them, so a
 change here is a deliberate act (bump ``VERSION``).
 
+Slots are partitioned: producer row r of the HTTP table (a gunicorn worker process, or a
+benchmark/tool) owns the slots ``partition_range(r, ...)`` and is the only process that
+claims them, so a claim never takes a cross-process lock and never races another process.
+
 Slot life cycle (who writes ``state``)::
 
-    FREE --claim (producer, under the instance lock)--> CLAIMED
+    FREE --adopt (the partition's producer, when its deque of idle slots runs dry)--> PARKED
+    PARKED --claim (producer: a deque pop)--> CLAIMED
     CLAIMED --submit (producer)--> SUBMITTED|k --take (worker k)--> TAKEN|k --answer--> DONE
-    DONE/CLAIMED --release (producer)--> PARKED (its process-local pool, reused without the
-    lock) or FREE when that pool is full
+    DONE/CLAIMED --release (producer: a deque append)--> PARKED
 
 Exactly one party may write a slot at each state, so no lock is held while a request is in
 flight: a worker killed at any instant holds nothing that others wait for. A waiting producer
 notices the death through the worker's generation (bumped by the supervisor when it reaps)
 and frees its slot itself. A slot whose producer died, or gave up waiting on a live worker, is
-marked orphaned (owner 0) and freed by the supervisor once it is DONE or its worker is gone.
+marked orphaned (owner 0) and set FREE by the supervisor once it is DONE or its worker is gone;
+the partition's (new) producer adopts FREE slots again. The supervisor writes only slots
+whose owner is dead or 0; a producer adopts only FREE slots: the writers never meet.
 """
 
 from __future__ import annotations
@@ -46,8 +52,11 @@ from __future__ import annotations
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 2  # 2: S_FREE is non-zero; worker rows carry respawn_at and crashes
-MAX_HTTP = 64  # rows for gunicorn worker processes (respawned ones reuse dead rows)
+VERSION = 3  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row
+MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
+               # benchmarks and tools that talk to the workers directly
+SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools
+SLOTS_OVER_THREADS = 4  # a partition holds at least http_threads + this many slots
 PAGE = 4096
 
 # instance state (HEADER.state)
@@ -70,7 +79,7 @@ MEL_KINDS = (K_CPU, K_CUDA)  # where text and mel audio may go: never to a whisp
 # FREE. (struct.pack_into zeroes its target before writing it, which once made in-use slots
 # read as free to a claimer in another process; every shared word is now written with one
 # aligned store, and 0 is kept meaningless as a second line of defence.)
-S_FREE, S_CLAIMED, S_PARKED, S_DONE = 1, 2, 3, 4  # PARKED: in a producer's local pool
+S_FREE, S_CLAIMED, S_PARKED, S_DONE = 1, 2, 3, 4  # PARKED: idle in its producer's partition
 S_SUBMITTED, S_TAKEN = 0x100, 0x200   # | worker index (workers <= 256)
 S_QUEUED_MIN = S_SUBMITTED            # state >= this: queued on (state & 0xFF)
 
@@ -86,6 +95,11 @@ OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the wi
 OP_WHISPER_DECODE = 7    # decode the window received: arg0 = window bytes; reply JSON
 OP_WHISPER_CLOSE = 8     # drop the job (frees its table entry)
 WHISPER_OPS = (OP_WHISPER_OPEN, OP_WHISPER_FEATURES, OP_WHISPER_DECODE, OP_WHISPER_CLOSE)
+# a whole upload in one round trip (no stream entry): payload = samples; arg0 = sample format,
+# arg1 = n_mels, arg2 = padding (zero samples appended by the worker: a count, not bytes);
+# reply = every frame (r0 = first frame index, r1 = frames, f0 = final max)
+OP_AUDIO_ONESHOT = 9
+AUDIO_OPS = (OP_AUDIO_OPEN, OP_AUDIO_PUSH, OP_AUDIO_CLOSE, OP_AUDIO_ONESHOT)
 
 TEXT_OPS = ("reverse", "upper", "prefix")
 
@@ -115,6 +129,7 @@ HEADER = np.dtype([
     ("http_workers", "<u4"),
     ("host", "S64"),
     ("instance", "S48"),
+    ("partitions", "<u4"),   # producer rows with a partition of slots each (<= MAX_HTTP)
 ], align=True)
 
 WORKER = np.dtype([
@@ -209,12 +224,28 @@ def slot_counts(states: np.ndarray) -> dict[str, int]:
     """How many slots are in each state (queued/working summed over workers)."""
     return {
         "free": int((states == S_FREE).sum()),
-        "parked": int((states == S_PARKED).sum()),  # idle in an HTTP process's local pool
+        "parked": int((states == S_PARKED).sum()),  # idle in a producer's partition
         "claimed": int((states == S_CLAIMED).sum()),
         "queued": int(((states & 0xF00) == S_SUBMITTED).sum()),
         "working": int(((states & 0xF00) == S_TAKEN).sum()),
         "done": int((states == S_DONE).sum()),
     }
+
+
+def partitions_for(http_workers: int) -> int:
+    """How many producer partitions an instance has (one per HTTP table row in use)."""
+    return min(MAX_HTTP, http_workers + SPARE_PARTITIONS)
+
+
+def slots_for(requested: int, http_workers: int, http_threads: int) -> int:
+    """The slot count: at least what every partition needs for its threads."""
+    return max(requested, partitions_for(http_workers) * (http_threads + SLOTS_OVER_THREADS))
+
+
+def partition_range(row: int, n_slots: int, partitions: int) -> range:
+    """The slots of producer row ``row``: claimed and released by that process alone."""
+    per = n_slots // partitions
+    return range(row * per, (row + 1) * per)
 
 
 def _align(n: int, a: int = 64) -> int:

@@ -13,10 +13,9 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 from gunicorn.app.base import BaseApplication
 
-from .channel import Producer, pid_alive
+from .channel import Producer
 from .config import Config
 from .shm import Shm
 
@@ -60,26 +59,7 @@ class GunicornServer(BaseApplication):
         from .app import create_app
 
         shm = Shm.attach(self.config.instance)
-        row = register_http_process(shm)
         producer = Producer(shm, self.config.queue_depth,
                             stall_timeout=min(self.config.stall_timeout,
                                               self.config.heartbeat_timeout))
-        return create_app(self.config, producer, shm, row)
-
-
-def register_http_process(shm: Shm) -> int:
-    """Claim a row of the HTTP table for this process (rows of dead processes are reused)."""
-    pid = os.getpid()
-    with shm.lock():
-        h = shm.http
-        for r in np.flatnonzero(h["pid"] != 0).tolist():
-            if not pid_alive(int(h["pid"][r])):
-                h["pid"][r] = 0
-        free = np.flatnonzero(h["pid"] == 0)
-        if free.size == 0:
-            log.warning("HTTP table full; process %d is not shown in status", pid)
-            return -1
-        r = int(free[0])
-        h["pid"][r] = pid
-        h["started"][r] = time.monotonic()  # counters (and metrics row r) carry on
-    return r
+        return create_app(self.config, producer, shm, producer.row)

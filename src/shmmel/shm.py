@@ -44,6 +44,7 @@ class Shm:
             self.layout.views(self._ctl_map)
         self.header = hdr[0]
         self.slot_bytes = int(self.header["slot_bytes"])
+        self.partitions = int(self.header["partitions"])
         self.payload = np.frombuffer(self._data_map, np.uint8).reshape(self.layout.n_slots,
                                                                        self.slot_bytes)
         self.data_view = memoryview(self._data_map)
@@ -69,20 +70,21 @@ class Shm:
     def create(cls, config: Config) -> Shm:
         """Create every segment and semaphore of ``config.instance`` (mode 0600)."""
         inst = config.instance
-        lay = L.CtlLayout(config.worker_rows, config.slots, config.max_streams)
+        n_slots = L.slots_for(config.slots, config.http_workers, config.http_threads)
+        lay = L.CtlLayout(config.worker_rows, n_slots, config.max_streams)
         made: list[str] = []
         try:
             ctl = posix_ipc.SharedMemory(L.ctl_name(inst), posix_ipc.O_CREX, mode=0o600,
                                          size=lay.size)
             made.append(L.ctl_name(inst))
             data = posix_ipc.SharedMemory(L.data_name(inst), posix_ipc.O_CREX, mode=0o600,
-                                          size=L.data_size(config.slots, config.slot_bytes))
+                                          size=L.data_size(n_slots, config.slot_bytes))
             made.append(L.data_name(inst))
             for k in range(config.worker_rows):
                 posix_ipc.Semaphore(L.doorbell_name(inst, k), posix_ipc.O_CREX, mode=0o600,
                                     initial_value=0).close()
                 made.append(L.doorbell_name(inst, k))
-            for j in range(config.slots):
+            for j in range(n_slots):
                 posix_ipc.Semaphore(L.reply_name(inst, j), posix_ipc.O_CREX, mode=0o600,
                                     initial_value=0).close()
                 made.append(L.reply_name(inst, j))
@@ -90,14 +92,15 @@ class Shm:
                 head = np.frombuffer(m, L.HEADER, 1)
                 head["version"] = L.VERSION
                 head["n_workers"] = config.worker_rows
-                head["n_slots"] = config.slots
+                head["n_slots"] = n_slots
+                head["partitions"] = L.partitions_for(config.http_workers)
                 head["slot_bytes"] = config.slot_bytes
                 head["max_streams"] = config.max_streams
                 head["port"] = config.port
                 head["http_workers"] = config.http_workers
                 head["host"] = config.host.encode()[:63]
                 head["instance"] = inst.encode()
-                slots = np.frombuffer(m, L.SLOT, config.slots, lay.slots_off)
+                slots = np.frombuffer(m, L.SLOT, n_slots, lay.slots_off)
                 slots["state"] = L.S_FREE  # no slot state is 0 (see layout)
                 del slots
                 head["magic"] = L.MAGIC  # last: attachers check it

@@ -18,7 +18,7 @@ from . import layout as L
 from .channel import Producer, Slot, pid_alive
 from .config import Config
 from .errors import BadRequest, ServiceUnavailable, ShmmelError
-from .mel import FrameBatch
+from .mel import HOP_LENGTH, FrameBatch
 
 OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
 
@@ -148,6 +148,36 @@ class StreamTable:
             if status == L.R_BAD_INPUT:
                 raise BadRequest(msg)
             raise RuntimeError(f"worker error: {msg}")
+
+    def fits_oneshot(self, nbytes: int, fmt: int, n_mels: int, padding: int) -> bool:
+        """Whether a whole upload of ``nbytes`` goes to a worker as one message: its
+        samples and every frame they make (padding included) fit one slot."""
+        samples = nbytes // L.FMT_WIDTH[fmt]
+        frames = (samples + padding) // HOP_LENGTH + 1
+        return nbytes <= self.shm.slot_bytes and frames * n_mels * 4 <= self.shm.slot_bytes
+
+    def oneshot(self, slot: Slot, data: memoryview | bytes, fmt: int, n_mels: int,
+                padding: int) -> FrameBatch:
+        """A whole upload in one round trip: no stream entry, padding sent as a count, every
+        frame back in the same slot (see :meth:`fits_oneshot`)."""
+        if n_mels not in (80, 128):
+            raise BadRequest("n_mels must be 80 or 128")
+        w = self.shm.workers
+        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
+        k, gen = self.producer.pick_worker([L.K_CUDA] if cuda_ready else L.MEL_KINDS)
+        slot.view(len(data))[:] = data
+        slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
+                    (fmt, n_mels, padding))
+        slot.wait(self.config.request_timeout)
+        r = slot.reply(copy=False)
+        if r.status != L.R_OK:
+            msg = bytes(slot.view(int(self.shm.slots["resp_len"][slot.index]))).decode(
+                errors="replace")
+            if r.status == L.R_BAD_INPUT:
+                raise BadRequest(msg)
+            raise RuntimeError(f"worker error: {msg}")
+        frames = np.frombuffer(slot.view(r.r1 * n_mels * 4), "<f4").reshape(r.r1, n_mels)
+        return FrameBatch(r.r0, frames.copy(), r.f0, True)
 
     def finish(self, slot: Slot, h: Handle, extra_padding: int = 0) -> FrameBatch:
         """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames

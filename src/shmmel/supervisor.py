@@ -332,16 +332,19 @@ class Supervisor:
         self._next_reclaim = now + RECLAIM_EVERY
         assert self.shm is not None
         s, w = self.shm.slots, self.shm.workers
-        busy = np.flatnonzero(s["state"] != L.S_FREE)
-        for j in busy.tolist():
-            owner = int(s["owner"][j])
-            if owner and pid_alive(owner):
-                continue
-            state = int(s["state"][j])
-            k = int(s["worker"][j])
-            worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
-            if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
-                s["state"][j] = L.S_FREE
+        # under the instance lock: a producer taking over a dead process's row (channel.
+        # claim_row) frees the same slots; the request path never takes this lock
+        with self.shm.lock():
+            busy = np.flatnonzero(s["state"] != L.S_FREE)
+            for j in busy.tolist():
+                owner = int(s["owner"][j])
+                if owner and pid_alive(owner):
+                    continue
+                state = int(s["state"][j])
+                k = int(s["worker"][j])
+                worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
+                if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
+                    s["state"][j] = L.S_FREE
         t = self.shm.streams
         for k in np.flatnonzero(t["state"] != L.ST_FREE).tolist():
             wk = int(t["worker"][k])

@@ -175,17 +175,18 @@ class Worker:
         if not taken:
             return
         t0 = time.perf_counter()
-        audio: list[int] = []
+        audio: list[tuple[int, tuple[int, ...]]] = []
         whisper: list[int] = []
         errors = 0
         for j in taken:
-            op, req_len, _stream, arg0, *_ = self.inbox.request(j)
+            req = self.inbox.request(j)  # decoded once, passed on
+            op, req_len, _stream, arg0 = req[:4]
             if op == L.OP_TEXT:
                 errors += self.serve_text(j, req_len, arg0)
             elif op == L.OP_PING:
                 self.inbox.answer(j, L.R_OK, req_len)
-            elif op in (L.OP_AUDIO_OPEN, L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE) and self.audio:
-                audio.append(j)
+            elif op in L.AUDIO_OPS and self.audio:
+                audio.append((j, req))
             elif op in L.WHISPER_OPS and self.whisper:
                 whisper.append(j)
             else:
@@ -220,10 +221,7 @@ class Worker:
             self.publish_counters()
 
     def fail(self, j: int, status: int, message: str) -> int:
-        data = message.encode()[: self.shm.slot_bytes]
-        self.shm.payload[j, : len(data)] = memoryview(data)
-        self.inbox.answer(j, status, len(data))
-        return 1
+        return self.inbox.fail(j, status, message)
 
     def serve_text(self, j: int, n: int, text_op: int) -> int:
         try:
