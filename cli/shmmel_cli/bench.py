@@ -19,7 +19,7 @@ from shmmel.loadgen.text import parse_ops, parse_sizes
 from shmmel.loadgen.textload import TextLoad
 from shmmel.loadgen.transcribeload import TranscribeLoad, transcribe_bench
 
-from .render import err, fail, out
+from .render import check_output, err, fail, out
 
 bench_app = typer.Typer(help="Load-test a running (or spawned) instance.", no_args_is_help=True,
                         rich_markup_mode=None)
@@ -153,6 +153,7 @@ def bench_text(
 ) -> None:
     """POST /process load: latency percentiles, throughput, errors, against the targets."""
     try:
+        check_output(save, hgrm, plot)
         load = TextLoad(connections=connections, duration=duration, warmup=warmup,
                         mode="open" if rate > 0 else "closed", rate=rate,
                         sizes=tuple(parse_sizes(sizes)), ops=tuple(parse_ops(ops)),
@@ -249,6 +250,7 @@ def bench_audio(
     if file is not None or openai:
         raise fail(ValueError("--file and --openai go with --transcribe"))
     try:
+        check_output(save, hgrm, plot)
         if pace not in ("realtime", "fast"):
             raise ValueError("--pace must be realtime or fast")
         chosen = tuple(p.strip() for p in phases.split(",") if p.strip())
@@ -305,6 +307,7 @@ def bench_audio(
 def _bench_transcribe(load: TranscribeLoad, src: lb.Source, as_json: bool, save: Path | None,
                       hgrm: Path | None, plot: Path | None) -> None:
     try:
+        check_output(save, hgrm, plot)
         outcome = transcribe_bench(src, load, console=err)
     except (ShmmelError, LoadError, ValueError, OSError) as exc:
         raise fail(exc) from None

@@ -21,7 +21,7 @@ from shmmel import daemon
 from shmmel.errors import ShmmelError
 
 from .bench import bench_app, gen_audio
-from .render import err, fail, note, out, status_table
+from .render import check_output, err, fail, note, out, status_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -177,17 +177,6 @@ def mel_cmd(
     except (ShmmelError, OSError, ValueError) as exc:
         raise fail(exc) from None
     out.print(f"{file} -> {output}: shape {tuple(spec.shape)}")
-
-
-def check_output(path: Path) -> None:
-    """Refuse an output path that cannot be written before any work is done."""
-    if path.is_dir():
-        raise IsADirectoryError(f"output {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output directory {parent} is not writable")
 
 
 @config_app.command("show")

@@ -8,7 +8,9 @@ wrapped (a wide virtual width), so tables keep whole cells when read by a script
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -33,6 +35,20 @@ def fail(exc: BaseException | str) -> typer.Exit:
     """Print ``[error] <message>`` (one line, literally) on stderr; the Exit to raise."""
     err.print(Text.assemble(("[error]", "red"), " ", str(exc)))
     return typer.Exit(1)
+
+
+def check_output(*paths: Path | None) -> None:
+    """Refuse an output path that cannot be written before any work is done (OSError)."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise IsADirectoryError(f"output {path} is a directory")
+        parent = path.parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"output directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"output directory {parent} is not writable")
 
 
 def note(message: str) -> None:
