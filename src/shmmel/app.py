@@ -5,17 +5,19 @@ are mapped to HTTP statuses once, here; every error body is ``{"error": ..., "de
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import falcon
 
 from . import layout as L
 from .audio_http import add_routes as add_audio_routes
-from .channel import Producer
+from .channel import Producer, ReplyError, call_parts
 from .config import MAX_MESSAGE_BYTES, Config
-from .errors import BadRequest, RequestTimeout, ServiceUnavailable
+from .errors import BadRequest, RequestTimeout, ServiceUnavailable, ShmmelError
 from .httputil import read_body, require_media_type
 from .metrics import HttpMetrics, MetricsResource
 from .openapi import OpenAPIResource
@@ -25,6 +27,7 @@ from .whisper.openai import add_routes as add_openai_routes
 from .whisper.openai import openai_errors
 
 log = logging.getLogger("shmmel.http")
+NDJSON = "application/x-ndjson"
 
 MAX_JSON_BODY = 64 * 1024  # a 4 KiB message may grow six-fold as JSON \\u escapes
 
@@ -107,6 +110,15 @@ class ProcessResource:
                 title="Content Too Large",
                 description=f'"message" is {len(data)} bytes of UTF-8; the limit is '
                             f"{MAX_MESSAGE_BYTES}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description='"stream" must be true or false')
+        accept = req.get_header("Accept")
+        if stream or (accept and "*/*" not in accept and req.client_prefers(
+                [falcon.MEDIA_JSON, NDJSON]) == NDJSON):
+            self._stream(resp, data, L.TEXT_OPS.index(op))
+            return
         reply = self.producer.call(L.OP_TEXT, data, args=(L.TEXT_OPS.index(op),),
                                    timeout=self.config.request_timeout, kinds=L.MEL_KINDS)
         if reply.status == L.R_BAD_INPUT:
@@ -115,6 +127,44 @@ class ProcessResource:
             raise RuntimeError(f"worker error: {reply.data.decode(errors='replace')}")
         resp.media = {"result": reply.data.decode("utf-8")}
         resp.set_header("Server-Timing", reply.server_timing())
+
+
+    def _stream(self, resp: falcon.Response, data: bytes, text_op: int) -> None:
+        """The spec's streaming mode: NDJSON lines ``{"delta": ...}`` as the worker makes
+        each part (over the request's one slot), then ``{"result": ..., "done": true}``.
+        The first part is awaited before the response starts, so a refusal is a real 4xx."""
+        parts = call_parts(self.producer, L.OP_TEXT, data, args=(text_op, 1),
+                           timeout=self.config.request_timeout, kinds=L.MEL_KINDS)
+        try:
+            first = [next(parts)]
+        except StopIteration:
+            first = []
+        except ReplyError as exc:
+            parts.close()
+            if exc.status == L.R_BAD_INPUT:
+                raise BadRequest(str(exc)) from None
+            raise RuntimeError(f"worker error: {exc}") from None
+        except BaseException:
+            parts.close()
+            raise
+
+        def lines() -> Iterator[bytes]:
+            got: list[str] = []
+            try:
+                for chunk in itertools.chain(first, parts):
+                    text = chunk.decode("utf-8")
+                    got.append(text)
+                    yield json.dumps({"delta": text}).encode() + b"\n"
+            except (ShmmelError, ReplyError) as exc:
+                yield json.dumps({"error": "Service Unavailable", "detail": str(exc),
+                                  "done": True}).encode() + b"\n"
+                return
+            finally:
+                parts.close()
+            yield json.dumps({"result": "".join(got), "done": True}).encode() + b"\n"
+
+        resp.content_type = NDJSON
+        resp.stream = lines()
 
 
 class HealthResource:

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +73,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class ReplyError(Exception):
+    """A worker answered with a non-OK status (``status``: layout.R_*)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def claim_row(shm: Shm) -> int:
@@ -162,6 +170,7 @@ class Slot:
         u32[w4 + _GEN] = gen
         shm.u64[w8 + _SEQ] = seq
         shm.u64[w8 + _RSEQ] = 0
+        shm.i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
         u32[w4 + _REQLEN] = req_len
         u32[w4 + _RESPLEN] = 0
         u32[w4 + _STATUS] = 0
@@ -177,13 +186,16 @@ class Slot:
         shm = self.shm
         return shm.u32[self.w4 + _ST] == L.S_DONE and shm.u64[self.w8 + _RSEQ] == self.seq
 
-    def wait(self, timeout: float) -> None:
-        """Block until the worker answered this slot's current request.
+    def wait(self, timeout: float, seen: int | None = None) -> None:
+        """Block until the worker answered this slot's current request (or, with ``seen``,
+        until it published more than ``seen`` bytes of a partial reply: see :meth:`parts`).
 
         Raises WorkerDied (503) within about WAIT_SLICE after the supervisor reaps a dead
-        worker, and RequestTimeout (504) after ``timeout``; in the second case the slot is
-        orphaned, since the live worker may still write into it.
+        worker, WorkerStalled (503) when it stops beating for stall_timeout, and
+        RequestTimeout (504) after ``timeout``; in the last two cases the slot is orphaned,
+        since the live worker may still write into it.
         """
+        i64, r0 = self.shm.i64, self.w8 + _R0
         sem = self.shm.replies[self.index]
         ctl, f64 = self.shm.ctl_view, self.shm.f64
         w_off = self.producer.workers_off + self.worker * L.WORKER.itemsize
@@ -195,7 +207,7 @@ class Slot:
                 sem.acquire(WAIT_SLICE)
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 pass
-            if self._answered():
+            if self._answered() or (seen is not None and i64[r0] > seen):
                 return
             state, gen = _W_STATE_GEN.unpack_from(ctl, w_off + _WO["state"])
             if gen != self.gen or state == L.W_DEAD:
@@ -215,6 +227,28 @@ class Slot:
             if now >= deadline:
                 self.orphan()
                 raise RequestTimeout(f"no answer from worker {self.worker} within {timeout:g} s")
+
+    def parts(self, timeout: float) -> Iterator[bytes]:
+        """The reply as the worker publishes it: each newly published run of bytes, until
+        the final answer (the worker advances ``r0``, the bytes published so far, with one
+        aligned store per part, and posts the reply semaphore; parts never overlap, so no
+        handshake is needed). A non-OK final status raises ReplyError after what came."""
+        deadline = time.monotonic() + timeout
+        i64, r0 = self.shm.i64, self.w8 + _R0
+        pos = 0
+        while True:
+            self.wait(max(0.0, deadline - time.monotonic()), seen=pos)
+            done = self._answered()
+            end = self.reply(copy=False) if done else None
+            upto = end.r0 if end is not None and end.status == L.R_OK else i64[r0]
+            if upto > pos:
+                yield bytes(self.view(upto)[pos:])
+                pos = upto
+            if end is not None:
+                if end.status != L.R_OK:
+                    n = int(_LEN_STATUS.unpack_from(self.shm.ctl_view, self.off + _SO["resp_len"])[0])
+                    raise ReplyError(end.status, bytes(self.view(n)).decode(errors="replace"))
+                return
 
     def reply(self, copy: bool = True) -> Reply:
         ctl, off = self.shm.ctl_view, self.off
@@ -419,6 +453,20 @@ class Producer:
         raise AssertionError("unreachable")
 
 
+def call_parts(producer: Producer, op: int, payload: bytes, *, args: tuple[int, ...],
+               timeout: float, kinds: Iterable[int] | None = None) -> Iterator[bytes]:
+    """One request whose reply comes in parts, over one slot (see Slot.parts); the slot
+    is released when the iterator ends or is closed."""
+    k, gen = producer.pick_worker(kinds)
+    slot = producer.claim()
+    try:
+        slot.view(len(payload))[:] = payload
+        slot.submit(k, gen, op, len(payload), producer.next_seq(), args)
+        yield from slot.parts(timeout)
+    finally:
+        slot.release()
+
+
 class Inbox:
     """The worker side of the channel."""
 
@@ -468,6 +516,15 @@ class Inbox:
         op = _U32.unpack_from(ctl, off + _SO["op"])[0]
         req_len, _, _, stream, a0, a1, a2, a3 = _REQ_B.unpack_from(ctl, off + _SO["req_len"])
         return op, req_len, stream, a0, a1, a2, a3
+
+    def publish(self, j: int, data: bytes, pos: int) -> int:
+        """Append a part of slot ``j``'s reply at byte ``pos`` and tell its producer (one
+        aligned store of the progress word, then a post); returns the new end."""
+        end = pos + len(data)
+        self.shm.payload[j, pos:end] = memoryview(data)
+        self.shm.i64[((self._slots_off + j * L.SLOT.itemsize) >> 3) + _R0] = end
+        self.shm.replies[j].release()
+        return end
 
     def fail(self, j: int, status: int, message: str) -> int:
         """Answer slot ``j`` with an error status and ``message`` (UTF-8); returns 1 (an

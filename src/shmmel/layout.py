@@ -102,6 +102,7 @@ OP_AUDIO_ONESHOT = 9
 AUDIO_OPS = (OP_AUDIO_OPEN, OP_AUDIO_PUSH, OP_AUDIO_CLOSE, OP_AUDIO_ONESHOT)
 
 TEXT_OPS = ("reverse", "upper", "prefix")
+TEXT_PART_CHARS = 64  # OP_TEXT with arg1 = 1: the result in parts of this many characters
 
 # audio sample formats (OP_AUDIO_PUSH arg0)
 FMT_S16LE, FMT_F32LE = 0, 1

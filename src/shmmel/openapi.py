@@ -275,7 +275,10 @@ SPEC: dict[str, Any] = {
                                 f"at most {MAX_MESSAGE_BYTES} bytes of UTF-8 (413 beyond)"},
                     "op": {"type": "string", "enum": list(L.TEXT_OPS), "default": "reverse",
                            "description": "reverse (by character), upper, or prefix (the "
-                                          "prefix setting)"}}}}}},
+                                          "prefix setting)"},
+                    "stream": {"type": "boolean", "default": False, "description":
+                               "true (or Accept: application/x-ndjson): the result in parts "
+                               "as NDJSON lines {\"delta\"}, then {\"result\", \"done\"}"}}}}}},
             "responses": {
                 "200": {"description": "the result",
                         "headers": {"Server-Timing": {
@@ -283,9 +286,15 @@ SPEC: dict[str, Any] = {
                             "schema": {"type": "string"}}},
                         "content": {"application/json": {"schema": {
                             "type": "object", "required": ["result"],
-                            "properties": {"result": {"type": "string"}}}}}},
+                            "properties": {"result": {"type": "string"}}}},
+                            "application/x-ndjson": {"schema": {
+                                "type": "string", "description":
+                                "one JSON object per line: {\"delta\": str} per part, then "
+                                "{\"result\": str, \"done\": true} (or an in-band "
+                                "{\"error\", \"detail\", \"done\"})"}}}},
                 "400": _error("not JSON, not an object, a missing or non-string message, an "
-                              "unknown op, invalid UTF-8 or a lone surrogate"),
+                              "unknown op, a non-boolean stream, invalid UTF-8 or a lone "
+                              "surrogate"),
                 "401": UNAUTHORIZED,
                 "413": _error(f"message over {MAX_MESSAGE_BYTES} bytes of UTF-8, or a body "
                               "over 64 KiB"),

@@ -182,7 +182,7 @@ class Worker:
             req = self.inbox.request(j)  # decoded once, passed on
             op, req_len, _stream, arg0 = req[:4]
             if op == L.OP_TEXT:
-                errors += self.serve_text(j, req_len, arg0)
+                errors += self.serve_text(j, req_len, arg0, parts=bool(req[4]))
             elif op == L.OP_PING:
                 self.inbox.answer(j, L.R_OK, req_len)
             elif op in L.AUDIO_OPS and self.audio:
@@ -223,13 +223,21 @@ class Worker:
     def fail(self, j: int, status: int, message: str) -> int:
         return self.inbox.fail(j, status, message)
 
-    def serve_text(self, j: int, n: int, text_op: int) -> int:
+    def serve_text(self, j: int, n: int, text_op: int, parts: bool = False) -> int:
         try:
             message = bytes(self.shm.payload[j, :n]).decode("utf-8")
             op = L.TEXT_OPS[text_op]
         except (UnicodeDecodeError, IndexError) as exc:
             return self.fail(j, L.R_BAD_INPUT, str(exc))
-        out = text_result(op, message, self.config.prefix).encode("utf-8")
+        result = text_result(op, message, self.config.prefix)
+        if parts:  # the spec's streaming mode: the result in parts, as they are made
+            pos = 0
+            for i in range(0, len(result), L.TEXT_PART_CHARS):
+                pos = self.inbox.publish(j, result[i : i + L.TEXT_PART_CHARS].encode("utf-8"),
+                                         pos)
+            self.inbox.answer(j, L.R_OK, pos, r0=pos)
+            return 0
+        out = result.encode("utf-8")
         if len(out) > self.shm.slot_bytes:
             return self.fail(j, L.R_ERROR, "result larger than a slot")
         self.shm.payload[j, : len(out)] = memoryview(out)
