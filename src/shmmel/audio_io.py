@@ -17,13 +17,10 @@ common little-endian reading, which is what every Whisper client sends.
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
 
 from . import layout as L
 
@@ -133,21 +130,6 @@ def read_wav_header(read: Callable[[int], bytes], limit: int = 1 << 20) -> WavIn
             if problems:
                 raise BadAudio(f"WAV has {' and '.join(problems)}")
         pos += size + (size & 1)
-
-
-def load_wav(path: str | os.PathLike[str]) -> np.ndarray:
-    """The samples of a 16 kHz mono WAV file (16-bit PCM as int16, 32-bit float as float32),
-    ready for :func:`shmmel.mel.log_mel_spectrogram`. Raises BadAudio (every problem of the
-    header named at once) or OSError."""
-    with open(path, "rb") as fh:
-        info = read_wav_header(fh.read)
-        data = info.rest + fh.read() if info.data_bytes is None else \
-            (info.rest + fh.read(max(0, info.data_bytes - len(info.rest))))[: info.data_bytes]
-    dtype = np.dtype("<f4") if info.fmt == L.FMT_F32LE else np.dtype("<i2")
-    if info.data_bytes is not None and len(data) < info.data_bytes:
-        raise BadAudio(f"{path}: WAV data ends after {len(data)} of {info.data_bytes} bytes")
-    usable = len(data) - len(data) % dtype.itemsize
-    return np.frombuffer(data[:usable], dtype).astype(dtype.newbyteorder("="))
 
 
 class BodyReader:
