@@ -319,6 +319,11 @@ def test_prompt_and_temperature_reach_the_decoder(oclient):
     assert hot.segments and all(s.temperature == 0.7 for s in hot.segments)
     again = create(model="whisper-1", file=("a.wav", wav), response_format="verbose_json")
     assert again.text == plain.text  # greedy is deterministic
+    # a long prompt: its last 223 tokens are the context, and share the decoder's 448
+    # positions with the output (a repetitive one makes tiny.en repeat it: not asserted)
+    long = create(model="whisper-1", file=("a.wav", wav), response_format="verbose_json",
+                  prompt="Stella went shopping. " * 400)
+    assert long.text and long.segments[0].avg_logprob != plain.segments[0].avg_logprob
 
 
 @pytest.mark.e2e

@@ -341,3 +341,36 @@ def test_a_killed_whisper_worker_fails_its_requests_fast_and_is_replaced(wdaemon
              timeout=30, what="the whisper worker respawned")
     assert transcribe(d, wav(load("speech2")))["windows"] == 1
     assert_clean(d)
+
+
+def test_prompt_and_temperature_options():
+    sot, prev = 50258, 50361
+    assert whisper.context_prompt([], prev, sot) == [sot]
+    long = list(range(300))
+    p = whisper.context_prompt(long, prev, sot)
+    assert p[0] == prev and p[-1] == sot and p[1:-1] == long[-whisper.MAX_PROMPT_TOKENS:]
+    assert whisper.generate_options(0.0) == whisper.GENERATE_OPTIONS  # /audio/transcribe's
+    hot = whisper.generate_options(0.5)
+    assert hot["sampling_topk"] == 0 and hot["sampling_temperature"] == 0.5
+    assert hot["max_length"] == whisper.N_TEXT_CTX  # CTranslate2 counts the prompt in it
+
+
+def test_a_batch_holds_windows_of_one_option_set():
+    """CTranslate2 needs one prompt length a batch and takes one temperature: windows with
+    other options wait for the next batch, oldest first."""
+    import queue
+
+    from shmmel.whisper.runner import Window, WhisperJobs
+
+    jobs = object.__new__(WhisperJobs)  # the batching alone: no model
+    jobs.max_batch, jobs.wait_s, jobs._decoding = 8, 0.0, False
+    jobs._batches = queue.Queue()
+    plain, prompted = (0.0, (1,)), (0.0, (2, 3, 1))
+    keys = [plain, prompted, plain, (0.7, (1,)), prompted, plain]
+    jobs.waiting = [Window(i, None, float(i), k) for i, k in enumerate(keys)]
+    got = []
+    while jobs.waiting:
+        jobs.tick(100.0)
+        got.append([w.slot for w in jobs._batches.get_nowait()])
+        jobs._decoding = False
+    assert got == [[0, 2, 5], [1, 4], [3]]

@@ -37,11 +37,12 @@ MAX_PROMPT_TOKENS = N_TEXT_CTX // 2 - 1      # Whisper keeps the last 223 tokens
 MAX_TEMPERATURE = 1.0                        # OpenAI's range: 0..1
 
 
-def generate_options(temperature: float, prompt_len: int) -> dict[str, Any]:
+def generate_options(temperature: float) -> dict[str, Any]:
     """CTranslate2 ``generate`` options for one batch: greedy at temperature 0 (exactly
     GENERATE_OPTIONS), else sampling from the whole distribution at that temperature (as
-    faster-whisper does: top-k 0). Prompt and output share the decoder's 448 positions."""
-    opts = dict(GENERATE_OPTIONS, max_length=min(448, N_TEXT_CTX - prompt_len))
+    faster-whisper does: top-k 0). CTranslate2's ``max_length`` counts the prompt too, so
+    prompt and output share the decoder's 448 positions whatever the prompt's length."""
+    opts = dict(GENERATE_OPTIONS)
     if temperature > 0:
         opts.update(sampling_topk=0, sampling_temperature=temperature)
     return opts

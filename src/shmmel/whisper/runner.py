@@ -218,7 +218,7 @@ class WhisperJobs:
         results = self.model.generate(ctranslate2.StorageView.from_array(feats),
                                       [list(prompt)] * len(batch), return_scores=True,
                                       return_no_speech_prob=True,
-                                      **generate_options(temperature, len(prompt)))
+                                      **generate_options(temperature))
         errors = 0
         for w, r in zip(batch, results):
             ids = [int(t) for t in r.sequences_ids[0]]
