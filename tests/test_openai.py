@@ -407,3 +407,22 @@ def test_shmmel_mel_takes_an_mp3(odaemon, tmp_path, mp3):
     want = MelClient(url, token=TOKEN).mel(decode_audio(mp3))
     assert got.shape == want.shape == (80, speech().size // 160)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.e2e
+def test_too_long_and_broken_files(odaemon, oclient, mp3):
+    openai = pytest.importorskip("openai")
+    limit = (8 << 20) / (2 * SR)  # the daemon's max_body_bytes as 16 kHz 16-bit PCM: 262 s
+    long_mp3 = encode(np.zeros(int((limit + 20) * SR), np.int16), SR, "mp3", "libmp3lame")
+    assert len(long_mp3) < 8 << 20
+    with pytest.raises(openai.APIStatusError) as e:
+        oclient.audio.transcriptions.create(model="whisper-1", file=("long.mp3", long_mp3))
+    assert e.value.status_code == 413 and e.value.code == "audio_too_long"
+    assert "the limit is 262 s" in e.value.message
+    broken = mp3[:20000] + bytes(range(256)) * 200  # decodes for a while, then cannot
+    with pytest.raises(openai.BadRequestError, match="decoding the mp3"):
+        oclient.audio.transcriptions.create(model="whisper-1", file=("b.mp3", broken))
+    with pytest.raises(openai.APIError, match="decoding the mp3"):  # in-band, as an event
+        list(oclient.audio.transcriptions.create(model="whisper-1", file=("b.mp3", broken),
+                                                 stream=True))
+    assert_clean(odaemon)

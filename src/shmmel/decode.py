@@ -92,6 +92,21 @@ class AudioFile:
     def seconds(self) -> float:
         return self.samples / SAMPLE_RATE
 
+    @property
+    def declared_seconds(self) -> float | None:
+        """The duration the container declares (estimated from the bit rate for some
+        formats), or None; the decoded samples are what :meth:`chunks` counts."""
+        d = self.container.duration  # in AV_TIME_BASE (microseconds)
+        return None if d is None or d <= 0 else d / 1e6
+
+    def check_length(self, max_seconds: float) -> None:
+        """AudioTooLong at once when the container declares more than ``max_seconds``
+        (before anything is decoded); :meth:`chunks` also counts what it decodes."""
+        declared = self.declared_seconds
+        if declared is not None and declared > max_seconds:
+            raise AudioTooLong(f"the audio is {declared:.0f} s long; the limit is "
+                               f"{max_seconds:.0f} s")
+
     def chunks(self, max_seconds: float | None = None) -> Iterator[np.ndarray]:
         """int16 16 kHz mono arrays, one per BLOCK_S of decoded audio (the resampler's
         delay flushed at the end). Raises Undecodable when a packet cannot be decoded and

@@ -211,7 +211,16 @@ class TranscriptionsResource:
             audio = open_audio(r.file)
         except BadAudio as exc:
             raise _bad(str(exc), "file", "invalid_audio") from None
-        slot = self.producer.claim()
+        try:
+            audio.check_length(self.max_seconds)  # before any window is transcribed
+        except AudioTooLong as exc:
+            audio.close()
+            raise _audio_error(exc) from None
+        try:
+            slot = self.producer.claim()
+        except BaseException:
+            audio.close()
+            raise
         job = WhisperJob(self.config, self.producer, self.table, slot, options=r.options)
         run = Run(self.table, slot, L.FMT_S16LE, N_MELS, 0, True, wire.NDJSON,
                   on_window=job.window)
