@@ -65,6 +65,7 @@ def _beat(w: dict[str, Any]) -> str:
 WORKER_COLUMNS: list[tuple[str, Any, bool]] = [
     ("#", "index", True), ("pid", lambda w: str(w["pid"] or "-"), True), ("kind", "kind", True),
     ("state", "state", True), ("gen", "generation", False), ("beat", _beat, True),
+    ("dev", lambda w: "-" if w["device"] < 0 else str(w["device"]), True),
     ("served", "served", True), ("err", "errors", True), ("queue", "queue_depth", True),
     ("streams", "streams", False), ("restarts", "restarts", False),
     ("busy s", "busy_s", False),
@@ -85,6 +86,16 @@ def status_table(info: dict[str, Any], wide: bool = False) -> list[RenderableTyp
     for w in info["workers"]:
         t.add_row(*(str(get(w) if callable(get) else w[get]) for _, get, _ in cols))
     parts.append(t)
+    if info.get("devices"):
+        d = Table("device", "state", "ready", "streams", "queue", "memory", "util",
+                  title="devices")
+        for r in info["devices"]:
+            util = r["utilisation"]
+            d.add_row(str(r["device"]), r["state"], f"{r['ready']}/{len(r['workers'])}",
+                      str(r["streams"]), str(r["queue_depth"]),
+                      f"{r['memory_bytes'] / 2**20:.0f} MiB",
+                      "-" if util is None else f"{util:.0%}")
+        parts.append(d)
     h = Table("http pid", "requests", "age", title="HTTP processes")
     for p in info["http"]:
         h.add_row(str(p["pid"]), str(p["requests"]), f"{p['age_s']:.0f} s")

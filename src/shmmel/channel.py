@@ -28,6 +28,7 @@ import numpy as np
 import posix_ipc
 
 from . import layout as L
+from . import placement
 from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from .shm import Shm
 
@@ -41,6 +42,7 @@ _WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
 # word's full width through the typed views of Shm (u32, i32, u64, i64, f64).
 _REQ_B = struct.Struct("<IIIiqqqq")       # req_len, resp_len, status, stream, arg0..arg3
 _U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
 _LEN_STATUS = struct.Struct("<II")        # resp_len, status
@@ -376,6 +378,10 @@ class Producer:
     def ready_workers(self, kinds: Iterable[int] | None = None) -> list[tuple[int, int]]:
         """(index, generation) of every ready worker (of ``kinds``) that is beating: one silent
         for ``stall_timeout`` (SIGSTOP, stuck in a call) gets no new work."""
+        return [(k, gen) for k, gen, _ in self._ready(kinds)]
+
+    def _ready(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
+        """(index, generation, device) of every ready, beating worker (of ``kinds``)."""
         ctl, off, size = self.shm.ctl_view, self.workers_off, L.WORKER.itemsize
         kind_set = None if kinds is None else set(kinds)
         oldest = time.monotonic() - self.stall_timeout
@@ -386,8 +392,18 @@ class Producer:
             if state == L.W_READY and _F64.unpack_from(ctl, base + _WO["heartbeat"])[0] >= oldest \
                     and (kind_set is None
                          or _U32.unpack_from(ctl, base + _WO["kind"])[0] in kind_set):
-                out.append((k, gen))
+                out.append((k, gen, _I32.unpack_from(ctl, base + _WO["device"])[0]))
         return out
+
+    def candidates(self, kinds: Iterable[int] | None = None, streams: np.ndarray | None = None,
+                   fresh: bool = True) -> list[placement.Candidate]:
+        """The ready workers (of ``kinds``) with their device and load, for
+        :mod:`shmmel.placement`. ``streams``: streams per worker row (default: the workers'
+        own counts; the stream table's, under its lock, counts opens not yet served)."""
+        depths = self._cached_depths(fresh)
+        held = self.shm.workers["streams"] if streams is None else streams
+        return [placement.Candidate(k, gen, dev, int(held[k]), int(depths[k]))
+                for k, gen, dev in self._ready(kinds)]
 
     def pick_worker(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
         """A ready worker (of ``kinds``) for one request, as (index, generation).
@@ -396,30 +412,37 @@ class Producer:
         requests (depths are cached for DEPTH_TTL: one bincount per millisecond instead of one
         per request). Raises ServiceUnavailable when no worker is ready or all are full.
         """
-        ready = self.ready_workers(kinds)
+        ready = self._ready(kinds)
         if not ready:
             raise ServiceUnavailable("no live worker")
         self._rr += 1
+        if any(r[2] != ready[0][2] for r in ready):  # several devices: balance them
+            for fresh in (False, True):
+                c = placement.place_request(self.candidates(kinds, fresh=fresh),
+                                            self.queue_depth, self._rr)
+                if c is not None:
+                    return c.worker, c.gen
+            raise ServiceUnavailable("all worker queues are full")
         first = self._rr % len(ready)
         for fresh in (False, True):
             depths = self._cached_depths(fresh)
             for i in range(len(ready)):
-                k, gen = ready[(first + i) % len(ready)]
+                k, gen, _ = ready[(first + i) % len(ready)]
                 if depths[k] < self.queue_depth:
                     return k, gen
         raise ServiceUnavailable("all worker queues are full")
 
-    def least_loaded(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
-        """The ready worker (of ``kinds``) holding the fewest audio streams, ties by queue."""
-        ready = self.ready_workers(kinds)
-        if not ready:
+    def least_loaded(self, kinds: Iterable[int] | None = None,
+                     streams: np.ndarray | None = None) -> tuple[int, int]:
+        """The worker (of ``kinds``) for a new stream: on the least loaded device, the one
+        holding the fewest streams (:func:`shmmel.placement.place_stream`)."""
+        cands = self.candidates(kinds, streams)
+        if not cands:
             raise ServiceUnavailable("no live worker")
-        depths = self._cached_depths(fresh=True)
-        streams = self.shm.workers["streams"]
-        k, gen = min(ready, key=lambda kg: (int(streams[kg[0]]), int(depths[kg[0]])))
-        if depths[k] >= self.queue_depth:
+        c = placement.place_stream(cands, self.queue_depth)
+        if c is None:
             raise ServiceUnavailable("all worker queues are full")
-        return k, gen
+        return c.worker, c.gen
 
     def call(self, op: int, payload: bytes, *, args: tuple[int, ...] = (), timeout: float,
              worker: tuple[int, int] | None = None, stream: int = -1,

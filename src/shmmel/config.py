@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .devices import parse_devices
 from .errors import ConfigError
 
 WorkerKind = Literal["auto", "cpu", "cuda"]
@@ -32,6 +33,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
+    devices: str = "all"          # CUDA ordinals the mel workers use: "all" or e.g. "0,1"
+    workers_per_device: int = 0   # > 0: that many mel workers on each device (sets workers)
+    fake_devices: int = 0         # test hook: CPU workers stand in for this many devices
     http_workers: int = 2
     http_threads: int = 16
     worker_kind: WorkerKind = "auto"
@@ -78,6 +82,11 @@ class Config:
         return f"http://{host}:{self.port}"
 
     @property
+    def device_list(self) -> tuple[int, ...] | None:
+        """The CUDA ordinals of ``devices``, or None for "all"."""
+        return parse_devices(self.devices)
+
+    @property
     def worker_rows(self) -> int:
         """Rows of the worker table: ``workers`` mel workers, then ``whisper_workers``."""
         return self.workers + self.whisper_workers
@@ -120,6 +129,15 @@ def _validate(c: Config) -> None:
     need(bool(INSTANCE_RE.match(c.instance)), "instance", "use 1-40 of A-Z a-z 0-9 _ -")
     need(0 <= c.port <= 65535, "port", "must be 0..65535")
     need(1 <= c.workers <= 256, "workers", "must be 1..256")
+    try:
+        listed = parse_devices(c.devices)
+    except ValueError as exc:
+        need(False, "devices", str(exc))
+    need(0 <= c.workers_per_device <= 64, "workers_per_device", "must be 0..64 (0: use workers)")
+    need(listed is None or len(listed) * c.workers_per_device + c.whisper_workers <= 256,
+         "workers_per_device", "devices x workers_per_device + whisper_workers must be at "
+         "most 256")
+    need(0 <= c.fake_devices <= 64, "fake_devices", "must be 0..64 (a test hook; 0: off)")
     need(1 <= c.http_workers <= 256, "http_workers", "must be 1..256")
     need(1 <= c.http_threads <= 1024, "http_threads", "must be 1..1024")
     need(c.worker_kind in ("auto", "cpu", "cuda"), "worker_kind", "must be auto, cpu or cuda")
@@ -158,6 +176,11 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     if f is None:
         raise ConfigError(f"unknown setting {name!r} (from {origin})")
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if name == "devices" and isinstance(value, (list, tuple)):  # TOML: devices = [0, 1]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"invalid setting devices={value!r} (from {origin}): expected "
+                              "a list of CUDA device ordinals")
+        return ",".join(str(v) for v in value)
     try:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

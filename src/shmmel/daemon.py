@@ -24,6 +24,7 @@ from typing import Any
 from . import layout as L
 from .channel import pid_alive
 from .config import Config
+from .devices import Nvml, device_rows, pinned_streams
 from .errors import BootError, InstanceError
 from .shm import Shm, instance_names, unlink_instance
 
@@ -288,6 +289,13 @@ def snapshot(shm: Shm) -> dict[str, Any]:
             "respawn_in_s": (round(max(0.0, float(w["respawn_at"]) - now), 1)
                              if int(w["state"]) == L.W_BACKOFF else None),
         })
+    mel_rows = int(h["n_workers"]) - sum(w["kind"] == "whisper" for w in workers)
+    devices = device_rows(shm.workers, mel_rows, depth,
+                          pinned_streams(shm.workers, shm.streams))
+    if devices:
+        util = Nvml().utilisation([d["device"] for d in devices])
+        for d in devices:
+            d["utilisation"] = None if util is None else util.get(d["device"])
     http = [{"pid": int(r["pid"]), "requests": int(r["requests"]),
              "age_s": round(now - float(r["started"]), 1)}
             for r in shm.http if r["pid"] != 0]
@@ -302,6 +310,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
         "url": f"http://{url_host}:{port}", "host": host, "port": port,
         "uptime_s": round(now - float(h["started_mono"]), 1),
         "workers": workers,
+        "devices": devices,
         "http": http,
         "slots": {
             "total": len(s), **L.slot_counts(st),

@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import layout as L
+from .devices import Nvml, device_rows, pinned_streams
 from .shm import Shm
 
 ROUTE_OF_TEMPLATE = {
@@ -75,6 +76,7 @@ class ShmCollector:
 
     def __init__(self, shm: Shm) -> None:
         self.shm = shm
+        self.nvml = Nvml()  # utilisation where nvidia-ml-py is installed; started on use
 
     def collect(self) -> Iterator[Any]:
         shm = self.shm
@@ -157,6 +159,7 @@ class ShmCollector:
                 gpu.add_metric([str(k), str(int(r["device"]))], float(r["gpu_bytes"]))
         yield from (served, errors, batches, busy, audio, restarts, state, beat, queue, streams,
                     gpu, crashes, respawn)
+        yield from self.collect_devices(depth)
         slots = GaugeMetricFamily("shmmel_slots", "Shared-memory slots by state", labels=["state"])
         for name, count in L.slot_counts(st).items():
             slots.add_metric([name], float(count))
@@ -165,6 +168,45 @@ class ShmCollector:
                                 value=float((shm.streams["state"] != L.ST_FREE).sum()))
         yield GaugeMetricFamily("shmmel_uptime_seconds", "Seconds since the supervisor started",
                                 value=now - float(shm.header["started_mono"]))
+
+
+    def collect_devices(self, depth: np.ndarray) -> Iterator[Any]:
+        """Each mel worker's device, and one row of figures per device."""
+        w = self.shm.workers
+        mel_rows = int((w["kind"] != L.K_WHISPER).sum())
+        where = GaugeMetricFamily("shmmel_worker_device", "The device a mel worker uses "
+                                  "(1 per worker; absent for CPU workers)",
+                                  labels=["worker", "device"])
+        for k in range(mel_rows):
+            if int(w["device"][k]) >= 0:
+                where.add_metric([str(k), str(int(w["device"][k]))], 1.0)
+        yield where
+        rows = device_rows(w, mel_rows, depth, pinned_streams(w, self.shm.streams))
+        util = self.nvml.utilisation([r["device"] for r in rows])
+        fams = {
+            "ready": GaugeMetricFamily("shmmel_device_workers_ready",
+                                       "Ready mel workers on the device (0: down, no new "
+                                       "work goes there)", labels=["device"]),
+            "memory_bytes": GaugeMetricFamily("shmmel_device_memory_bytes",
+                                              "Device memory held by its workers' CuPy pools",
+                                              labels=["device"]),
+            "streams": GaugeMetricFamily("shmmel_device_streams",
+                                         "Audio streams pinned to the device's workers",
+                                         labels=["device"]),
+            "queue_depth": GaugeMetricFamily("shmmel_device_queue_depth",
+                                             "Requests queued on or taken by its workers",
+                                             labels=["device"]),
+        }
+        busy = GaugeMetricFamily("shmmel_device_utilization_ratio",
+                                 "GPU busy fraction over NVML's sample period (needs "
+                                 "nvidia-ml-py)", labels=["device"])
+        for r in rows:
+            for key, fam in fams.items():
+                fam.add_metric([str(r["device"])], float(r[key]))
+            if util and r["device"] in util:
+                busy.add_metric([str(r["device"])], util[r["device"]])
+        yield from fams.values()
+        yield busy
 
 
 class MetricsResource:

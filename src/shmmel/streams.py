@@ -17,7 +17,8 @@ import numpy as np
 from . import layout as L
 from .channel import Producer, Slot, pid_alive
 from .config import Config
-from .errors import BadRequest, ServiceUnavailable, ShmmelError
+from .devices import pinned_streams
+from .errors import BadRequest, ServiceUnavailable, ShmmelError, WorkerDied
 from .mel import HOP_LENGTH, FrameBatch
 
 OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
@@ -66,8 +67,8 @@ class StreamTable:
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
         cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        k, gen = self.producer.least_loaded([L.K_CUDA] if cuda_ready else L.MEL_KINDS)
-        h = self.allocate(k, gen, n_mels, padding)
+        h = self.allocate(-1, 0, n_mels, padding,
+                          place=[L.K_CUDA] if cuda_ready else list(L.MEL_KINDS))
         try:
             self.call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
         except BaseException:
@@ -75,14 +76,22 @@ class StreamTable:
             raise
         return h
 
-    def allocate(self, k: int, gen: int, n_mels: int, padding: int) -> Handle:
+    def allocate(self, k: int, gen: int, n_mels: int, padding: int,
+                 place: list[int] | None = None) -> Handle:
         """Take a free table entry for worker ``k`` (generation ``gen``), busy with this
-        process; 503 when the table is full. The worker frees it when it drops the state."""
+        process; 503 when the table is full. The worker frees it when it drops the state.
+
+        With ``place`` (worker kinds), the worker is chosen here, under the table's lock, by
+        the streams the table holds per worker: opens racing in other threads and processes
+        see each other's entries, so a burst of opens spreads over the devices."""
         t = self.shm.streams
         with self.shm.lock():
             free = np.flatnonzero(t["state"] == L.ST_FREE)
             if free.size == 0:
                 raise ServiceUnavailable(f"too many open streams (max {len(t)})")
+            if place is not None:
+                k, gen = self.producer.least_loaded(
+                    place, streams=pinned_streams(self.shm.workers, t))
             i = int(free[0])
             token = secrets.randbits(63) | 1
             e = t[i : i + 1]
@@ -164,11 +173,23 @@ class StreamTable:
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
         cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        k, gen = self.producer.pick_worker([L.K_CUDA] if cuda_ready else L.MEL_KINDS)
-        slot.view(len(data))[:] = data
-        slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
-                    (fmt, n_mels, padding))
-        slot.wait(self.config.request_timeout)
+        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
+        deadline = time.monotonic() + self.config.request_timeout
+        k, gen = self.producer.pick_worker(kinds)
+        for attempt in (0, 1):
+            slot.view(len(data))[:] = data  # again on a retry: the dead worker may have written
+            slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
+                        (fmt, n_mels, padding))
+            try:
+                slot.wait(max(0.0, deadline - time.monotonic()))
+                break
+            except WorkerDied:  # stateless: once more on another worker (the slot is ours)
+                if attempt:
+                    raise
+                try:
+                    k, gen = self.producer.pick_worker(kinds)
+                except ServiceUnavailable:
+                    raise WorkerDied("the worker handling this request died") from None
         r = slot.reply(copy=False)
         if r.status != L.R_OK:
             msg = bytes(slot.view(int(self.shm.slots["resp_len"][slot.index]))).decode(

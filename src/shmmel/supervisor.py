@@ -34,6 +34,7 @@ import numpy as np
 from . import layout as L
 from .channel import pid_alive
 from .config import Config
+from .devices import settle_workers
 from .errors import BootError
 from .shm import Shm, unlink_instance
 from .whisper import INSTALL_HINT, whisper_missing
@@ -110,7 +111,8 @@ class Supervisor:
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
-        c = self.config
+        # workers_per_device sets the mel worker count (the device count is asked of a child)
+        c = self.config = settle_workers(self.config)
         self.sock = bind_socket(c.host, c.port, c.client_timeout)
         port = self.sock.getsockname()[1]
         self.shm = Shm.create(c)
@@ -120,6 +122,7 @@ class Supervisor:
         h["started_mono"] = time.monotonic()
         h["port"] = port
         h["state"] = L.INST_STARTING
+        self.shm.workers["device"] = -1  # until a worker says which device it took
         self._install_signals()
         log.info("instance %s: %d workers + %d whisper, %d slots x %d KiB, listening on %s:%d",
                  c.instance, c.workers, c.whisper_workers, c.slots, c.slot_bytes // 1024,
@@ -262,22 +265,28 @@ class Supervisor:
             if not self.running:
                 continue
             if code == EXIT_BOOT_FAILED or was == L.W_BOOTING:
+                dev = int(rec["device"][0])
+                on = f" on device {dev}" if dev >= 0 and k < self.config.workers else ""
                 if not self._kind_serving(k):
-                    self.fail(f"worker {k} could not boot (exit code {code}) and no worker of "
-                              "its kind is running; see the log above")
+                    self.fail(f"worker {k} could not boot{on} (exit code {code}) and no worker "
+                              "of its kind is running; see the log above")
                     continue
-                log.error("worker %d could not boot (exit code %d); others of its kind serve",
-                          k, code)
+                log.error("worker %d could not boot%s (exit code %d); others of its kind "
+                          "serve", k, on, code)
             self.schedule_respawn(k)
 
     def _kind_serving(self, k: int) -> bool:
-        """Whether another worker of row ``k``'s group (mel rows or whisper rows) is ready."""
+        """Whether another worker of row ``k``'s group (mel rows or whisper rows) is ready,
+        or is still on its first boot (at start, a device that fails fast must not stop the
+        instance before the workers of the other devices are up)."""
         assert self.shm is not None
         mel = k < self.config.workers
         rows = range(self.config.workers) if mel else range(self.config.workers,
                                                              self.config.worker_rows)
         states = self.shm.workers["state"]
-        return any(int(states[r]) == L.W_READY for r in rows if r != k)
+        return any(int(states[r]) == L.W_READY
+                   or int(states[r]) == L.W_BOOTING and not self.crashes.get(r)
+                   for r in rows if r != k)
 
     def schedule_respawn(self, k: int) -> None:
         """Respawn now after a first death, else after an exponential, capped backoff."""

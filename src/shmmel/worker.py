@@ -85,7 +85,11 @@ class Worker:
         want = self.config.worker_kind
         from .engine import create_worker_engine  # imports CuPy, if at all, only here
 
-        self.engine, self.kind, device = create_worker_engine(want, self.index)
+        def on_device(device: int) -> None:  # before the engine: a failed device shows
+            self.rec["device"] = device
+
+        self.engine, self.kind, device = create_worker_engine(
+            want, self.index, self.config.device_list, self.config.fake_devices, on_device)
         self.rec["kind"] = self.kind
         self.rec["device"] = device
         from .audio_worker import AudioStreams

@@ -1,0 +1,193 @@
+"""Devices: which GPU each mel worker uses, how many workers there are, per-device figures.
+
+Settings (see docs/DESIGN.md, "Devices")::
+
+    devices = "all"            # or "0,1" / [0, 1]: the CUDA ordinals the mel workers use
+    workers_per_device = 0     # 0: `workers` mel workers spread round robin over the devices;
+                               # n > 0: n workers on each device (`workers` is then derived,
+                               # and used as given only where no GPU is found)
+    fake_devices = 0           # test hook: CPU (NumPy) workers report device ordinals
+
+Mel worker row ``k`` goes to ``devices[k % len(devices)]`` (every device gets one before any
+gets two). The choice is made in the worker after fork (CUDA never starts in the supervisor):
+:func:`shmmel.engine.create_worker_engine`. Only when ``workers_per_device`` is set with
+``devices = "all"`` does the supervisor need the device count before it sizes the shared
+memory; it asks a short-lived child process (:func:`probe_device_count`), never CUDA itself.
+
+Utilisation comes from NVML (``pip install nvidia-ml-py``) where it is importable, read by the
+process that reports it (``shmmel status``, ``/metrics``); CUDA ordinals are mapped to NVML
+devices through ``CUDA_VISIBLE_DEVICES`` when it is set, else taken as NVML indexes (CUDA's
+default order equals NVML's PCI order on hosts of identical GPUs, such as 2 x H200).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import layout as L
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger("shmmel.devices")
+
+MAX_ORDINAL = 63
+
+
+def parse_devices(text: str) -> tuple[int, ...] | None:
+    """``"all"`` -> None; ``"0,1"`` -> (0, 1). ValueError (saying why) otherwise."""
+    t = str(text).strip().lower()
+    if t == "all":
+        return None
+    try:
+        out = tuple(int(p) for p in t.replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError('use "all" or CUDA device ordinals separated by commas, e.g. "0,1"') \
+            from None
+    if any(not 0 <= d <= MAX_ORDINAL for d in out):
+        raise ValueError(f"device ordinals must be 0..{MAX_ORDINAL}")
+    if len(set(out)) != len(out):
+        raise ValueError("a device is listed twice (use workers_per_device for more workers "
+                         "on one device)")
+    return out
+
+
+def device_for(index: int, listed: tuple[int, ...] | None, count: int) -> int:
+    """The device of mel worker row ``index``: round robin over the listed devices (or over
+    all ``count`` visible ones)."""
+    if listed:
+        return listed[index % len(listed)]
+    return index % count
+
+
+def probe_device_count(timeout: float) -> int:
+    """How many CUDA devices a child process sees (0 without CuPy or a driver). The
+    supervisor must not initialise CUDA itself: its workers are forked from it."""
+    code = ("import cupy\n"
+            "print(cupy.cuda.runtime.getDeviceCount())")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not count CUDA devices: %s", exc)
+        return 0
+    if proc.returncode != 0:
+        return 0
+    try:
+        return int(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def settle_workers(config: Config) -> Config:
+    """The config the supervisor runs: with ``workers_per_device`` set, ``workers`` becomes
+    devices x workers_per_device (``workers`` stays as given when no device is found)."""
+    per = config.workers_per_device
+    if per <= 0 or config.worker_kind == "cpu" and not config.fake_devices:
+        return config
+    listed = config.device_list
+    if listed is not None:
+        n = len(listed)
+    elif config.fake_devices:
+        n = config.fake_devices
+    else:
+        n = probe_device_count(config.boot_timeout)
+        if n == 0:
+            log.warning("workers_per_device=%d but no CUDA device is visible: %d CPU "
+                        "workers (the workers setting)", per, config.workers)
+            return config
+    from .errors import BootError, ConfigError
+
+    sources = {**config.sources, "workers": "workers_per_device"}
+    try:
+        return config.replace(workers=n * per, sources=sources)
+    except ConfigError as exc:  # e.g. 8 devices x 64 workers
+        raise BootError(f"workers_per_device={per} on {n} devices: {exc}") from None
+
+
+# -- per-device figures (status, /metrics) --------------------------------------------------
+
+def pinned_streams(workers: np.ndarray, streams: np.ndarray) -> np.ndarray:
+    """Open stream-table entries per worker row, counting only those of the worker's current
+    generation (a dead worker's entries are stale until the supervisor frees them)."""
+    n = len(workers)
+    open_ = streams["state"] != L.ST_FREE
+    wk = streams["worker"][open_].astype(np.int64)
+    gen = streams["gen"][open_]
+    ok = wk < n
+    wk, gen = wk[ok], gen[ok]
+    live = gen == workers["gen"][wk]
+    return np.bincount(wk[live], minlength=n)[:n]
+
+
+def device_rows(workers: np.ndarray, mel_rows: int, depths: np.ndarray,
+                pinned: np.ndarray, utilisation: dict[int, float] | None = None
+                ) -> list[dict[str, Any]]:
+    """One row per device a mel worker was given: its workers, how many are ready, memory
+    in use (the workers' CuPy pools), utilisation (NVML, else None), streams pinned to it,
+    requests queued on it. ``state`` is "serving" while a worker of it is ready, else "down".
+    """
+    by_device: dict[int, list[int]] = {}
+    for k in range(min(mel_rows, len(workers))):
+        d = int(workers["device"][k])
+        if d >= 0:
+            by_device.setdefault(d, []).append(k)
+    rows = []
+    for d in sorted(by_device):
+        ks = by_device[d]
+        ready = sum(int(workers["state"][k]) == L.W_READY for k in ks)
+        rows.append({
+            "device": d, "workers": ks, "ready": ready,
+            "state": "serving" if ready else "down",
+            "memory_bytes": int(sum(int(workers["gpu_bytes"][k]) for k in ks)),
+            "utilisation": None if utilisation is None else utilisation.get(d),
+            "streams": int(sum(int(pinned[k]) for k in ks)),
+            "queue_depth": int(sum(int(depths[k]) for k in ks)),
+        })
+    return rows
+
+
+class Nvml:
+    """GPU utilisation through NVML, where nvidia-ml-py is installed and a driver answers;
+    NVML starts on first use (never at import), one per owner (a collector, a snapshot)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mod: Any = None
+        self._tried = False
+
+    def _init(self) -> Any:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                with contextlib.suppress(Exception):  # ImportError, NVMLError (no driver)
+                    import pynvml
+
+                    pynvml.nvmlInit()
+                    self._mod = pynvml
+        return self._mod
+
+    def utilisation(self, ordinals: list[int]) -> dict[int, float] | None:
+        """{CUDA ordinal: busy fraction 0..1 over NVML's last sample period}, or None."""
+        nv = self._init() if ordinals else None
+        if nv is None:
+            return None
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                   if v.strip()]
+        out: dict[int, float] = {}
+        for d in ordinals:
+            with contextlib.suppress(Exception):
+                ref = visible[d] if d < len(visible) else str(d)
+                handle = (nv.nvmlDeviceGetHandleByIndex(int(ref)) if ref.isdigit()
+                          else nv.nvmlDeviceGetHandleByUUID(ref))
+                out[d] = nv.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+        return out
+
