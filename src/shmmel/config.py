@@ -42,7 +42,7 @@ class Config:
     slots: int = 128
     slot_bytes: int = 128 * 1024
     queue_depth: int = 64
-    max_streams: int = 256
+    max_streams: int = 1024
     request_timeout: float = 30.0
     client_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
