@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shmmel.channel import pid_alive
+from shmmel.osutil import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 from shmmel.shm import instance_names, unlink_instance

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shmmel.channel import pid_alive
+from shmmel.osutil import pid_alive
 from shmmel.shm import SHM_DIR, instance_names
 
 from .conftest import run_cli, stop_daemon, wait_for

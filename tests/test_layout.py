@@ -76,6 +76,6 @@ def test_partitions_cover_every_thread_and_never_overlap():
         assert http_workers < parts <= L.MAX_HTTP
         n = L.slots_for(128, http_workers, threads)
         ranges = [L.partition_range(r, n, parts) for r in range(parts)]
-        assert all(len(r) >= threads + L.SLOTS_OVER_THREADS for r in ranges)
+        assert all(len(r) >= 2 * threads + L.SLOTS_OVER_THREADS for r in ranges)
         seen = [j for r in ranges for j in r]
         assert len(seen) == len(set(seen)) and max(seen) < n

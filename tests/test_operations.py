@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shmmel import layout as L
-from shmmel.channel import pid_alive
+from shmmel.osutil import pid_alive
 from shmmel.client import MelClient
 from shmmel.shm import Shm, instance_names
 

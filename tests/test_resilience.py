@@ -14,7 +14,7 @@ import threading
 import time
 
 from shmmel import layout as L
-from shmmel.channel import pid_alive
+from shmmel.osutil import pid_alive
 from shmmel.shm import Shm
 
 from .conftest import wait_for

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import pytest
 
 from shmmel import layout as L

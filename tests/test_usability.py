@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shmmel.channel import pid_alive
+from shmmel.osutil import pid_alive
 from shmmel.shm import instance_names
 
 from .conftest import ROOT, Daemon, run_cli, stop_daemon, wait_for

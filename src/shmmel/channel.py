@@ -29,6 +29,7 @@ import posix_ipc
 
 from . import layout as L
 from . import placement
+from .osutil import pid_alive
 from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from .shm import Shm
 
@@ -63,18 +64,6 @@ _REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
 _R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
 _TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ReplyError(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 
 
 from . import layout as L
-from .channel import pid_alive
+from .osutil import pid_alive
 from .config import Config
 from .devices import Nvml, device_rows, pinned_streams
 from .errors import BootError, InstanceError

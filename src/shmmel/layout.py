@@ -56,7 +56,10 @@ VERSION = 3  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per produ
 MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
                # benchmarks and tools that talk to the workers directly
 SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools
-SLOTS_OVER_THREADS = 4  # a partition holds at least http_threads + this many slots
+# A partition holds at least 2 x http_threads + SLOTS_OVER_THREADS slots: every thread may
+# hold one request while the requests it had queued on a worker that then stalled sit
+# orphaned (the stalled worker may still write them) and their retries take fresh slots.
+SLOTS_OVER_THREADS = 4
 PAGE = 4096
 
 # instance state (HEADER.state)
@@ -240,7 +243,8 @@ def partitions_for(http_workers: int) -> int:
 
 def slots_for(requested: int, http_workers: int, http_threads: int) -> int:
     """The slot count: at least what every partition needs for its threads."""
-    return max(requested, partitions_for(http_workers) * (http_threads + SLOTS_OVER_THREADS))
+    return max(requested,
+               partitions_for(http_workers) * (2 * http_threads + SLOTS_OVER_THREADS))
 
 
 def partition_range(row: int, n_slots: int, partitions: int) -> range:

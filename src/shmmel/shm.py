@@ -227,11 +227,3 @@ def unlink_names(names: list[str]) -> None:
 
 def unlink_instance(instance: str) -> None:
     unlink_names(instance_names(instance))
-
-
-def list_instances() -> list[str]:
-    found = set()
-    for e in os.listdir(SHM_DIR) if os.path.isdir(SHM_DIR) else []:
-        if e.startswith("shmmel.") and e.endswith(".ctl"):
-            found.add(e[len("shmmel."):-len(".ctl")])
-    return sorted(found)

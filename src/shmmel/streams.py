@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layout as L
-from .channel import Producer, Slot, pid_alive
+from .channel import Producer, Slot
+from .osutil import pid_alive
 from .config import Config
 from .devices import pinned_streams
 from .errors import BadRequest, ServiceUnavailable, ShmmelError, WorkerDied

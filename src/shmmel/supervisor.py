@@ -32,13 +32,14 @@ from types import FrameType
 import numpy as np
 
 from . import layout as L
-from .channel import pid_alive
+from .osutil import pid_alive
 from .config import Config
 from .devices import settle_workers
 from .errors import BootError
 from .shm import Shm, unlink_instance
 from .whisper import INSTALL_HINT, whisper_missing
-from .worker import EXIT_BOOT_FAILED, set_parent_death_signal, worker_main
+from .osutil import set_parent_death_signal
+from .worker import EXIT_BOOT_FAILED, worker_main
 
 log = logging.getLogger("shmmel.supervisor")
 

@@ -7,7 +7,6 @@ engine) is initialised here, after the fork, never in the supervisor.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from types import FrameType
 from . import layout as L
 from .channel import Inbox
 from .config import Config
+from .osutil import set_parent_death_signal
 from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
@@ -27,15 +27,6 @@ _COUNTERS = struct.Struct("<QQQdQ")  # served, errors, batches, busy_s, audio_sa
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to signal us when the parent (the supervisor) dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the getppid() check in the loop remains
-        pass
 
 
 def text_result(op: str, message: str, prefix: str) -> str:

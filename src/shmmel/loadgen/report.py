@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -123,19 +122,6 @@ def latency_table(title: str, rows: dict[str, dict]) -> Table:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else round(a / b, 3)
-
-
-def baseline_rows(ours: dict[str, float | None], bare: dict[str, float | None]) -> Table:
-    t = Table("figure", "shmmel", "bare gunicorn+Falcon", "shmmel / bare",
-              title="against the bare HTTP stack (same gunicorn settings, no IPC)",
-              title_justify="left")
-    for k in ours:
-        t.add_row(k, _fmt(ours[k]), _fmt(bare.get(k)), _fmt(ratio(ours[k], bare.get(k))))
-    return t
-
-
-def print_checks(console: Console, title: str, checks: list[Check]) -> None:
-    console.print(checks_table(title, checks))
 
 
 def checks_json(checks: list[Check]) -> list[dict]:

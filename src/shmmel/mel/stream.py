@@ -90,10 +90,6 @@ class Segment:
     zeros: int
     post: np.ndarray  # float32
 
-    @property
-    def n_samples(self) -> int:
-        return self.pre.size + self.body.size + self.zeros + self.post.size
-
     def samples(self) -> np.ndarray:
         """The segment as one float32 array (what the NumPy engine frames)."""
         parts = [self.pre, as_float32(self.body), np.zeros(self.zeros, np.float32), self.post]

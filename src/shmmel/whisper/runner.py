@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from .. import layout as L
-from ..channel import Inbox, pid_alive
+from ..channel import Inbox
+from ..osutil import pid_alive
 from ..config import Config
 from ..shm import Shm
 from . import (MAX_TEMPERATURE, N_FRAMES, N_MELS, PROMPT, WINDOW_BYTES, WINDOW_FLOATS,
