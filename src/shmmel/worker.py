@@ -123,7 +123,7 @@ class Worker:
                 self.collect_whisper_stats()
             if self.kind == L.K_CUDA and now >= self._next_gpu_sample:
                 self._next_gpu_sample = now + 1.0
-                self.shm.setworker_word_ref(self.index, "gpu_bytes", self.gpu_bytes())
+                self.shm.set_worker_word(self.index, "gpu_bytes", self.gpu_bytes())
         rec["state"] = L.W_STOPPING
         self.serve_pending()  # answer what was already submitted
         if self.audio is not None:
