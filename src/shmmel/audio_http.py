@@ -24,7 +24,8 @@ from .httputil import read_body
 from .config import Config
 from .errors import BadRequest, ShmmelError
 from .mel import N_SAMPLES, FrameBatch
-from .streams import Handle, StreamBusy, StreamTable, UnknownStream
+from .audio_calls import AudioCalls
+from .stream_table import Handle, StreamBusy, UnknownStream
 
 log = logging.getLogger("shmmel.audio")
 READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio per read
@@ -151,9 +152,9 @@ class Run:
     features go to that hook instead of the output encoder; the hook returns the bytes to
     send (``/audio/transcribe`` decodes the window there)."""
 
-    def __init__(self, table: StreamTable, slot: Slot, fmt: int, n_mels: int, padding: int,
+    def __init__(self, calls: AudioCalls, slot: Slot, fmt: int, n_mels: int, padding: int,
                  windows: bool, out: str, on_window: WindowHook | None = None) -> None:
-        self.table, self.slot, self.fmt, self.out = table, slot, fmt, out
+        self.calls, self.slot, self.fmt, self.out = calls, slot, fmt, out
         self.on_window = on_window
         self.parts: list[np.ndarray] = []  # the current window's frames (on_window only)
         self.n_mels, self.padding, self.windows = n_mels, padding, windows
@@ -168,7 +169,7 @@ class Run:
         self.reason: str | None = None
 
     def _open(self) -> Handle:
-        self.handle = self.table.open(self.slot, self.n_mels, 0 if self.windows else self.padding)
+        self.handle = self.calls.open(self.slot, self.n_mels, 0 if self.windows else self.padding)
         self.in_window = 0
         if self.out not in wire.STREAMING:
             self.whole.append((self.window, [], None))
@@ -212,7 +213,7 @@ class Run:
                 n = min(n, N_SAMPLES - self.in_window)
             piece, view = view[: n * self.width], view[n * self.width :]
             closes = self.windows and self.in_window + n == N_SAMPLES
-            fb = self.table.push(self.slot, h, piece, self.fmt, final=closes)
+            fb = self.calls.push(self.slot, h, piece, self.fmt, final=closes)
             self.in_window += n
             self.total_samples += n
             out.append(self._emit(fb, closes))
@@ -222,13 +223,13 @@ class Run:
         return b"".join(out)
 
     def oneshot(self, data: bytes) -> bytes:
-        """The whole upload in one round trip (no stream entry): see StreamTable.oneshot."""
+        """The whole upload in one round trip (no stream entry): see AudioCalls.oneshot."""
         if len(data) % self.width:
             raise BadAudio(f"the body ends with {len(data) % self.width} stray byte(s): not a "
                            f"whole number of {self.width}-byte samples")
         if not data:
             raise BadAudio("the body holds no audio samples")
-        fb = self.table.oneshot(self.slot, data, self.fmt, self.n_mels, self.padding)
+        fb = self.calls.oneshot(self.slot, data, self.fmt, self.n_mels, self.padding)
         self.total_samples = len(data) // self.width
         if self.out not in wire.STREAMING:
             self.whole.append((self.window, [], None))
@@ -250,7 +251,7 @@ class Run:
         if self.handle is not None or not self.windows:
             h = self.handle or self._open()
             extra = N_SAMPLES - self.in_window if self.windows else 0
-            fb = self.table.finish(self.slot, h, extra)
+            fb = self.calls.finish(self.slot, h, extra)
             self.handle = None
             out = self._emit(fb, True)
         self.done = True
@@ -270,7 +271,7 @@ class Run:
 
     def abort(self) -> None:
         if self.handle is not None:
-            self.table.abort(self.slot, self.handle)
+            self.calls.abort(self.slot, self.handle)
             self.handle = None
 
     def whole_result(self) -> tuple[np.ndarray, list[float | None]]:
@@ -288,8 +289,8 @@ class AudioStreamResource:
 
     OUTPUTS = (wire.NDJSON, wire.JSON, wire.BINARY, wire.NPY)
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
-        self.config, self.producer, self.table = config, producer, table
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls) -> None:
+        self.config, self.producer, self.calls = config, producer, calls
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         media = media_of(req)
@@ -301,11 +302,11 @@ class AudioStreamResource:
         if whole and req.content_length <= self.config.slot_bytes:
             reader.block = max(reader.block, req.content_length)  # the body in one read
         slot = self.producer.claim()
-        run = Run(self.table, slot, fmt, n_mels, padding, windows, out)
+        run = Run(self.calls, slot, fmt, n_mels, padding, windows, out)
         try:
             first = read()
             if whole and reader.total >= req.content_length and not body.data_left \
-                    and self.table.fits_oneshot(len(first), fmt, n_mels, padding):
+                    and self.calls.fits_oneshot(len(first), fmt, n_mels, padding):
                 head = run.oneshot(first)  # one message each way, no stream entry
             else:
                 head = run.feed(first) if first else run.finish()
@@ -345,7 +346,7 @@ class AudioStreamResource:
         try:
             if head:
                 yield head
-            header = self.table.shm.header
+            header = self.calls.shm.header
             yield from run.pump(body.read, lambda: header["state"] == L.INST_STOPPING)
         except (BadAudio, BadRequest) as exc:
             yield wire.error_bytes(run.out, "Bad Request", str(exc))
@@ -375,16 +376,16 @@ def session_reply(out: str, fb: FrameBatch) -> bytes:
 class StreamsResource:
     """POST /audio/streams -> 201 {"stream_id", ...}"""
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
-        self.config, self.producer, self.table = config, producer, table
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls) -> None:
+        self.config, self.producer, self.calls = config, producer, calls
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         n_mels, padding, windows = audio_params(req)
         if windows:
             raise BadRequest("windows=true is only supported on /audio/stream")
         with self.producer.claim() as slot:
-            h = self.table.open(slot, n_mels, padding)
-        self.table.release(h)
+            h = self.calls.open(slot, n_mels, padding)
+        self.calls.release(h)
         resp.status = falcon.HTTP_201
         resp.location = f"/audio/streams/{h.stream_id}"
         resp.media = {"stream_id": h.stream_id, "n_mels": n_mels, "padding": padding,
@@ -396,22 +397,22 @@ class StreamResource:
 
     OUTPUTS = (wire.JSON, wire.BINARY)
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
-        self.config, self.producer, self.table = config, producer, table
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls) -> None:
+        self.config, self.producer, self.calls = config, producer, calls
 
     def _reply(self, req: falcon.Request, resp: falcon.Response, stream_id: str,
                data: bytes | None, fmt: int = L.FMT_S16LE) -> None:
         """Push ``data`` (None: finish the stream) and answer with the frames it made."""
         out = output_media(req, wire.JSON, self.OUTPUTS)
-        h = self.table.find(stream_id)
+        h = self.calls.find(stream_id)
         try:
             with self.producer.claim() as slot:
                 if data is None:
-                    fb = self.table.finish(slot, h)
+                    fb = self.calls.finish(slot, h)
                 else:
-                    fb = self.table.push(slot, h, data, fmt, final=False)
+                    fb = self.calls.push(slot, h, data, fmt, final=False)
         finally:
-            self.table.release(h)  # after finish the entry is free: release checks the token
+            self.calls.release(h)  # after finish the entry is free: release checks the token
         resp.content_type = out
         resp.data = session_reply(out, fb)
 
@@ -429,20 +430,20 @@ class StreamResource:
         self._reply(req, resp, stream_id, None)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
-        h = self.table.find(stream_id)
+        h = self.calls.find(stream_id)
         try:
-            e = self.table.shm.streams[h.index]
+            frames, samples = self.calls.table.counts(h.index)
             resp.media = {"stream_id": stream_id, "n_mels": h.n_mels, "worker": h.worker,
-                          "frames": int(e["frames"]), "samples": int(e["samples"])}
+                          "frames": frames, "samples": samples}
         finally:
-            self.table.release(h)
+            self.calls.release(h)
 
 
-def add_routes(app: falcon.App, config: Config, producer: Producer) -> StreamTable:
-    table = StreamTable(config, producer)
-    app.add_route("/audio/stream", AudioStreamResource(config, producer, table))
-    app.add_route("/audio/streams", StreamsResource(config, producer, table))
-    app.add_route("/audio/streams/{stream_id}", StreamResource(config, producer, table))
+def add_routes(app: falcon.App, config: Config, producer: Producer) -> AudioCalls:
+    calls = AudioCalls(config, producer)
+    app.add_route("/audio/stream", AudioStreamResource(config, producer, calls))
+    app.add_route("/audio/streams", StreamsResource(config, producer, calls))
+    app.add_route("/audio/streams/{stream_id}", StreamResource(config, producer, calls))
 
     def unknown(req: Any, resp: Any, exc: UnknownStream, params: Any) -> None:
         raise falcon.HTTPNotFound(title="Not Found", description=str(exc))
@@ -452,4 +453,4 @@ def add_routes(app: falcon.App, config: Config, producer: Producer) -> StreamTab
 
     app.add_error_handler(UnknownStream, unknown)
     app.add_error_handler(StreamBusy, busy)
-    return table  # StreamLost is a ServiceUnavailable: the app's 503 handler covers it
+    return calls  # StreamLost is a ServiceUnavailable: the app's 503 handler covers it

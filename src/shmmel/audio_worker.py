@@ -18,15 +18,20 @@ from . import layout as L
 from .channel import Inbox
 from .config import Config
 from .shm import Shm
+from .stream_table import StreamTable
 
 log = logging.getLogger("shmmel.audio")
 
 DTYPES = {L.FMT_S16LE: np.dtype("<i2"), L.FMT_F32LE: np.dtype("<f4")}
 
 
-class AudioStreams:
+class MelJobs:
+    """A mel worker's streams: the state of each (``mel.StreamState``, keyed by its stream-table
+    entry) and the batches of pushes, one engine call per wake-up."""
+
     def __init__(self, config: Config, shm: Shm, index: int, gen: int, engine: Any) -> None:
         self.config, self.shm, self.index, self.gen, self.engine = config, shm, index, gen, engine
+        self.table = StreamTable(shm)
         self.states: dict[int, tuple[int, Any]] = {}  # table index -> (token, StreamState)
         self._next_expiry = 0.0
         self._samples = 0  # samples turned into frames since take_samples()
@@ -43,15 +48,14 @@ class AudioStreams:
 
     def _drop(self, k: int) -> None:
         if self.states.pop(k, None) is not None:
-            t = self.shm.streams[k : k + 1]
-            t["state"] = L.ST_FREE
+            self.table.free(k)
             self.shm.workers["streams"][self.index] = len(self.states)
 
     def serve(self, taken: list[tuple[int, tuple[int, ...]]], inbox: Inbox) -> int:
         """Answer OPEN/PUSH/CLOSE/ONESHOT slots (``(slot, decoded request)`` pairs, decoded
         once by the worker loop); all pushes go to the engine as one batch, whose frames the
         engine writes straight into each request's reply slot."""
-        table = self.shm.streams
+        table = self.table
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
         batch_slots: list[tuple[int, int, bool]] = []  # (slot, stream index or -1, final)
@@ -72,7 +76,7 @@ class AudioStreams:
             if not 0 <= k < len(table):
                 errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
                 continue
-            token = int(table["token"][k])
+            token = table.token(k)
             if op == L.OP_AUDIO_OPEN:
                 try:
                     st = self.engine.new_stream(n_mels=arg0)
@@ -115,14 +119,11 @@ class AudioStreams:
                 return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
             return inbox.fail(batch_slots[0][0], L.R_BAD_INPUT,
                               re.sub(r"^item \d+: ", "", str(exc)))
-        table = self.shm.streams
         for (j, k, final), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
             frames = fb.log10.shape[0]
             self._samples += chunk.shape[0]
             if k >= 0:
-                t = table[k : k + 1]
-                t["frames"] += frames
-                t["samples"] += chunk.shape[0]
+                self.table.account(k, frames, chunk.shape[0])
                 if final:
                     self._drop(k)
             inbox.answer(j, L.R_OK, frames * fb.log10.shape[1] * 4, r0=fb.start, r1=frames,
@@ -138,10 +139,9 @@ class AudioStreams:
         if now < self._next_expiry or not self.states:
             return
         self._next_expiry = now + 1.0
-        table = self.shm.streams
         limit = self.config.stream_idle_timeout
         for k in list(self.states):
-            if table["busy"][k] == 0 and now - table["last_used"][k] > limit:
+            if self.table.idle(k, now, limit):
                 log.info("worker %d: stream %d idle for %.0f s, dropped", self.index, k, limit)
                 self._drop(k)
 

@@ -23,11 +23,13 @@ page; every other answer of shmmel is JSON, so its error writer is replaced by o
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import selectors
 import socket
 import struct
+import termios
 import time
 from functools import partial
 from typing import Any
@@ -52,6 +54,14 @@ def tcp_bytes_received(sock: socket.socket) -> int | None:
     if len(info) < _TCP_INFO_LEN:
         return None
     return _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFF)[0]
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes received by the kernel on ``sock`` and not read yet (FIONREAD)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def json_error(status_int: int, reason: str, mesg: str) -> bytes:
@@ -153,8 +163,9 @@ class ShmmelThreadWorker(ThreadWorker):
     def handle_request(self, req: Any, conn: Any) -> bool:
         need = next((int(v) for n, v in req.headers if n == "CONTENT-LENGTH" and v.isdigit()), 0)
         if self.min_body_rate and need:
-            # body bytes still to come = Content-Length minus what the parser already holds
-            held = len(conn.parser.unreader.buf.getvalue())
+            # body bytes still to come: Content-Length minus what the parser holds and what
+            # the kernel has received but nobody has read yet (counted in bytes0 already)
+            held = len(conn.parser.unreader.buf.getvalue()) + unread_bytes(conn.sock)
             got = tcp_bytes_received(conn.sock)
             if got is not None and need > held:
                 self.bodies[conn] = (time.monotonic(), need - held, got)

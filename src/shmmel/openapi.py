@@ -278,7 +278,7 @@ SPEC: dict[str, Any] = {
                                           "prefix setting)"},
                     "stream": {"type": "boolean", "default": False, "description":
                                "true (or Accept: application/x-ndjson): the result in parts "
-                               "as NDJSON lines {\"delta\"}, then {\"result\", \"done\"}"}}}}}},
+                               "as NDJSON lines {\"delta\"}, then {\"result\", \"final\": true}"}}}}}},
             "responses": {
                 "200": {"description": "the result",
                         "headers": {"Server-Timing": {
@@ -290,8 +290,8 @@ SPEC: dict[str, Any] = {
                             "application/x-ndjson": {"schema": {
                                 "type": "string", "description":
                                 "one JSON object per line: {\"delta\": str} per part, then "
-                                "{\"result\": str, \"done\": true} (or an in-band "
-                                "{\"error\", \"detail\", \"done\"})"}}}},
+                                "{\"result\": str, \"final\": true} (or an in-band "
+                                "{\"error\", \"detail\", \"final\"})"}}}},
                 "400": _error("not JSON, not an object, a missing or non-string message, an "
                               "unknown op, a non-boolean stream, invalid UTF-8 or a lone "
                               "surrogate"),

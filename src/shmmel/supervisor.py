@@ -37,6 +37,7 @@ from .config import Config
 from .devices import settle_workers
 from .errors import BootError
 from .shm import Shm, unlink_instance
+from .stream_table import StreamTable
 from .whisper import INSTALL_HINT, whisper_missing
 from .osutil import set_parent_death_signal
 from .worker import EXIT_BOOT_FAILED, worker_main
@@ -355,11 +356,7 @@ class Supervisor:
                 worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
                 if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
                     s["state"][j] = L.S_FREE
-        t = self.shm.streams
-        for k in np.flatnonzero(t["state"] != L.ST_FREE).tolist():
-            wk = int(t["worker"][k])
-            if wk >= len(w) or int(w["gen"][wk]) != int(t["gen"][k]):
-                t["state"][k] = L.ST_FREE
+        StreamTable(self.shm).sweep()  # entries of dead workers
         h = self.shm.http
         for r in np.flatnonzero(h["pid"] != 0).tolist():
             if not pid_alive(int(h["pid"][r])):

@@ -83,20 +83,26 @@ class Worker:
             want, self.index, self.config.device_list, self.config.fake_devices, on_device)
         self.rec["kind"] = self.kind
         self.rec["device"] = device
-        from .audio_worker import AudioStreams
+        from .audio_worker import MelJobs
 
-        self.audio = AudioStreams(self.config, self.shm, self.index, self.gen, self.engine)
+        self.audio = MelJobs(self.config, self.shm, self.index, self.gen, self.engine)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._record)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
         set_parent_death_signal()
+        return self.serve_until_stopped()
+
+    def serve_until_stopped(self) -> int:
+        """Boot, then serve until ``stop_signal`` is set; return the exit code. ``run()`` sets
+        it from SIGTERM; in-process tests run this in a thread and set it themselves."""
         self.rec["heartbeat"] = time.monotonic()
         try:
             self.boot()
         except Exception as exc:  # noqa: BLE001 - any boot failure is reported the same way
             log.error("worker %d failed to boot: %s", self.index, exc)
             return EXIT_BOOT_FAILED
+        self.beat()  # fresh before READY: a long boot must not look like a stall
         self.rec["state"] = L.W_READY
         log.info("worker %d ready (%s, gen %d)", self.index, L.W_KINDS[self.kind], self.gen)
         interval = self.config.heartbeat_interval

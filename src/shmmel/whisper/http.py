@@ -3,7 +3,7 @@
 The audio goes through the same path as ``/audio/stream?windows=true`` (:class:`Run`: the
 body is cut into Whisper's 30 s windows, each its own mel stream on a mel worker). Each
 completed window's normalised (80, 3000) features leave through :class:`WhisperJob`: a
-stream-table entry pinned to a whisper worker, ``OP_WHISPER_FEATURES`` pieces that fit a
+stream-calls entry pinned to a whisper worker, ``OP_WHISPER_FEATURES`` pieces that fit a
 slot, then ``OP_WHISPER_DECODE``, whose reply is that window's tokens and segments (JSON).
 The whisper worker batches windows of concurrent requests into one ``generate`` call.
 """
@@ -26,7 +26,8 @@ from ..channel import Producer, Slot
 from ..config import Config
 from ..errors import BadRequest, ServiceUnavailable, ShmmelError
 from ..mel import SAMPLE_RATE
-from ..streams import Handle, StreamTable
+from ..audio_calls import AudioCalls
+from ..stream_table import Handle
 from . import INSTALL_HINT, N_MELS, WINDOW_BYTES, WINDOW_SECONDS, whisper_missing
 
 log = logging.getLogger("shmmel.whisper")
@@ -48,10 +49,10 @@ class WhisperJob:
     """The HTTP side of one transcription: a job on a whisper worker, fed window by window
     through one slot, and the transcript assembled from the windows' replies."""
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable, slot: Slot,
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls, slot: Slot,
                  emit: Callable[[dict[str, Any]], bytes] | None = None,
                  options: dict[str, Any] | None = None) -> None:
-        self.config, self.producer, self.table, self.slot = config, producer, table, slot
+        self.config, self.producer, self.calls, self.slot = config, producer, calls, slot
         self.emit = emit  # streaming: encode each window's record as it is decoded
         self.options = options  # {"prompt": str, "temperature": float}; None: greedy, none
         self.handle: Handle | None = None
@@ -64,31 +65,31 @@ class WhisperJob:
             k, gen = self.producer.least_loaded((L.K_WHISPER,))
         except ServiceUnavailable as exc:
             raise ServiceUnavailable(f"no whisper worker can take it: {exc}") from None
-        h = self.table.allocate(k, gen, N_MELS, 0)
+        h = self.calls.allocate(k, gen, N_MELS, 0)
         try:
             opts = json.dumps(self.options).encode() if self.options else b""
             if len(opts) > self.slot.capacity:
                 raise BadRequest("the prompt is too long")
             self.slot.view(len(opts))[:] = opts
-            self.table.call(self.slot, h, L.OP_WHISPER_OPEN, len(opts), ())
+            self.calls.call(self.slot, h, L.OP_WHISPER_OPEN, len(opts), ())
         except BaseException:
-            self.table.shm.streams["state"][h.index] = L.ST_FREE  # the worker holds nothing
+            self.calls.table.free(h.index)  # the worker holds nothing
             raise
         self.handle = h
 
     def close(self) -> None:
-        """Drop the job on its worker (which frees the table entry); best effort."""
+        """Drop the job on its worker (which frees the calls entry); best effort."""
         h, self.handle = self.handle, None
         if h is None:
             return
         try:
             if self.slot.owned:
-                self.table.call(self.slot, h, L.OP_WHISPER_CLOSE, 0, ())
+                self.calls.call(self.slot, h, L.OP_WHISPER_CLOSE, 0, ())
             else:  # orphaned after a timeout (the worker may still write it): use another
                 with self.producer.claim() as s:
-                    self.table.call(s, h, L.OP_WHISPER_CLOSE, 0, ())
+                    self.calls.call(s, h, L.OP_WHISPER_CLOSE, 0, ())
         except ShmmelError:  # worker gone or busy: the supervisor or idle expiry frees it
-            self.table.release(h)
+            self.calls.release(h)
 
     def decode(self, features: np.ndarray) -> tuple[dict[str, Any], int]:
         """Send one window's features in slot-sized pieces, decode; return the reply and
@@ -101,10 +102,10 @@ class WhisperJob:
         for pos in range(0, len(data), step):
             piece = data[pos : pos + step]
             slot.view(len(piece))[:] = piece
-            self.table.call(slot, h, L.OP_WHISPER_FEATURES, len(piece), (pos,))
-        self.table.call(slot, h, L.OP_WHISPER_DECODE, 0, (WINDOW_BYTES,))
+            self.calls.call(slot, h, L.OP_WHISPER_FEATURES, len(piece), (pos,))
+        self.calls.call(slot, h, L.OP_WHISPER_DECODE, 0, (WINDOW_BYTES,))
         batch = int(slot.reply(copy=False).r1)
-        n = int(self.table.shm.slots["resp_len"][slot.index])
+        n = int(self.calls.shm.slots["resp_len"][slot.index])
         return json.loads(bytes(slot.view(n))), batch
 
     def window(self, index: int, features: np.ndarray, samples: int) -> bytes:
@@ -143,8 +144,8 @@ class TranscribeResource:
 
     OUTPUTS = (wire.JSON, wire.NDJSON)
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
-        self.config, self.producer, self.table = config, producer, table
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls) -> None:
+        self.config, self.producer, self.calls = config, producer, calls
         self.unavailable = unavailable_reason(config)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -155,9 +156,9 @@ class TranscribeResource:
         out = output_media(req, wire.JSON, self.OUTPUTS)
         body = AudioBody(req, media, self.config.max_body_bytes)
         slot = self.producer.claim()
-        job = WhisperJob(self.config, self.producer, self.table, slot,
+        job = WhisperJob(self.config, self.producer, self.calls, slot,
                          _line if out == wire.NDJSON else None)
-        run = Run(self.table, slot, body.fmt, N_MELS, 0, True, wire.NDJSON, on_window=job.window)
+        run = Run(self.calls, slot, body.fmt, N_MELS, 0, True, wire.NDJSON, on_window=job.window)
         try:
             job.open()
             first = body.read()
@@ -196,7 +197,7 @@ class TranscribeResource:
         try:
             if head:
                 yield head
-            header = self.table.shm.header  # on shutdown: the last partial window
+            header = self.calls.shm.header  # on shutdown: the last partial window
             yield from run.pump(body.read, lambda: header["state"] == L.INST_STOPPING)
             res = job.result()
             yield _line({"final": True, "windows": res["windows"], "duration": res["duration"],
@@ -223,5 +224,5 @@ def _raise_http(exc: BaseException) -> None:
         raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
 
 
-def add_routes(app: falcon.App, config: Config, producer: Producer, table: StreamTable) -> None:
-    app.add_route("/audio/transcribe", TranscribeResource(config, producer, table))
+def add_routes(app: falcon.App, config: Config, producer: Producer, calls: AudioCalls) -> None:
+    app.add_route("/audio/transcribe", TranscribeResource(config, producer, calls))

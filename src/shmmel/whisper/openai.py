@@ -28,7 +28,7 @@ from ..decode import AudioFile, AudioTooLong, audio_missing, open_audio
 from ..decode import INSTALL_HINT as AUDIO_HINT
 from ..errors import ShmmelError
 from ..mel import SAMPLE_RATE
-from ..streams import StreamTable
+from ..audio_calls import AudioCalls
 from . import MAX_TEMPERATURE, N_MELS
 from .formats import FORMATS, Deltas, render, sse
 from .http import WhisperJob, unavailable_reason
@@ -189,8 +189,8 @@ def parse_request(file: bytes | None, filename: str | None,
 class TranscriptionsResource:
     """POST /v1/audio/transcriptions"""
 
-    def __init__(self, config: Config, producer: Producer, table: StreamTable) -> None:
-        self.config, self.producer, self.table = config, producer, table
+    def __init__(self, config: Config, producer: Producer, calls: AudioCalls) -> None:
+        self.config, self.producer, self.calls = config, producer, calls
         why = unavailable_reason(config)
         if why is None and audio_missing():
             why = f"decoding audio files needs PyAV (the [audio] extra); {AUDIO_HINT}"
@@ -221,8 +221,8 @@ class TranscriptionsResource:
         except BaseException:
             audio.close()
             raise
-        job = WhisperJob(self.config, self.producer, self.table, slot, options=r.options)
-        run = Run(self.table, slot, L.FMT_S16LE, N_MELS, 0, True, wire.NDJSON,
+        job = WhisperJob(self.config, self.producer, self.calls, slot, options=r.options)
+        run = Run(self.calls, slot, L.FMT_S16LE, N_MELS, 0, True, wire.NDJSON,
                   on_window=job.window)
         try:
             job.open()
@@ -309,8 +309,8 @@ class ModelsResource:
         resp.media = model_object(model)
 
 
-def add_routes(app: falcon.App, config: Config, producer: Producer, table: StreamTable) -> None:
-    app.add_route("/v1/audio/transcriptions", TranscriptionsResource(config, producer, table))
+def add_routes(app: falcon.App, config: Config, producer: Producer, calls: AudioCalls) -> None:
+    app.add_route("/v1/audio/transcriptions", TranscriptionsResource(config, producer, calls))
     models = ModelsResource(config)
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model}", models, suffix="one")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import layout as L
 from ..channel import Inbox
-from ..osutil import pid_alive
+from ..stream_table import StreamTable
 from ..config import Config
 from ..shm import Shm
 from . import (MAX_TEMPERATURE, N_FRAMES, N_MELS, PROMPT, WINDOW_BYTES, WINDOW_FLOATS,
@@ -76,6 +76,7 @@ class Window:
 class WhisperJobs:
     def __init__(self, config: Config, shm: Shm, index: int, gen: int, inbox: Inbox) -> None:
         self.config, self.shm, self.index, self.gen, self.inbox = config, shm, index, gen, inbox
+        self.table = StreamTable(shm)
         self.model, self.tokenizer, self.device = load_model(config, index)
         tok = self.tokenizer
         self.prompt = tuple(tok.token_to_id(t) for t in PROMPT)
@@ -99,26 +100,23 @@ class WhisperJobs:
 
     # -- requests ------------------------------------------------------------------------
     def _bad(self, j: int, status: int, message: str) -> int:
-        data = message.encode()[: self.shm.slot_bytes]
-        self.shm.payload[j, : len(data)] = memoryview(data)
-        self.inbox.answer(j, status, len(data))
-        return 1
+        return self.inbox.fail(j, status, message)
 
     def _drop(self, k: int) -> None:
         if self.jobs.pop(k, None) is not None:
-            self.shm.streams["state"][k] = L.ST_FREE
+            self.table.free(k)
             self.shm.workers["streams"][self.index] = len(self.jobs)
 
     def serve(self, taken: list[int]) -> int:
         """Answer OPEN/FEATURES/CLOSE at once; queue DECODE (answered by the decode thread)."""
-        table, inbox = self.shm.streams, self.inbox
+        table, inbox = self.table, self.inbox
         errors = 0
         for j in taken:
             op, n, k, arg0, *_ = inbox.request(j)
             if not 0 <= k < len(table):
                 errors += self._bad(j, L.R_ERROR, f"stream index {k} out of range")
                 continue
-            token = int(table["token"][k])
+            token = table.token(k)
             if op == L.OP_WHISPER_OPEN:
                 try:
                     job = self.new_job(token, bytes(self.shm.payload[j, :n]))
@@ -257,10 +255,9 @@ class WhisperJobs:
         if now < self._next_expiry or not self.jobs:
             return
         self._next_expiry = now + 1.0
-        table, limit = self.shm.streams, self.config.stream_idle_timeout
+        limit = self.config.stream_idle_timeout
         for k in list(self.jobs):
-            busy = int(table["busy"][k])  # a request in progress, unless its process died
-            if (busy == 0 or not pid_alive(busy)) and now - table["last_used"][k] > limit:
+            if self.table.idle(k, now, limit):  # busy with a dead process counts as idle
                 log.info("whisper worker %d: job %d idle for %.0f s, dropped", self.index, k,
                          limit)
                 self._drop(k)

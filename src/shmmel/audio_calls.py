@@ -1,58 +1,32 @@
-"""HTTP side of audio streams: the shared stream table and pushes through a slot.
+"""The HTTP side of audio streams: their calls to the mel workers, through one slot.
 
-A stream is pinned to the worker that holds its state (chosen at open: the least loaded
-CUDA worker, or any worker where none has a GPU). Its table entry carries that worker's
-generation: if the worker dies, the entry is stale and the supervisor frees it.
+A stream is pinned to the worker that holds its state (chosen at open by device load, see
+:mod:`shmmel.devices`); its entry lives in the shared :class:`~shmmel.stream_table.StreamTable`.
+A whole upload that fits one slot skips the table altogether (:meth:`AudioCalls.oneshot`).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import layout as L
 from .channel import Producer, Slot
-from .osutil import pid_alive
 from .config import Config
 from .devices import pinned_streams
 from .errors import BadRequest, ServiceUnavailable, ShmmelError, WorkerDied
 from .mel import HOP_LENGTH, FrameBatch
+from .stream_table import Handle, StreamTable
 
 OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
 
 
-class UnknownStream(ShmmelError):
-    """404: no such stream (never opened, expired, or closed)."""
-
-
-class StreamBusy(ShmmelError):
-    """409: another request is using this stream right now."""
-
-
-class StreamLost(ServiceUnavailable):
-    """503: the worker holding the stream's state died; the stream cannot continue."""
-
-
-@dataclass
-class Handle:
-    index: int
-    token: int
-    worker: int
-    gen: int
-    n_mels: int
-
-    @property
-    def stream_id(self) -> str:
-        return f"{self.index}-{self.token:016x}"
-
-
-class StreamTable:
+class AudioCalls:
     def __init__(self, config: Config, producer: Producer) -> None:
         self.config, self.producer, self.shm = config, producer, producer.shm
+        self.table = StreamTable(self.shm)
         self.pid = os.getpid()
         # samples per push: float32 in, at most ~3.2 output bytes per sample for 128 mels
         self.max_samples = (self.shm.slot_bytes - OUT_MARGIN) // 4
@@ -68,71 +42,26 @@ class StreamTable:
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
         cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        h = self.allocate(-1, 0, n_mels, padding,
-                          place=[L.K_CUDA] if cuda_ready else list(L.MEL_KINDS))
+        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
+        h = self.table.allocate(n_mels, padding, lambda t: self.producer.least_loaded(
+            kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
         try:
             self.call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
         except BaseException:
-            self.shm.streams["state"][h.index] = L.ST_FREE  # the worker holds no state for it
+            self.table.free(h.index)  # the worker holds no state for it
             raise
         return h
 
-    def allocate(self, k: int, gen: int, n_mels: int, padding: int,
-                 place: list[int] | None = None) -> Handle:
-        """Take a free table entry for worker ``k`` (generation ``gen``), busy with this
-        process; 503 when the table is full. The worker frees it when it drops the state.
-
-        With ``place`` (worker kinds), the worker is chosen here, under the table's lock, by
-        the streams the table holds per worker: opens racing in other threads and processes
-        see each other's entries, so a burst of opens spreads over the devices."""
-        t = self.shm.streams
-        with self.shm.lock():
-            free = np.flatnonzero(t["state"] == L.ST_FREE)
-            if free.size == 0:
-                raise ServiceUnavailable(f"too many open streams (max {len(t)})")
-            if place is not None:
-                k, gen = self.producer.least_loaded(
-                    place, streams=pinned_streams(self.shm.workers, t))
-            i = int(free[0])
-            token = secrets.randbits(63) | 1
-            e = t[i : i + 1]
-            e["worker"], e["gen"], e["n_mels"], e["token"] = k, gen, n_mels, token
-            e["last_used"], e["frames"], e["samples"], e["busy"] = time.monotonic(), 0, 0, self.pid
-            e["padding"] = padding
-            e["state"] = L.ST_OPEN
-        return Handle(i, token, k, gen, n_mels)
+    def allocate(self, k: int, gen: int, n_mels: int, padding: int) -> Handle:
+        """A table entry for worker ``k`` (generation ``gen``), busy with this process."""
+        return self.table.allocate(n_mels, padding, lambda t: (k, gen), self.pid)
 
     def find(self, stream_id: str) -> Handle:
         """Look up a session stream and mark it busy (409 if another request holds it)."""
-        try:
-            a, b = stream_id.split("-", 1)
-            i, token = int(a), int(b, 16)
-        except ValueError:
-            raise UnknownStream(f"no stream {stream_id!r}") from None
-        t, w = self.shm.streams, self.shm.workers
-        if not 0 <= i < len(t):
-            raise UnknownStream(f"no stream {stream_id!r}")
-        with self.shm.lock():
-            e = t[i]
-            if e["state"] != L.ST_OPEN or int(e["token"]) != token:
-                raise UnknownStream(f"no stream {stream_id!r} (never opened, expired after "
-                                    f"{self.config.stream_idle_timeout:g} s idle, or closed)")
-            k, gen = int(e["worker"]), int(e["gen"])
-            if int(w["gen"][k]) != gen:
-                raise StreamLost("the worker holding this stream restarted; open a new stream")
-            busy = int(e["busy"])
-            if busy and busy != self.pid and pid_alive(busy):
-                raise StreamBusy("another request is using this stream")
-            if busy == self.pid:
-                raise StreamBusy("another request is using this stream")
-            t["busy"][i] = self.pid
-        return Handle(i, token, k, gen, int(e["n_mels"]))
+        return self.table.find(stream_id, self.pid, self.config.stream_idle_timeout)
 
     def release(self, h: Handle) -> None:
-        t = self.shm.streams
-        if int(t["token"][h.index]) == h.token:
-            t["last_used"][h.index] = time.monotonic()
-            t["busy"][h.index] = 0
+        self.table.release(h)
 
     def abort(self, slot: Slot | None, h: Handle) -> None:
         """Drop the stream's state on its worker (client gone or error); best effort."""
@@ -204,7 +133,7 @@ class StreamTable:
     def finish(self, slot: Slot, h: Handle, extra_padding: int = 0) -> FrameBatch:
         """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames
         and the final max. The worker frees the table entry."""
-        pad = int(self.shm.streams["padding"][h.index]) + extra_padding
+        pad = self.table.padding(h.index) + extra_padding
         return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True)
 
     def push(self, slot: Slot, h: Handle, data: memoryview | bytes, fmt: int,
