@@ -140,6 +140,16 @@ def daemon(tmp_path_factory):
         stop_daemon(d)
 
 
+@pytest.fixture(scope="module")
+def inproc():
+    """The app in this process over real shared memory, 2 NumPy workers as threads
+    (tests/inproc.py): for 4xx tables, parameters and formats; no socket, no daemon."""
+    from .inproc import InProc
+
+    with InProc() as d:
+        yield d
+
+
 def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

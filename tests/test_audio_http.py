@@ -1,5 +1,7 @@
-"""Audio over real HTTP (NumPy engine): every upload style equals the library's offline
-result bit for bit; bad input gets a 4xx JSON error and leaves nothing behind."""
+"""Audio over HTTP (NumPy engine): every upload style equals the library's offline result
+bit for bit; bad input gets a 4xx JSON error and leaves nothing behind. Whole uploads, the
+session API and the 4xx tables run in-process (``audio_inproc``: tests/inproc.py); chunked
+and full-duplex uploads with the client, limits and kills go through the daemon."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from shmmel import mel, wire
 from shmmel.client import ClientError, MelClient
 
 from .conftest import start_daemon, stop_daemon, wait_for
+from .inproc import InProc
 
-pytestmark = pytest.mark.e2e
 RNG = np.random.default_rng(1234)
 
 
@@ -89,6 +91,12 @@ def assert_clean(d) -> None:
 
 
 @pytest.fixture(scope="module")
+def audio_inproc():
+    with InProc(max_body_bytes=4 << 20) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
 def audio_daemon(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("audio"), "--workers", "2", "--http-workers", "2",
                      "--worker-kind", "cpu",
@@ -100,7 +108,7 @@ def audio_daemon(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["s16", "f32", "wav16", "wavf32"])
-def test_whole_upload_json_equals_offline(audio_daemon, kind):
+def test_whole_upload_json_equals_offline(audio_inproc, kind):
     x = speechlike(2.3, seed=1)
     if kind == "s16":
         body, ctype, ref_in = as_i16(x).tobytes(), "audio/L16;rate=16000", as_i16(x)
@@ -110,38 +118,38 @@ def test_whole_upload_json_equals_offline(audio_daemon, kind):
         body, ctype, ref_in = wav_bytes(x), "audio/wav", as_i16(x)
     else:
         body, ctype, ref_in = wav_bytes(x, float32=True), "audio/wav", x
-    status, headers, raw = post(audio_daemon, "/audio/stream?format=json", body, ctype)
+    status, headers, raw = post(audio_inproc, "/audio/stream?format=json", body, ctype)
     assert status == 200, raw
     got = json.loads(raw)
     ref = mel.log_mel_spectrogram(ref_in)
     assert got["shape"] == [80, ref.shape[1]] == [80, 230]
     assert np.array_equal(np.asarray(got["mel"], np.float32), ref)
-    assert_clean(audio_daemon)
+    assert_clean(audio_inproc)
 
 
-def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_daemon):
+def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
     """1 s of s16le with padding, Content-Length known: one message to a worker and one
     back (the worker's served count moves by exactly 1; no stream-table entry), bit-exact."""
     x = as_i16(speechlike(1.0, seed=5))
-    served = lambda: sum(w["served"] for w in audio_daemon.status()["workers"]  # noqa: E731
+    served = lambda: sum(w["served"] for w in audio_inproc.status()["workers"]  # noqa: E731
                          if w["kind"] != "whisper")
     before = served()
-    status, _, raw = post(audio_daemon, "/audio/stream?format=npy&padding=480", x.tobytes(),
+    status, _, raw = post(audio_inproc, "/audio/stream?format=npy&padding=480", x.tobytes(),
                           "audio/L16;rate=16000")
     assert status == 200, raw
     assert served() - before == 1  # the old path took 3: open, push, finish (zero padding)
     assert np.array_equal(np.load(io.BytesIO(raw)), mel.log_mel_spectrogram(x, padding=480))
-    assert_clean(audio_daemon)
+    assert_clean(audio_inproc)
 
 
-def test_npy_and_binary_outputs(audio_daemon):
+def test_npy_and_binary_outputs(audio_inproc):
     x = as_i16(speechlike(1.7, seed=2))
     ref = mel.log_mel_spectrogram(x, n_mels=128, padding=123)
-    status, headers, raw = post(audio_daemon, "/audio/stream?n_mels=128&padding=123",
+    status, headers, raw = post(audio_inproc, "/audio/stream?n_mels=128&padding=123",
                                 x.tobytes(), "application/octet-stream", accept="application/x-npy")
     assert status == 200 and headers["content-type"] == "application/x-npy"
     assert np.array_equal(np.load(io.BytesIO(raw)), ref)
-    status, headers, raw = post(audio_daemon, "/audio/stream?n_mels=128&padding=123&format=binary",
+    status, headers, raw = post(audio_inproc, "/audio/stream?n_mels=128&padding=123&format=binary",
                                 x.tobytes(), "application/octet-stream")
     assert status == 200
     records = parse_records(raw)
@@ -153,6 +161,7 @@ def test_npy_and_binary_outputs(audio_daemon):
         np.cumsum([0] + [f.shape[0] for _, f in records[:-1]]))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("chunk_s", [0.013, 0.37, 1.0])
 def test_chunked_upload_with_the_client_equals_offline(audio_daemon, chunk_s):
     x = speechlike(3.1, seed=3) * np.float32(0.9)
@@ -163,6 +172,7 @@ def test_chunked_upload_with_the_client_equals_offline(audio_daemon, chunk_s):
                           mel.log_mel_spectrogram(i16, n_mels=128, padding=480000))
 
 
+@pytest.mark.e2e
 def test_ndjson_batches_carry_running_max_and_final_floor(audio_daemon):
     x = speechlike(2.0, seed=4)
     x[16000:] *= 8  # louder later: the running max rises, early batches are provisional
@@ -177,6 +187,7 @@ def test_ndjson_batches_carry_running_max_and_final_floor(audio_daemon):
     assert offsets == sorted(offsets) and sum(b.mel.shape[0] for b in batches) == 200
 
 
+@pytest.mark.e2e
 def test_windows_equal_whispers_30_second_windows(audio_daemon):
     x = speechlike(61.5, seed=5)
     client = MelClient(f"http://127.0.0.1:{audio_daemon.port}")
@@ -185,8 +196,8 @@ def test_windows_equal_whispers_30_second_windows(audio_daemon):
     assert np.array_equal(got, mel.log_mel_windows(x))
 
 
-def test_session_api_with_random_chunks_equals_offline(audio_daemon):
-    d = audio_daemon
+def test_session_api_with_random_chunks_equals_offline(audio_inproc):
+    d = audio_inproc
     x = as_i16(speechlike(3.5, seed=6))
     status, headers, raw = d.request("POST", "/audio/streams?n_mels=80&padding=321")
     assert status == 201, raw
@@ -218,6 +229,7 @@ def test_session_api_with_random_chunks_equals_offline(audio_daemon):
     assert_clean(d)
 
 
+@pytest.mark.e2e
 def test_full_duplex_frames_arrive_before_the_upload_ends(audio_daemon):
     x = as_i16(speechlike(3.0, seed=7))
     sock = socket.create_connection(("127.0.0.1", audio_daemon.port), timeout=20)
@@ -273,14 +285,15 @@ BAD = [
 
 
 @pytest.mark.parametrize("name, body, ctype, status, words", BAD, ids=[b[0] for b in BAD])
-def test_bad_audio_gets_a_json_4xx(audio_daemon, name, body, ctype, status, words):
-    got, headers, raw = post(audio_daemon, "/audio/stream", body, ctype)
+def test_bad_audio_gets_a_json_4xx(audio_inproc, name, body, ctype, status, words):
+    got, headers, raw = post(audio_inproc, "/audio/stream", body, ctype)
     assert got == status, raw
     assert headers["content-type"].startswith("application/json")
     err = json.loads(raw)
     assert err["error"] and words in err["detail"]
 
 
+@pytest.mark.e2e
 def test_body_over_the_limit_is_413_up_front_or_in_band(audio_daemon):
     sock = socket.create_connection(("127.0.0.1", audio_daemon.port), timeout=20)
     try:  # a declared length over max_body_bytes is refused before any byte is read
@@ -301,17 +314,18 @@ def test_body_over_the_limit_is_413_up_front_or_in_band(audio_daemon):
     assert_clean(audio_daemon)
 
 
-def test_bad_parameters(audio_daemon):
+def test_bad_parameters(audio_inproc):
     for query, words in [("n_mels=81", "n_mels"), ("padding=-1", "padding"),
                          ("format=xml", "format"), ("n_mels=abc", "80 or 128")]:
-        status, _, raw = post(audio_daemon, f"/audio/stream?{query}", bytes(3200),
+        status, _, raw = post(audio_inproc, f"/audio/stream?{query}", bytes(3200),
                               "audio/L16;rate=16000")
         assert status == 400 and words in json.loads(raw)["detail"]
-    status, _, raw = post(audio_daemon, "/audio/stream", bytes(3200), "audio/L16;rate=16000",
+    status, _, raw = post(audio_inproc, "/audio/stream", bytes(3200), "audio/L16;rate=16000",
                           accept="text/html")
     assert status == 406
 
 
+@pytest.mark.e2e
 def test_error_after_the_response_started_arrives_in_band(audio_daemon):
     """A chunked upload that ends on half a sample: the frames so far, then an error line."""
     x = as_i16(speechlike(1.0, seed=8)).tobytes() + b"\x01"
@@ -322,14 +336,15 @@ def test_error_after_the_response_started_arrives_in_band(audio_daemon):
     assert_clean(audio_daemon)
 
 
-def test_unknown_and_malformed_stream_ids_are_404(audio_daemon):
+def test_unknown_and_malformed_stream_ids_are_404(audio_inproc):
     for sid in ["0-0000000000000001", "nonsense", "99999-ff", "-1-1"]:
-        status, _, raw = post(audio_daemon, f"/audio/streams/{sid}", b"\0\0",
+        status, _, raw = post(audio_inproc, f"/audio/streams/{sid}", b"\0\0",
                               "audio/L16;rate=16000")
         assert status == 404, sid
         assert json.loads(raw)["error"] == "Not Found"
 
 
+@pytest.mark.e2e
 def test_stream_limits_expiry_and_a_killed_worker(tmp_path):
     d = start_daemon(tmp_path, "--workers", "2", "--http-workers", "1", "--worker-kind", "cpu",
                      extra_env={"SHMMEL_MAX_STREAMS": "3", "SHMMEL_STREAM_IDLE_TIMEOUT": "1"})
@@ -367,6 +382,7 @@ def test_stream_limits_expiry_and_a_killed_worker(tmp_path):
         stop_daemon(d)
 
 
+@pytest.mark.e2e
 def test_many_concurrent_streams_get_their_own_frames(audio_daemon):
     signals = {i: as_i16(speechlike(1.5 + 0.1 * i, seed=100 + i)) for i in range(12)}
     results: dict[int, bool] = {}

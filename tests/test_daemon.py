@@ -25,19 +25,19 @@ def assert_error(status: int, body: dict, expected: int) -> None:
     assert set(body) >= {"error", "detail"} and body["detail"], body
 
 
-def test_process_ops(daemon):
-    assert daemon.post_json("/process", {"message": "hello"}) == (200, {"result": "olleh"})
-    assert daemon.post_json("/process", {"message": "héllo wörld", "op": "upper"}) == (
+def test_process_ops(inproc):
+    assert inproc.post_json("/process", {"message": "hello"}) == (200, {"result": "olleh"})
+    assert inproc.post_json("/process", {"message": "héllo wörld", "op": "upper"}) == (
         200, {"result": "HÉLLO WÖRLD"})
-    assert daemon.post_json("/process", {"message": "x", "op": "prefix"}) == (
+    assert inproc.post_json("/process", {"message": "x", "op": "prefix"}) == (
         200, {"result": "shmmel: x"})
     # reversal is by character: multi-byte characters are never split
-    assert daemon.post_json("/process", {"message": "añ€😀"}) == (200, {"result": "😀€ña"})
-    assert daemon.post_json("/process", {"message": ""}) == (200, {"result": ""})
+    assert inproc.post_json("/process", {"message": "añ€😀"}) == (200, {"result": "😀€ña"})
+    assert inproc.post_json("/process", {"message": ""}) == (200, {"result": ""})
 
 
-def test_process_reports_its_ipc_breakdown(daemon):
-    status, headers, _ = daemon.request("POST", "/process", b'{"message": "t"}',
+def test_process_reports_its_ipc_breakdown(inproc):
+    status, headers, _ = inproc.request("POST", "/process", b'{"message": "t"}',
                                         {"Content-Type": "application/json"})
     assert status == 200
     parts = dict(p.strip().split(";dur=") for p in headers["server-timing"].split(","))
@@ -46,10 +46,10 @@ def test_process_reports_its_ipc_breakdown(daemon):
     assert float(parts["worker"]) >= 0
 
 
-def test_message_limit_is_4_kib_of_utf8(daemon):
+def test_message_limit_is_4_kib_of_utf8(inproc):
     ok = "é" * 2048  # 4096 bytes
-    assert daemon.post_json("/process", {"message": ok}) == (200, {"result": ok})
-    status, body = daemon.post_json("/process", {"message": "a" * 4095 + "é"})  # 4097 bytes
+    assert inproc.post_json("/process", {"message": ok}) == (200, {"result": ok})
+    status, body = inproc.post_json("/process", {"message": "a" * 4095 + "é"})  # 4097 bytes
     assert_error(status, body, 413)
     assert "4097" in body["detail"]
 
@@ -65,20 +65,20 @@ def test_message_limit_is_4_kib_of_utf8(daemon):
     (b"\xff\xfe", 400),
     (b"", 400),
 ])
-def test_bad_json_bodies_get_400_with_json_error(daemon, body, expected):
-    status, headers, raw = daemon.request("POST", "/process", body,
+def test_bad_json_bodies_get_400_with_json_error(inproc, body, expected):
+    status, headers, raw = inproc.request("POST", "/process", body,
                                           {"Content-Type": "application/json"})
     assert headers["content-type"].startswith("application/json")
     assert_error(status, json.loads(raw), expected)
 
 
-def test_wrong_content_type_is_415_and_unknown_route_is_json_404(daemon):
-    status, _, raw = daemon.request("POST", "/process", b'{"message": "a"}',
+def test_wrong_content_type_is_415_and_unknown_route_is_json_404(inproc):
+    status, _, raw = inproc.request("POST", "/process", b'{"message": "a"}',
                                     {"Content-Type": "text/plain"})
     assert_error(status, json.loads(raw), 415)
-    status, _, raw = daemon.request("GET", "/nope")
+    status, _, raw = inproc.request("GET", "/nope")
     assert_error(status, json.loads(raw), 404)
-    status, _, raw = daemon.request("GET", "/process")
+    status, _, raw = inproc.request("GET", "/process")
     assert_error(status, json.loads(raw), 405)
 
 

@@ -1,6 +1,8 @@
-"""Bad input and abusive clients over real HTTP (NumPy workers): every case gets its 4xx/503
-with a JSON error in bounded time, other clients are served meanwhile, and nothing leaks
-(checked through ``shmmel status --json`` after the whole suite).
+"""Bad input and abusive clients (NumPy workers): every case gets its 4xx/503 with a JSON
+error in bounded time, other clients are served meanwhile, and nothing leaks (checked through
+the status snapshot after the whole suite). The tables of bad bodies run in-process
+(``hard``: tests/inproc.py); lying, slow and stalled clients, and the burst, go through real
+gunicorn (``live``: the daemon).
 
 Cases that test_daemon.py and test_audio_http.py already cover the same way (malformed JSON
 bodies, odd byte counts and NaN in raw uploads, 8 kHz and stereo WAV, the stream limit,
@@ -25,15 +27,21 @@ import numpy as np
 import pytest
 
 from .conftest import start_daemon, stop_daemon, wait_for
+from .inproc import InProc
 
-pytestmark = pytest.mark.e2e
 MAX_BODY = 1 << 20
 JSON_CT = {"Content-Type": "application/json"}
 L16 = "audio/L16;rate=16000"
 
 
 @pytest.fixture(scope="module")
-def hard(tmp_path_factory):
+def hard():
+    with InProc(max_body_bytes=MAX_BODY, stream_idle_timeout=2, max_streams=16) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("hard"), "--workers", "2", "--http-workers", "2",
                      "--worker-kind", "cpu",
                      extra_env={"SHMMEL_MAX_BODY_BYTES": str(MAX_BODY),
@@ -105,6 +113,12 @@ def parse_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
             pos = end + 4 + size
         body = out
     return int(lines[0].split()[1]), headers, body
+
+
+def post_chunked(d: InProc, path: str, ctype: str, pieces: list[bytes]
+                 ) -> tuple[int, dict[str, str], bytes]:
+    """A chunked upload of ``pieces``, in-process (the body with no declared length)."""
+    return d.request("POST", path, b"".join(pieces), {"Content-Type": ctype}, chunked=True)
 
 
 def chunked(path: str, ctype: str, pieces: list[bytes]) -> bytes:
@@ -182,9 +196,9 @@ def test_process_content_types_and_exact_limits(hard):
 
 
 def test_process_chunked_body_over_the_limit_is_413(hard):
-    _, raw = raw_http(hard.port, chunked("/process", "application/json",
-                                         [b'{"message": "'] + [b"a" * 8192] * 10 + [b'"}']))
-    assert_json_error(*parse_reply(raw), 413, "exceeds")
+    reply = post_chunked(hard, "/process", "application/json",
+                         [b'{"message": "'] + [b"a" * 8192] * 10 + [b'"}'])
+    assert_json_error(*reply, 413, "exceeds")
 
 
 # -- lying and slow clients ------------------------------------------------------------------
@@ -194,38 +208,41 @@ def _declared(path: str, ctype: str, length: int) -> bytes:
             f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()
 
 
-def test_short_body_then_half_close_is_answered_at_once(hard):
+@pytest.mark.e2e
+def test_short_body_then_half_close_is_answered_at_once(live):
     """The client declares more than it sends, then closes its side: the server sees the end
     of the body at once and answers (it never waits for bytes that cannot come)."""
-    took, raw = raw_http(hard.port, _declared("/process", "application/json", 100),
+    took, raw = raw_http(live.port, _declared("/process", "application/json", 100),
                          b'{"message":', half_close=True)
     assert took < 2
     assert_json_error(*parse_reply(raw), 400, "Content-Length")
-    took, raw = raw_http(hard.port, _declared("/audio/streams/0-0000000000000001", L16, 4000),
+    took, raw = raw_http(live.port, _declared("/audio/streams/0-0000000000000001", L16, 4000),
                          bytes(1000), half_close=True)
     assert took < 2 and parse_reply(raw)[0] == 400  # the short body is refused first
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path, ctype, body, declared", [
     ("/audio/stream?format=json", L16, bytes(1000), 4000),
     ("/process", "application/json", b'{"message": "hi"}', 100),
 ])
-def test_short_body_then_half_close_is_not_taken_as_complete(hard, path, ctype, body, declared):
-    took, raw = raw_http(hard.port, _declared(path, ctype, declared), body, half_close=True)
+def test_short_body_then_half_close_is_not_taken_as_complete(live, path, ctype, body, declared):
+    took, raw = raw_http(live.port, _declared(path, ctype, declared), body, half_close=True)
     assert took < 2
     status, headers, reply = parse_reply(raw)
     assert_json_error(status, headers, reply, 400)
 
 
-def test_a_stalled_body_holds_one_thread_and_others_are_served(hard):
+@pytest.mark.e2e
+def test_a_stalled_body_holds_one_thread_and_others_are_served(live):
     """Declares 100 bytes, sends 11 and waits: that connection gets no answer while it waits
     (gthread reads bodies in blocking mode with no timeout), but every other client is served."""
-    sock = socket.create_connection(("127.0.0.1", hard.port), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
     try:
         sock.sendall(_declared("/process", "application/json", 100) + b'{"message":')
         t0 = time.monotonic()
         for i in range(10):
-            assert hard.post_json("/process", {"message": f"m{i}"}, timeout=5)[0] == 200
+            assert live.post_json("/process", {"message": f"m{i}"}, timeout=5)[0] == 200
         assert time.monotonic() - t0 < 5
         sock.settimeout(1.0)
         with pytest.raises(TimeoutError):
@@ -234,6 +251,7 @@ def test_a_stalled_body_holds_one_thread_and_others_are_served(hard):
         sock.close()
 
 
+@pytest.mark.e2e
 def test_stalled_clients_cannot_exhaust_the_threads(tmp_path):
     """More stalled clients than threads: client_timeout cuts them off (408 or a close), so
     the process serves others again within about that time."""
@@ -260,7 +278,8 @@ def test_stalled_clients_cannot_exhaust_the_threads(tmp_path):
         stop_daemon(d)
 
 
-def test_slow_headers_and_body_are_served_and_do_not_block_others(hard):
+@pytest.mark.e2e
+def test_slow_headers_and_body_are_served_and_do_not_block_others(live):
     """Two slowloris-style clients trickle a request over ~3 s; meanwhile other clients are
     served without delay, and the slow ones get their answer once their request is whole."""
     request = (b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -269,7 +288,7 @@ def test_slow_headers_and_body_are_served_and_do_not_block_others(hard):
     replies: dict[int, bytes] = {}
 
     def slow(k: int) -> None:
-        sock = socket.create_connection(("127.0.0.1", hard.port), timeout=20)
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=20)
         try:
             step = max(1, len(request) // 12)
             for i in range(0, len(request), step):
@@ -289,7 +308,7 @@ def test_slow_headers_and_body_are_served_and_do_not_block_others(hard):
     worst = 0.0
     while any(t.is_alive() for t in threads):
         t0 = time.monotonic()
-        assert hard.post_json("/process", {"message": "fast"}, timeout=5) == (200, {"result": "tsaf"})
+        assert live.post_json("/process", {"message": "fast"}, timeout=5) == (200, {"result": "tsaf"})
         worst = max(worst, time.monotonic() - t0)
         time.sleep(0.05)
     for t in threads:
@@ -337,14 +356,12 @@ def test_truncated_wav_headers_plain_and_chunked(hard, cut):
     status, headers, raw = hard.request("POST", "/audio/stream", body,
                                         {"Content-Type": "audio/wav"})
     assert_json_error(status, headers, raw, 400)
-    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/wav", [body]))
-    assert_json_error(*parse_reply(raw), 400)
+    assert_json_error(*post_chunked(hard, "/audio/stream", "audio/wav", [body]), 400)
 
 
 def test_wav_data_chunk_longer_than_the_body_chunked(hard):
-    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/wav",
-                                         [wav(bytes(1000), data_size=4000)]))
-    status, headers, body = parse_reply(raw)
+    status, headers, body = post_chunked(hard, "/audio/stream", "audio/wav",
+                                         [wav(bytes(1000), data_size=4000)])
     assert status == 200 and json.loads(body.splitlines()[-1])["detail"] == (
         "the WAV data chunk is shorter than its header says")
 
@@ -381,8 +398,8 @@ def test_bad_session_chunks(hard):
 def test_bad_data_later_in_a_chunked_upload_arrives_in_band(hard):
     good = tone(1.0).astype("<f4").tobytes()
     pieces = [good, np.array([math.nan] * 1600, "<f4").tobytes()]
-    _, raw = raw_http(hard.port, chunked("/audio/stream", "audio/x-f32le;rate=16000", pieces))
-    status, headers, body = parse_reply(raw)
+    status, headers, body = post_chunked(hard, "/audio/stream", "audio/x-f32le;rate=16000",
+                                         pieces)
     assert status == 200 and headers["content-type"] == "application/x-ndjson"
     last = json.loads(body.splitlines()[-1])
     assert last["error"] == "Bad Request" and "NaN" in last["detail"]
@@ -391,19 +408,19 @@ def test_bad_data_later_in_a_chunked_upload_arrives_in_band(hard):
 def test_chunked_uploads_over_max_body_bytes(hard):
     over = [bytes(256 * 1024)] * 5  # 1.25 MiB > 1 MiB
     # whole-result formats answer nothing before the end: a plain 413
-    _, raw = raw_http(hard.port, chunked("/audio/stream?format=json", L16, over))
-    assert_json_error(*parse_reply(raw), 413, "exceeds")
+    assert_json_error(*post_chunked(hard, "/audio/stream?format=json", L16, over), 413,
+                      "exceeds")
     # binary output: the frames so far, then an error record
-    _, raw = raw_http(hard.port, chunked("/audio/stream?format=binary", L16, over))
-    status, _, body = parse_reply(raw)
+    status, _, body = post_chunked(hard, "/audio/stream?format=binary", L16, over)
     assert status == 200 and b'"Content Too Large"' in body[-300:]
-    # a session chunk: declared over the limit, or chunked over it
+    # a session chunk: declared over the limit (no body sent), or chunked over it
     sid = open_stream(hard)
-    took, raw = raw_http(hard.port, _declared(f"/audio/streams/{sid}", L16, 64 << 20))
-    assert took < 2
-    assert_json_error(*parse_reply(raw), 413, "limit")
-    _, raw = raw_http(hard.port, chunked(f"/audio/streams/{sid}", L16, over))
-    assert_json_error(*parse_reply(raw), 413, "exceeds")
+    t0 = time.monotonic()
+    reply = hard.request("POST", f"/audio/streams/{sid}", b"",
+                         {"Content-Type": L16, "Content-Length": str(64 << 20)})
+    assert time.monotonic() - t0 < 2
+    assert_json_error(*reply, 413, "limit")
+    assert_json_error(*post_chunked(hard, f"/audio/streams/{sid}", L16, over), 413, "exceeds")
     assert hard.request("DELETE", f"/audio/streams/{sid}")[0] == 200
 
 
@@ -447,9 +464,12 @@ def test_concurrent_chunks_on_one_stream_get_200_or_409(hard):
     assert json.loads(raw)["total_frames"] == 100 * statuses.count(200)  # 160 samples a frame
 
 
-def test_nothing_leaked_after_the_suite(hard):
-    """Runs last in this module (file order): no stream, no slot, no worker restart, no
-    traceback in the log."""
+@pytest.mark.parametrize("which", ["hard", pytest.param("live", marks=pytest.mark.e2e)])
+def test_nothing_leaked_after_the_suite(request, which):
+    """Runs last in this module (file order), for the in-process instance and the daemon:
+    no stream, no slot, no worker restart, no traceback in the log."""
+    hard = request.getfixturevalue(which)
+
     def clean():
         info = hard.status()
         s = info["slots"]
@@ -488,6 +508,7 @@ async def _burst(port: int, requests: list[bytes], limit: float):
                                 return_exceptions=True)
 
 
+@pytest.mark.e2e
 def test_a_burst_of_1000_requests_never_hangs_and_recovers(tmp_path):
     d = start_daemon(tmp_path, "--workers", "1", "--http-workers", "1", "--worker-kind", "cpu",
                      extra_env={"SHMMEL_QUEUE_DEPTH": "2", "SHMMEL_SLOTS": "8",
