@@ -10,7 +10,8 @@ import pytest
 
 from shmmel import layout as L
 from shmmel.config import Config, resolve
-from shmmel.devices import device_for, device_rows, parse_devices, pinned_streams, settle_workers
+from shmmel.devices import (device_for, device_rows, parse_devices, pinned_streams,
+                            probe_device_count, settle_workers)
 from shmmel.engine import create_worker_engine
 from shmmel.errors import BootError, ConfigError
 from shmmel.placement import Candidate, device_loads, place_request, place_stream
@@ -132,6 +133,17 @@ def test_workers_per_device_sets_the_worker_count():
     assert settle_workers(Config(workers_per_device=2, worker_kind="cpu")).workers == 2
     with pytest.raises(ConfigError, match="workers_per_device"):
         Config(devices="0,1,2,3,4", workers_per_device=60)
+
+
+def test_the_device_count_is_asked_of_a_child_process():
+    # the supervisor never starts CUDA itself; a host without CuPy (CI) counts 0
+    try:
+        import cupy
+
+        want = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no CuPy, no driver
+        want = 0
+    assert probe_device_count(60) == want
 
 
 def test_worker_rows_go_round_robin_over_the_devices():
