@@ -5,7 +5,8 @@ each device at once against one device alone.
 
     source .device/setup && python3 bench/bench_devices.py --json $OUT/devices.json
     python3 bench/bench_devices.py --fake --duration 2 --warmup 0.5 --streams 4 \\
-        --file-streams 2 --repeat 1 --no-mel          # CPU smoke run (fake devices)
+        --file-streams 2 --file-seconds 2 --repeat 1 --http-workers 2 --procs 1
+                                                      # CPU smoke run (fake devices)
 
 Loads, each measured for --duration after --warmup:
   files    --file-streams clients posting 10 s files back to back (/audio/stream): audio-s/s
@@ -167,6 +168,7 @@ def main() -> int:
     ap.add_argument("--fake", action="store_true",
                     help="CPU workers on 2 fake devices (a smoke run of this script)")
     ap.add_argument("--no-mel", action="store_true", help="skip bench_mel.py per device")
+    ap.add_argument("--no-service", action="store_true", help="only bench_mel.py per device")
     ap.add_argument("--mel-args", nargs=argparse.REMAINDER, default=["--no-variants"],
                     help="arguments for bench_mel.py (last on the line)")
     ap.add_argument("--mel-dir", default=os.environ.get("OUT", "."))
@@ -177,13 +179,17 @@ def main() -> int:
         args.no_mel = True
     data: dict[str, Any] = {"bench": "devices", "host": host_info(), "args": {
         k: v for k, v in vars(args).items()}}
-    data["service"] = service_runs(args)
+    if not args.no_service:
+        data["service"] = service_runs(args)
+        print(json.dumps({"summary": data["service"]["summary"]}, indent=2))
     if not args.no_mel:
         data["mel"] = mel_runs(args)
-    print(json.dumps({"summary": data["service"]["summary"]}, indent=2))
+        print(json.dumps({"mel": data["mel"]}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
-    bad = sum(r["errors"] for rows in data["service"]["runs"].values() for r in rows)
+    bad = sum(r["errors"] for rows in data.get("service", {}).get("runs", {}).values()
+              for r in rows)
+    bad += sum(c != 0 for tag in data.get("mel", {}).values() for c in tag["exit_codes"])
     return 1 if bad else 0
 
 
