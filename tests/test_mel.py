@@ -5,6 +5,7 @@ reference and signals defined here."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -442,10 +443,40 @@ def test_invalid_item_changes_no_stream() -> None:
 # -- engine selection ------------------------------------------------------------------------
 
 
-def test_import_does_not_touch_cuda() -> None:
-    code = "import sys; from shmmel import mel; mel.NumpyEngine(); print('cupy' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+FAKE_CUPY = """\
+import os
+
+def _record(what):
+    with open(os.environ["FAKE_CUPY_LOG"], "a") as f:
+        f.write(what + "\\n")
+
+_record("import")
+
+def __getattr__(name):
+    _record(name)
+    raise AttributeError(name)
+"""
+
+
+def test_import_does_not_touch_cuda(tmp_path) -> None:
+    """A fake ``cupy`` ahead of any real one on the path records its import and every
+    attribute asked of it: importing shmmel, its mel package and the supervisor's modules,
+    and making a NumPy engine, must not touch it (CUDA only ever starts in a worker)."""
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(FAKE_CUPY)
+    log = tmp_path / "cupy.log"
+    env = {**os.environ, "FAKE_CUPY_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys, shmmel, shmmel.mel, shmmel.supervisor; from shmmel import mel; "
+            "mel.NumpyEngine(); print('cupy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True)
     assert out.stdout.strip() == "False"
+    assert not log.exists(), log.read_text()
+    # the fake is what an import of cupy finds there: this test can fail
+    code = "import cupy; cupy.cuda"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, env=env)
+    assert log.read_text().split() == ["import", "cuda"]
 
 
 def test_create_engine_cpu_and_auto_without_gpu() -> None:
