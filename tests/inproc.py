@@ -1,8 +1,8 @@
 """The HTTP app in the test process: real shared memory, real workers as threads, no sockets.
 
 ``InProc`` creates an instance's segments and semaphores (``Shm.create``, a unique name), runs
-each mel worker's real code (``Worker.serve_until_stopped``: boot, heartbeat, serve) in a
-thread of this process, builds the app with ``create_app`` over a real ``Producer``, and sends
+each worker's real code (``Worker.serve_until_stopped``: boot, heartbeat, serve; mel rows
+and, with ``whisper_workers``, the CTranslate2 rows) in a thread of this process, builds the app with ``create_app`` over a real ``Producer``, and sends
 requests through ``falcon.testing.TestClient``. It has the request helpers of the end-to-end
 ``Daemon`` (``request``, ``post_json``, ``status``, ``log``), so a test of a 4xx table,
 a parameter or a format reads the same either way. What needs real processes (gunicorn,
@@ -69,7 +69,7 @@ class InProc:
             h["started_wall"] = time.time()
             h["started_mono"] = time.monotonic()
             self.shm.workers["device"] = -1
-            for k in range(self.config.workers):
+            for k in range(self.config.worker_rows):  # mel rows, then whisper rows
                 self.spawn_worker(k)
             self.wait_ready()
             h["state"] = L.INST_RUNNING
@@ -88,7 +88,7 @@ class InProc:
         gen = int(rec["gen"][0]) + 1
         rec["gen"] = gen
         rec["state"] = L.W_BOOTING
-        rec["kind"] = L.K_NONE
+        rec["kind"] = L.K_WHISPER if k >= self.config.workers else L.K_NONE
         rec["heartbeat"] = time.monotonic()
         rec["started"] = time.monotonic()
         rec["pid"] = os.getpid()
@@ -104,9 +104,9 @@ class InProc:
         thread.start()
         self.workers.append((worker, thread))
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        states = self.shm.workers["state"][: self.config.workers]
+        states = self.shm.workers["state"]
         while not (states == L.W_READY).all():
             failed = {k: c for k, c in self.exit_codes.items() if c != EXIT_OK}
             assert not failed, f"in-process workers failed to boot: {failed}"

@@ -1,4 +1,5 @@
-"""The OpenAPI description, and schemathesis fuzzing a real daemon (NumPy workers) against it.
+"""The OpenAPI description, and schemathesis fuzzing the app (in-process: tests/inproc.py,
+NumPy workers as threads over real shared memory) against it.
 
 Every generated request must get a declared status with a declared content type, never a
 5xx (a 503 only with Retry-After), and every error must be JSON {"error", "detail"}; the
@@ -29,8 +30,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from shmmel.openapi import SPEC, SPEC_JSON, OpenAPIResource  # noqa: E402
+from shmmel.whisper import whisper_missing  # noqa: E402
 
-from .conftest import start_daemon, stop_daemon, wait_for  # noqa: E402
+from .conftest import wait_for  # noqa: E402
+from .inproc import InProc  # noqa: E402
 
 EXAMPLES = int(os.environ.get("SHMMEL_FUZZ_EXAMPLES", "25"))
 TOKEN = "fuzz-token-0123456789"  # only enforced once the service knows auth_token
@@ -112,19 +115,14 @@ def _register_media_types() -> None:
 _register_media_types()
 
 
-# -- the daemon and the schema loaded from it ----------------------------------------------
+# -- the app and the schema ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fuzz_daemon(tmp_path_factory):
-    d = start_daemon(tmp_path_factory.mktemp("fuzz"), "--workers", "2", "--http-workers", "2",
-                     "--worker-kind", "cpu",
-                     extra_env={"SHMMEL_STREAM_IDLE_TIMEOUT": "2", "SHMMEL_MAX_STREAMS": "64",
-                                "SHMMEL_MAX_BODY_BYTES": str(1 << 20),
-                                "SHMMEL_AUTH_TOKEN": TOKEN})
-    try:
+def fuzz_app():
+    whisper = 0 if whisper_missing() else 1  # as the daemon's default, where it can
+    with InProc(stream_idle_timeout=2, max_streams=64, max_body_bytes=1 << 20,
+                auth_token=TOKEN, whisper_workers=whisper) as d:
         yield d
-    finally:
-        stop_daemon(d)
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +146,11 @@ def _schema():
 schema = _schema()
 
 
-def test_the_server_serves_the_same_document(fuzz_daemon, auth_headers):
-    status, headers, raw = fuzz_daemon.request("GET", "/openapi.json", headers=auth_headers)
+def test_the_server_serves_the_same_document(fuzz_app, auth_headers):
+    status, headers, raw = fuzz_app.request("GET", "/openapi.json", headers=auth_headers)
     assert status == 200 and headers["content-type"].startswith("application/json")
     assert json.loads(raw) == SPEC
-    assert fuzz_daemon.request("GET", "/openapi.json")[0] == 401  # the token is enforced
+    assert fuzz_app.request("GET", "/openapi.json")[0] == 401  # the token is enforced
 
 
 # -- the checks ----------------------------------------------------------------------------
@@ -198,19 +196,18 @@ CHECKS = [no_server_error, errors_are_json, stream_errors_in_band, status_code_c
           unsupported_method]
 
 
-@pytest.mark.e2e
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck), database=None)
-def test_fuzz_api(case, fuzz_daemon, auth_headers):
+def test_fuzz_api(case, fuzz_app, auth_headers):
     checks = [*CHECKS, ignored_auth]  # the token is enforced: a request without it gets 401
-    case.call_and_validate(base_url=f"http://127.0.0.1:{fuzz_daemon.port}",
-                           headers=auth_headers, checks=checks, timeout=30)
+    # WSGI, in-process: the operation's app is what the auth probes are sent to as well
+    case.operation.app = case.operation.schema.app = fuzz_app.app
+    case.call_and_validate(headers=auth_headers, checks=checks)
 
 
-@pytest.mark.e2e
-def test_service_is_healthy_after_fuzzing(fuzz_daemon):
+def test_service_is_healthy_after_fuzzing(fuzz_app):
     """Runs after the fuzzing above (file order): ready, no stream or slot left behind."""
-    d = fuzz_daemon
+    d = fuzz_app
     assert d.request("GET", "/readyz")[0] == 200
     assert d.post_json("/process", {"message": "ok"}, timeout=10)[0] == 401  # no token
 
