@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import threading
@@ -17,26 +16,19 @@ from shmmel.config import Config
 from shmmel.shm import Shm, instance_names
 
 
-def ndjson(daemon, body: dict, headers: dict | None = None) -> tuple[int, dict, list[dict]]:
-    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
-    try:
-        conn.request("POST", "/process", json.dumps(body),
-                     {"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        raw = resp.read()
-        hdrs = {k.lower(): v for k, v in resp.getheaders()}
-        if not hdrs.get("content-type", "").startswith("application/x-ndjson"):
-            return resp.status, hdrs, [json.loads(raw)]
-        return resp.status, hdrs, [json.loads(line) for line in raw.splitlines()]
-    finally:
-        conn.close()
+def ndjson(d, body: dict, headers: dict | None = None) -> tuple[int, dict, list[dict]]:
+    status, hdrs, raw = d.request("POST", "/process", json.dumps(body),
+                                  {"Content-Type": "application/json", **(headers or {})})
+    if not hdrs.get("content-type", "").startswith("application/x-ndjson"):
+        return status, hdrs, [json.loads(raw)]
+    return status, hdrs, [json.loads(line) for line in raw.splitlines()]
 
 
-def test_stream_true_gives_the_result_in_parts_then_a_final_line(daemon):
+def test_stream_true_gives_the_result_in_parts_then_a_final_line(inproc):
     message = "".join(chr(0x41 + i % 26) for i in range(300)) + "é✓"
-    served = lambda: sum(w["served"] for w in daemon.status()["workers"])  # noqa: E731
+    served = lambda: sum(w["served"] for w in inproc.status()["workers"])  # noqa: E731
     before = served()
-    status, headers, lines = ndjson(daemon, {"message": message, "stream": True})
+    status, headers, lines = ndjson(inproc, {"message": message, "stream": True})
     assert status == 200 and headers["content-type"].startswith("application/x-ndjson")
     deltas = [x["delta"] for x in lines[:-1]]
     # parts published faster than the HTTP side wakes arrive merged: never split mid-character
@@ -46,13 +38,13 @@ def test_stream_true_gives_the_result_in_parts_then_a_final_line(daemon):
     assert served() - before == 1  # one request, one slot, several replies
 
 
-def test_accept_ndjson_streams_and_bad_stream_values_are_400(daemon):
-    status, _, lines = ndjson(daemon, {"message": "abc", "op": "upper"},
+def test_accept_ndjson_streams_and_bad_stream_values_are_400(inproc):
+    status, _, lines = ndjson(inproc, {"message": "abc", "op": "upper"},
                               {"Accept": "application/x-ndjson"})
     assert status == 200 and lines == [{"delta": "ABC"}, {"result": "ABC", "final": True}]
-    status, _, lines = ndjson(daemon, {"message": "", "stream": True})
+    status, _, lines = ndjson(inproc, {"message": "", "stream": True})
     assert status == 200 and lines == [{"result": "", "final": True}]
-    status, _, (doc,) = ndjson(daemon, {"message": "abc", "stream": "yes"})
+    status, _, (doc,) = ndjson(inproc, {"message": "abc", "stream": "yes"})
     assert status == 400 and doc["error"] == "Bad Request" and "stream" in doc["detail"]
 
 
