@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 
@@ -46,11 +45,24 @@ def open_stream(d) -> tuple[str, int]:
 def test_streams_spread_and_a_killed_device_gets_no_new_streams(daemon_factory):
     d = daemon_factory("--worker-kind", "cpu", "--http-workers", "2",
                        extra_env={**FAKE2, "SHMMEL_WORKERS_PER_DEVICE": "2"})
-    info = d.status()
+    info = all_ready(d)
     assert {w["index"]: w["device"] for w in info["workers"]} == {0: 0, 1: 1, 2: 0, 3: 1}
     assert [(r["device"], r["state"], r["ready"]) for r in info["devices"]] == \
         [(0, "serving", 2), (1, "serving", 2)]
     check_streams_spread_and_device_outage(d)
+
+
+def all_ready(d, but: tuple[int, ...] = ()) -> dict:
+    """The status once every mel worker (but those on devices ``but``) is ready (`shmmel
+    up` returns once one is) and every worker has said which device it took."""
+    def done() -> dict | None:
+        info = d.status()
+        mel = [w for w in info["workers"] if w["kind"] != "whisper"]
+        ok = all(w["device"] >= 0 and (w["state"] == "ready" or w["device"] in but)
+                 for w in mel)
+        return info if ok else None
+
+    return wait_for(done, 60, what="every worker ready")
 
 
 def check_streams_spread_and_device_outage(d, streams: int = 16) -> None:
@@ -59,7 +71,7 @@ def check_streams_spread_and_device_outage(d, streams: int = 16) -> None:
     twice (the second death backs off): while device 1 has no ready worker, every new
     stream goes to device 0, no request hangs, device 0's requests all succeed; once device
     1 is back, the next stream goes to it. Shared with the two-GPU test."""
-    dev = {w["index"]: w["device"] for w in d.status()["workers"] if w["kind"] != "whisper"}
+    dev = {w["index"]: w["device"] for w in all_ready(d)["workers"] if w["kind"] != "whisper"}
     with cf.ThreadPoolExecutor(8) as pool:
         opened = list(pool.map(lambda _: open_stream(d), range(streams)))
     per_device = [sum(dev[w] == k for _, w in opened) for k in (0, 1)]
@@ -101,7 +113,7 @@ def check_streams_spread_and_device_outage(d, streams: int = 16) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(w["pid"][k]), signal.SIGKILL)
             # reaped (the first death is respawned at once, the second backs off)
-            wait_for(lambda: all(int(w["gen"][k]) > gens[k] for k in ones), 5,
+            wait_for(lambda g=gens: all(int(w["gen"][k]) > g[k] for k in ones), 5,
                      what="the supervisor to reap device 1's workers")
         wait_for(down, 5, what="device 1 down")
         checked = 0
@@ -134,7 +146,7 @@ def test_a_device_that_cannot_boot_is_skipped(daemon_factory):
     # device 2 is listed but not present: its worker fails to boot, devices 0 and 1 serve
     d = daemon_factory("--worker-kind", "cpu", "--workers", "3",
                        extra_env={**FAKE2, "SHMMEL_DEVICES": "0,1,2"})
-    info = d.status()
+    info = all_ready(d, but=(2,))
     rows = {r["device"]: r for r in info["devices"]}
     assert rows[2]["state"] == "down" and rows[2]["ready"] == 0
     assert rows[0]["state"] == rows[1]["state"] == "serving"

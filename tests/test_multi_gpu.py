@@ -13,7 +13,12 @@ import pytest
 from shmmel import mel
 
 from .conftest import start_daemon, stop_daemon, wait_for
-from .test_devices import CHUNK, call, check_streams_spread_and_device_outage, open_stream
+from .test_devices import (
+    CHUNK,
+    call,
+    check_streams_spread_and_device_outage,
+    open_stream,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 

@@ -10,8 +10,14 @@ import pytest
 
 from shmmel import layout as L
 from shmmel.config import Config, resolve
-from shmmel.devices import (device_for, device_rows, parse_devices, pinned_streams,
-                            probe_device_count, settle_workers)
+from shmmel.devices import (
+    device_for,
+    device_rows,
+    parse_devices,
+    pinned_streams,
+    probe_device_count,
+    settle_workers,
+)
 from shmmel.engine import create_worker_engine
 from shmmel.errors import BootError, ConfigError
 from shmmel.placement import Candidate, device_loads, place_request, place_stream

@@ -74,8 +74,8 @@ def probe_device_count(timeout: float) -> int:
     code = ("import cupy\n"
             "print(cupy.cuda.runtime.getDeviceCount())")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                              text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("could not count CUDA devices: %s", exc)
         return 0
