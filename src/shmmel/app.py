@@ -17,7 +17,7 @@ from . import layout as L
 from .audio_http import add_routes as add_audio_routes
 from .channel import Producer, ReplyError, call_parts
 from .config import MAX_MESSAGE_BYTES, Config
-from .errors import BadRequest, RequestTimeout, ServiceUnavailable, ShmmelError
+from .errors import BadRequest, ShmmelError, http_status
 from .httputil import read_body, require_media_type
 from .metrics import HttpMetrics, MetricsResource
 from .openapi import OpenAPIResource
@@ -47,23 +47,17 @@ def error_serializer(req: falcon.Request, resp: falcon.Response, exc: falcon.HTT
     resp.data = json.dumps({"error": phrase, "detail": detail}).encode()
 
 
-def _unavailable(req: Any, resp: Any, exc: ServiceUnavailable, params: Any) -> None:
-    raise falcon.HTTPServiceUnavailable(title="Service Unavailable", description=str(exc),
-                                        retry_after=exc.retry_after)
-
-
-def _timeout(req: Any, resp: Any, exc: RequestTimeout, params: Any) -> None:
-    raise falcon.HTTPGatewayTimeout(title="Gateway Timeout", description=str(exc))
-
-
-def _bad_request(req: Any, resp: Any, exc: BadRequest, params: Any) -> None:
-    raise falcon.HTTPBadRequest(title="Bad Request", description=str(exc))
-
-
-def _client_stalled(req: Any, resp: Any, exc: OSError, params: Any) -> None:
-    # SO_RCVTIMEO (client_timeout) expired while reading the body: the client stalled
-    raise falcon.HTTPError(falcon.HTTP_408, title="Request Timeout",
-                           description="the client stopped sending the request body")
+def _typed(req: Any, resp: Any, exc: Exception, params: Any) -> None:
+    """Every error raised on purpose (ShmmelError and its kinds: BadRequest 400, BadAudio
+    400, UnsupportedMedia 415, BodyTooLarge 413, UnknownStream 404, StreamBusy 409,
+    ServiceUnavailable 503, RequestTimeout 504) and a client's stall (408), mapped once by
+    errors.http_status, the same mapping the in-band error records use."""
+    code, phrase, detail = http_status(exc)
+    if code >= 500 and code not in (503, 504):
+        log.error("error on %s %s: %s", req.method, req.path, exc)
+    headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if code == 503 else None
+    raise falcon.HTTPError(falcon.code_to_http_status(code), title=phrase, description=detail,
+                           headers=headers)
 
 
 def _internal(req: Any, resp: Any, exc: Exception, params: Any) -> None:
@@ -224,11 +218,8 @@ def create_app(config: Config, producer: Producer, shm: Shm, row: int = -1) -> f
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(openai_errors(error_serializer))  # OpenAI's shape under /v1/
     app.add_error_handler(Exception, _internal)
-    app.add_error_handler(ServiceUnavailable, _unavailable)
-    app.add_error_handler(BlockingIOError, _client_stalled)
-    app.add_error_handler(TimeoutError, _client_stalled)
-    app.add_error_handler(RequestTimeout, _timeout)
-    app.add_error_handler(BadRequest, _bad_request)
+    for typed in (ShmmelError, BlockingIOError, TimeoutError):  # the one mapping
+        app.add_error_handler(typed, _typed)
     app.add_route("/process", ProcessResource(config, producer))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(shm))

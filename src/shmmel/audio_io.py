@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout as L
+from .errors import BadRequest, BodyTooLarge, ShmmelError
 
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 S16_TYPES = ("audio/l16", "application/octet-stream")
@@ -31,12 +32,15 @@ SAMPLE_RATE = 16000
 WAVE_FORMAT_PCM, WAVE_FORMAT_FLOAT, WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 
 
-class UnsupportedMedia(ValueError):
+class UnsupportedMedia(ShmmelError, ValueError):
     """415: a content type (or its parameters) shmmel does not take."""
 
+    http_status = 415
 
-class BadAudio(ValueError):
-    """400: the body is not valid audio of the declared type."""
+
+class BadAudio(BadRequest, ValueError):
+    """400: the body is not valid audio of the declared type (a ValueError too, for the
+    library's callers)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class BodyReader:
         data = self._read_some(n)
         self.total += len(data)
         if self.total > self.limit:
-            raise OverflowError(f"body exceeds {self.limit} bytes")
+            raise BodyTooLarge(f"body exceeds {self.limit} bytes")
         if len(data) > n:
             data, self.pending = data[:n], data[n:]
         return data

@@ -1,10 +1,16 @@
-"""The library's exception types. The CLI maps them to exit codes, the HTTP app to statuses."""
+"""The library's exception types. The CLI maps them to exit codes; the HTTP app maps them
+to statuses once, through :func:`http_status` (the ``http_status`` of each class), both for
+answers and for errors reported in-band in a response already streaming."""
 
 from __future__ import annotations
+
+from http import HTTPStatus
 
 
 class ShmmelError(Exception):
     """Base of every error shmmel raises on purpose."""
+
+    http_status = 500
 
 
 class ConfigError(ShmmelError):
@@ -22,6 +28,7 @@ class BootError(ShmmelError):
 class ServiceUnavailable(ShmmelError):
     """No capacity right now (no live worker, queue full, no free slot): HTTP 503."""
 
+    http_status = 503
     retry_after = 1
 
 
@@ -36,6 +43,50 @@ class WorkerStalled(ServiceUnavailable):
 class RequestTimeout(ShmmelError):
     """The worker did not answer within request_timeout: HTTP 504."""
 
+    http_status = 504
+
 
 class BadRequest(ShmmelError):
-    """The worker rejected the input (bad audio and the like): HTTP 400."""
+    """The input is wrong (bad audio, bad parameters, refused by the worker): HTTP 400."""
+
+    http_status = 400
+
+
+class BodyTooLarge(ShmmelError):
+    """The request body (or the audio it holds) is over a limit: HTTP 413."""
+
+    http_status = 413
+
+
+class UnknownStream(ShmmelError):
+    """404: no such stream (never opened, expired, or closed)."""
+
+    http_status = 404
+
+
+class StreamBusy(ShmmelError):
+    """409: another request is using this stream right now."""
+
+    http_status = 409
+
+
+class StreamLost(ServiceUnavailable):
+    """503: the worker holding the stream's state died; the stream cannot continue."""
+
+
+CLIENT_STALLED = "the client stopped sending the request body"
+
+
+def http_status(exc: BaseException) -> tuple[int, str, str]:
+    """(status code, status phrase, detail) for an error, the one mapping of the HTTP side.
+
+    A read that timed out (``client_timeout``: SO_RCVTIMEO makes a blocking read fail with
+    EAGAIN/ETIMEDOUT) is the client's stall, 408; anything not raised on purpose is a 500
+    whose detail never leaks internals."""
+    if isinstance(exc, (BlockingIOError, TimeoutError)):
+        code, detail = 408, CLIENT_STALLED
+    elif isinstance(exc, ShmmelError):
+        code, detail = exc.http_status, str(exc)
+    else:
+        code, detail = 500, "unexpected error; see the service log"
+    return code, HTTPStatus(code).phrase, detail

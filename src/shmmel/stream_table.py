@@ -20,21 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layout as L
-from .errors import ServiceUnavailable, ShmmelError
+from .errors import ServiceUnavailable, StreamBusy, StreamLost, UnknownStream
 from .osutil import pid_alive
 from .shm import Shm
 
-
-class UnknownStream(ShmmelError):
-    """404: no such stream (never opened, expired, or closed)."""
-
-
-class StreamBusy(ShmmelError):
-    """409: another request is using this stream right now."""
-
-
-class StreamLost(ServiceUnavailable):
-    """503: the worker holding the stream's state died; the stream cannot continue."""
+__all__ = ["Handle", "StreamTable", "StreamBusy", "StreamLost", "UnknownStream"]
 
 
 @dataclass

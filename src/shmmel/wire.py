@@ -34,7 +34,8 @@ import struct
 
 import numpy as np
 
-from .mel import final_floor
+from .errors import http_status
+from .mel import FrameBatch, final_floor
 
 NDJSON, JSON, BINARY, NPY = ("application/x-ndjson", "application/json",
                              "application/octet-stream", "application/x-npy")
@@ -70,6 +71,13 @@ def binary_record(window: int, offset: int, provisional: np.ndarray, running_max
     return head + np.ascontiguousarray(provisional, "<f4").tobytes()
 
 
+def error_record(media: str, exc: BaseException) -> bytes:
+    """An error in-band, for a response already streaming: the status phrase and detail of
+    errors.http_status (the same mapping as the app's answers), as ``media`` carries it."""
+    _code, phrase, detail = http_status(exc)
+    return error_bytes(media, phrase, detail)
+
+
 def error_bytes(media: str, title: str, detail: str) -> bytes:
     body = json.dumps({"error": title, "detail": detail}).encode()
     if media == BINARY:
@@ -89,3 +97,65 @@ def whole_npy(mel: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(mel, "<f4"), allow_pickle=False)
     return buf.getvalue()
+
+
+class Encoder:
+    """Turns the frames of an upload into the response body, window by window.
+
+    ``frames(window, fb, samples)`` gets each batch of frames (a FrameBatch; ``fb.final`` at
+    the end of a window) and returns the bytes to send now; ``result()`` the bytes to send
+    at the end (the whole answer, for JSON and .npy)."""
+
+    def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
+        raise NotImplementedError
+
+    def result(self) -> bytes:
+        return b""
+
+
+class StreamEncoder(Encoder):
+    """NDJSON lines or binary records, provisionally normalised, as frames are computed."""
+
+    def __init__(self, media: str) -> None:
+        self.media = media
+
+    def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
+        if not fb.final and fb.log10.shape[0] == 0:
+            return b""
+        final_max = None if math.isinf(fb.running_max) else fb.running_max
+        prov = fb.provisional()
+        if self.media == NDJSON:
+            total = fb.start + fb.log10.shape[0]
+            return ndjson_line(window, fb.start, prov, fb.running_max, final_max, total,
+                               fb.final, reason if fb.final else None)
+        return binary_record(window, fb.start, prov, fb.running_max, final_max, fb.final)
+
+
+class WholeEncoder(Encoder):
+    """JSON or .npy of the whole result, normalised exactly, at the end."""
+
+    def __init__(self, media: str, n_mels: int, windows: bool) -> None:
+        self.media, self.n_mels, self.windows = media, n_mels, windows
+        self.parts: dict[int, list[np.ndarray]] = {}
+        self.maxima: dict[int, float | None] = {}
+
+    def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
+        self.parts.setdefault(window, []).append(fb.log10)
+        if fb.final:
+            self.maxima[window] = None if math.isinf(fb.running_max) else fb.running_max
+        return b""
+
+    def result(self) -> bytes:
+        mels, maxima = [], []
+        for w in sorted(self.parts):
+            parts, final_max = self.parts[w], self.maxima.get(w)
+            log10 = np.concatenate(parts) if parts else np.empty((0, self.n_mels), np.float32)
+            fb = FrameBatch(0, log10, float("-inf") if final_max is None else final_max, True)
+            mels.append(np.ascontiguousarray(fb.provisional().T))
+            maxima.append(final_max)
+        mel = np.stack(mels) if self.windows else mels[0]
+        return whole_npy(mel) if self.media == NPY else whole_json(mel, maxima)
+
+
+def encoder(media: str, n_mels: int, windows: bool) -> Encoder:
+    return StreamEncoder(media) if media in STREAMING else WholeEncoder(media, n_mels, windows)

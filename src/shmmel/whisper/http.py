@@ -1,7 +1,8 @@
 """``POST /audio/transcribe``: audio in, Whisper's tokens and text out.
 
-The audio goes through the same path as ``/audio/stream?windows=true`` (:class:`Run`: the
-body is cut into Whisper's 30 s windows, each its own mel stream on a mel worker). Each
+The audio goes through the upload pipeline (:mod:`shmmel.upload`), as
+``/audio/stream?windows=true`` does: the body is cut into Whisper's 30 s windows, each its
+own mel stream on a mel worker. Each
 completed window's normalised (80, 3000) features leave through :class:`WhisperJob`: a
 stream-calls entry pinned to a whisper worker, ``OP_WHISPER_FEATURES`` pieces that fit a
 slot, then ``OP_WHISPER_DECODE``, whose reply is that window's tokens and segments (JSON).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import falcon
@@ -20,8 +21,8 @@ import numpy as np
 
 from .. import layout as L
 from .. import wire
-from ..audio_http import AudioBody, Run, media_of, output_media
-from ..audio_io import BadAudio
+from ..audio_http import media_of, output_media
+from ..upload import AudioBody, Spec, Upload, WindowSink
 from ..channel import Producer, Slot
 from ..config import Config
 from ..errors import BadRequest, ServiceUnavailable, ShmmelError
@@ -109,7 +110,7 @@ class WhisperJob:
         return json.loads(bytes(slot.view(n))), batch
 
     def window(self, index: int, features: np.ndarray, samples: int) -> bytes:
-        """Run's on_window hook: decode, put absolute times on the segments, record."""
+        """The WindowSink hook: decode, put absolute times on the segments, record."""
         reply, batch = self.decode(features)
         offset = index * WINDOW_SECONDS
         dur = samples / SAMPLE_RATE
@@ -158,70 +159,41 @@ class TranscribeResource:
         slot = self.producer.claim()
         job = WhisperJob(self.config, self.producer, self.calls, slot,
                          _line if out == wire.NDJSON else None)
-        run = Run(self.calls, slot, body.fmt, N_MELS, 0, True, wire.NDJSON, on_window=job.window)
+        up = Upload(self.calls, slot, Spec(body.fmt, N_MELS, windows=True),
+                    WindowSink(job.window))
         try:
             job.open()
-            first = body.read()
-            head = run.feed(first) if first else run.finish()
-            if body.all_read() and not run.done:  # the whole body is here
-                if body.data_left:
-                    raise BadAudio("the WAV data chunk is shorter than its header says")
-                head += run.finish()
-        except BaseException as exc:
-            self._end(run, job, slot)
-            _raise_http(exc)
+            head = up.start(body)
+        except BaseException:
+            self._end(up, job)
             raise
         resp.content_type = out
         if out == wire.NDJSON:
-            resp.stream = self._stream(run, job, slot, head, body)
+            header = self.calls.shm.header  # on shutdown: the last partial window
+
+            def final() -> bytes:
+                res = job.result()
+                return _line({"final": True, "windows": res["windows"],
+                              "duration": res["duration"], "text": res["text"]})
+
+            resp.stream = up.stream(head, body, wire.NDJSON,
+                                    lambda: header["state"] == L.INST_STOPPING,
+                                    tail=final, on_close=job.close)
             return
         try:
-            while not run.done:
-                data = body.read()
-                run.feed(data) if data else run.finish()
-        except BaseException as exc:
-            _raise_http(exc)
-            raise
+            up.to_end(body)
         finally:
-            self._end(run, job, slot)
+            self._end(up, job)
+            body.reader.drain()  # if the answer ends before the upload did
         resp.media = job.result()
 
     @staticmethod
-    def _end(run: Run, job: WhisperJob, slot: Slot) -> None:
-        run.abort()
-        job.close()
-        slot.release()
-
-    def _stream(self, run: Run, job: WhisperJob, slot: Slot, head: bytes,
-                body: AudioBody) -> Iterator[bytes]:
+    def _end(up: Upload, job: WhisperJob) -> None:
         try:
-            if head:
-                yield head
-            header = self.calls.shm.header  # on shutdown: the last partial window
-            yield from run.pump(body.read, lambda: header["state"] == L.INST_STOPPING)
-            res = job.result()
-            yield _line({"final": True, "windows": res["windows"], "duration": res["duration"],
-                         "text": res["text"]})
-        except (BadAudio, BadRequest) as exc:
-            yield wire.error_bytes(wire.NDJSON, "Bad Request", str(exc))
-        except OverflowError as exc:
-            yield wire.error_bytes(wire.NDJSON, "Content Too Large", str(exc))
-        except ShmmelError as exc:
-            yield wire.error_bytes(wire.NDJSON, "Service Unavailable", str(exc))
-        except Exception:  # noqa: BLE001 - the response has started: report in-band
-            log.exception("transcription failed mid-stream")
-            yield wire.error_bytes(wire.NDJSON, "Internal Server Error",
-                                   "unexpected error; see the service log")
-        finally:  # also when the client goes away (the server closes the iterator)
-            self._end(run, job, slot)
-            body.reader.drain()  # if the answer ended before the upload did
-
-
-def _raise_http(exc: BaseException) -> None:
-    if isinstance(exc, BadAudio):
-        raise BadRequest(str(exc)) from None
-    if isinstance(exc, OverflowError):
-        raise falcon.HTTPContentTooLarge(title="Content Too Large", description=str(exc))
+            up.abort()
+            job.close()
+        finally:
+            up.slot.release()
 
 
 def add_routes(app: falcon.App, config: Config, producer: Producer, calls: AudioCalls) -> None:

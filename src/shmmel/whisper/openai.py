@@ -5,7 +5,7 @@ multipart/form-data in (parsed by Falcon's own multipart handler), any audio fil
 (:mod:`shmmel.decode`, in this HTTP process), OpenAI's response formats out
 (:mod:`shmmel.whisper.formats`), errors as ``{"error": {"message", "type", "param", "code"}}``
 on every ``/v1/`` path. The decoded 16 kHz audio takes the same path as ``/audio/transcribe``
-(:class:`Run` cuts it into 30 s windows on the mel workers, :class:`WhisperJob` decodes them on
+(:class:`~shmmel.upload.Upload` cuts it into 30 s windows on the mel workers, :class:`WhisperJob` decodes them on
 a whisper worker, batched with other requests' windows), so the text is the same.
 """
 
@@ -19,8 +19,7 @@ from typing import Any
 import falcon
 
 from .. import layout as L
-from .. import wire
-from ..audio_http import Run
+from ..upload import Spec, Upload, WindowSink
 from ..audio_io import BadAudio, BodyReader
 from ..channel import Producer, Slot
 from ..config import Config
@@ -222,8 +221,8 @@ class TranscriptionsResource:
             audio.close()
             raise
         job = WhisperJob(self.config, self.producer, self.calls, slot, options=r.options)
-        run = Run(self.calls, slot, L.FMT_S16LE, N_MELS, 0, True, wire.NDJSON,
-                  on_window=job.window)
+        run = Upload(self.calls, slot, Spec(L.FMT_S16LE, N_MELS, windows=True),
+                     WindowSink(job.window))
         try:
             job.open()
         except BaseException:
@@ -246,7 +245,7 @@ class TranscriptionsResource:
         resp.content_type, resp.data = render(r.response_format, job.result(), job.windows,
                                               job.scores)
 
-    def _feed(self, run: Run, audio: AudioFile) -> Iterator[bytes]:
+    def _feed(self, run: Upload, audio: AudioFile) -> Iterator[bytes]:
         """Decode, resample and push the audio; yield what each piece produced."""
         for pcm in audio.chunks(self.max_seconds):
             if out := run.feed(pcm.tobytes()):
@@ -256,7 +255,7 @@ class TranscriptionsResource:
         yield run.finish()
 
     @staticmethod
-    def _end(run: Run, job: WhisperJob, slot: Slot, audio: AudioFile) -> None:
+    def _end(run: Upload, job: WhisperJob, slot: Slot, audio: AudioFile) -> None:
         try:
             run.abort()
             job.close()
@@ -264,7 +263,7 @@ class TranscriptionsResource:
             slot.release()
             audio.close()
 
-    def _stream(self, run: Run, job: WhisperJob, slot: Slot, audio: AudioFile,
+    def _stream(self, run: Upload, job: WhisperJob, slot: Slot, audio: AudioFile,
                 deltas: Deltas) -> Iterator[bytes]:
         try:
             for out in self._feed(run, audio):

@@ -1,0 +1,270 @@
+"""The upload pipeline, one for every audio route: body → samples → pushes → frames per window.
+
+:class:`AudioBody` reads a request body (raw PCM or WAV) in blocks; :class:`Upload` cuts the
+samples into pushes on the mel workers (one stream, or one per Whisper 30 s window), carries
+partial samples over, sends a whole upload that fits a slot as one message, and hands each
+batch of frames to a sink: a :class:`~shmmel.wire.Encoder` for ``/audio/stream`` (NDJSON,
+binary, JSON, .npy), or :class:`WindowSink` for the transcription routes, which get each
+window's exactly normalised features. :meth:`Upload.start`, :meth:`Upload.stream` and
+:meth:`Upload.to_end` are the request flow the resources share: errors before the response
+starts propagate (the app maps them once), errors after it arrive in-band.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import falcon
+import numpy as np
+
+from . import layout as L
+from . import wire
+from .audio_calls import AudioCalls
+from .audio_io import BadAudio, BodyReader, Media, read_wav_header
+from .channel import Slot
+from .errors import BadRequest, BodyTooLarge, ShmmelError
+from .mel import N_SAMPLES, FrameBatch
+from .stream_table import Handle
+
+log = logging.getLogger("shmmel.audio")
+READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio per read
+
+
+class AudioBody:
+    """An audio upload being read.
+
+    The constructor checks the declared size and parses a WAV header (4xx before anything
+    is claimed); :meth:`read` then gives the next block of sample bytes, b"" at the end, at
+    most READ_BLOCK_S of audio per read for a chunked upload (a latency bound)."""
+
+    def __init__(self, req: falcon.Request, media: Media, limit: int) -> None:
+        self.content_length = req.content_length
+        if req.content_length is not None:
+            if req.content_length == 0:
+                raise BadRequest("empty body: send audio")
+            if req.content_length > limit:
+                raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
+        self.reader = reader = BodyReader(req.env["wsgi.input"], limit, block=1 << 16)
+        self.fmt = media.fmt
+        self.data_left: int | None = None  # WAV data bytes still to come
+        if media.container == "wav":
+            info = read_wav_header(reader.read)
+            self.fmt, self.data_left = info.fmt, info.data_bytes
+            reader.unread(info.rest)
+        block = L.FMT_WIDTH[self.fmt] * int(16000 * READ_BLOCK_S)
+        reader.block = block if req.content_length is None else max(block, 1 << 16)
+        width = L.FMT_WIDTH[self.fmt]
+        size = self.data_left if media.container == "wav" else req.content_length
+        if size is not None and size % width:
+            raise BadRequest(f"{size} bytes of audio is not a whole number of {width}-byte "
+                             "samples")
+
+    def read(self) -> bytes:
+        reader, left = self.reader, self.data_left
+        if left is not None and left <= 0:
+            return b""
+        data = reader.read(reader.block if left is None else min(reader.block, left))
+        if not data and self.content_length is not None and reader.total < self.content_length:
+            raise BadAudio(f"the body ended after {reader.total} of the "
+                           f"{self.content_length} bytes its Content-Length announced")
+        if left is not None:
+            self.data_left = left - len(data)
+            if not data:
+                raise BadAudio("the WAV data chunk is shorter than its header says")
+        return data
+
+    def all_read(self) -> bool:
+        """A plain upload whose whole declared body has been read."""
+        return self.content_length is not None and self.reader.total >= self.content_length
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What an upload is: its sample format, mel channels, padding, and whether it is cut
+    into Whisper's 30 s windows (each its own stream, padded to a whole window)."""
+
+    fmt: int
+    n_mels: int
+    padding: int = 0
+    windows: bool = False
+
+
+# on_window(window index, normalised (80, 3000) float32 features, real samples in it) -> output
+WindowHook = Callable[[int, np.ndarray, int], bytes]
+
+
+class WindowSink(wire.Encoder):
+    """Collects each window's frames and gives the hook its exactly normalised features
+    (the transcription routes decode the window there)."""
+
+    def __init__(self, on_window: WindowHook) -> None:
+        self.on_window = on_window
+        self.parts: list[np.ndarray] = []
+
+    def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
+        self.parts.append(fb.log10)
+        if not fb.final:
+            return b""
+        log10, self.parts = np.concatenate(self.parts), []
+        feats = FrameBatch(0, log10, fb.running_max, True).provisional().T
+        return self.on_window(window, np.ascontiguousarray(feats), samples)
+
+
+class Upload:
+    """One upload through the mel workers: a sequence of mel streams (one, or one per 30 s
+    window) on one slot, its frames handed to ``sink``."""
+
+    def __init__(self, calls: AudioCalls, slot: Slot, spec: Spec, sink: wire.Encoder) -> None:
+        self.calls, self.slot, self.spec, self.sink = calls, slot, spec, sink
+        self.width = L.FMT_WIDTH[spec.fmt]
+        self.carry = b""          # a partial sample left by the last read
+        self.window = 0
+        self.in_window = 0        # samples pushed into the current window
+        self.handle: Handle | None = None
+        self.done = False
+        self.total_samples = 0
+        self.reason: str | None = None
+
+    # -- samples in ------------------------------------------------------------------------
+    def _open(self) -> Handle:
+        spec = self.spec
+        self.handle = self.calls.open(self.slot, spec.n_mels, 0 if spec.windows else spec.padding)
+        self.in_window = 0
+        return self.handle
+
+    def _emit(self, fb: FrameBatch) -> bytes:
+        return self.sink.frames(self.window, fb, self.in_window, self.reason)
+
+    def feed(self, data: bytes) -> bytes:
+        """Push newly arrived sample bytes; return the output they produced."""
+        data = self.carry + data
+        usable = len(data) - len(data) % self.width
+        self.carry = data[usable:]
+        view = memoryview(data)[:usable]
+        out = []
+        while len(view):
+            h = self.handle or self._open()
+            n = len(view) // self.width
+            if self.spec.windows:
+                n = min(n, N_SAMPLES - self.in_window)
+            piece, view = view[: n * self.width], view[n * self.width :]
+            closes = self.spec.windows and self.in_window + n == N_SAMPLES
+            fb = self.calls.push(self.slot, h, piece, self.spec.fmt, final=closes)
+            self.in_window += n
+            self.total_samples += n
+            out.append(self._emit(fb))
+            if closes:
+                self.handle = None
+                self.window += 1
+        return b"".join(out)
+
+    def oneshot(self, data: bytes) -> bytes:
+        """The whole upload in one round trip (no stream entry): see AudioCalls.oneshot."""
+        if len(data) % self.width:
+            raise BadAudio(f"the body ends with {len(data) % self.width} stray byte(s): not a "
+                           f"whole number of {self.width}-byte samples")
+        if not data:
+            raise BadAudio("the body holds no audio samples")
+        spec = self.spec
+        fb = self.calls.oneshot(self.slot, data, spec.fmt, spec.n_mels, spec.padding)
+        self.total_samples = self.in_window = len(data) // self.width
+        self.done = True
+        return self._emit(fb)
+
+    def finish(self, reason: str | None = None) -> bytes:
+        """End the stream(s): padding, last frames, final max. With ``reason`` (the service
+        is stopping) a trailing partial sample is dropped instead of refused."""
+        if reason:
+            self.carry = b""
+        if self.carry:
+            raise BadAudio(f"the body ends with {len(self.carry)} stray byte(s): not a whole "
+                           f"number of {self.width}-byte samples")
+        if self.total_samples == 0 and not reason:
+            raise BadAudio("the body holds no audio samples")
+        self.reason = reason
+        out = b""
+        if self.handle is not None or not self.spec.windows:
+            h = self.handle or self._open()
+            extra = N_SAMPLES - self.in_window if self.spec.windows else 0
+            fb = self.calls.finish(self.slot, h, extra)
+            self.handle = None
+            out = self._emit(fb)
+        self.done = True
+        return out
+
+    def abort(self) -> None:
+        if self.handle is not None:
+            self.calls.abort(self.slot, self.handle)
+            self.handle = None
+
+    def close(self) -> None:
+        """Drop a stream left open (client gone, error) and give the slot back."""
+        try:
+            self.abort()
+        finally:
+            self.slot.release()
+
+    # -- the request flow the resources share -------------------------------------------------
+    def start(self, body: AudioBody) -> bytes:
+        """Read the first block and push it; a whole plain upload that fits a slot goes as
+        one message each way; a body already read whole is finished here, so the answer
+        (and any 4xx) is known before the response starts."""
+        spec = self.spec
+        whole = body.content_length is not None and not spec.windows
+        if whole and body.content_length <= self.slot.capacity:
+            body.reader.block = max(body.reader.block, body.content_length)  # in one read
+        first = body.read()
+        if whole and body.all_read() and not body.data_left \
+                and self.calls.fits_oneshot(len(first), spec.fmt, spec.n_mels, spec.padding):
+            return self.oneshot(first)
+        head = self.feed(first) if first else self.finish()
+        if body.all_read() and not self.done:  # the whole body is here: finish now
+            if body.data_left:
+                raise BadAudio("the WAV data chunk is shorter than its header says")
+            head += self.finish()
+        return head
+
+    def pump(self, read: Callable[[], bytes], stopping: Callable[[], bool]) -> Iterator[bytes]:
+        """Feed the rest, yielding output as it is made; when ``stopping()`` (the service
+        is shutting down), end with a final message for what has arrived."""
+        while not self.done:
+            if stopping():
+                yield self.finish(reason="shutdown")
+                return
+            data = read()
+            chunk = self.feed(data) if data else self.finish()
+            if chunk:
+                yield chunk
+
+    def to_end(self, body: AudioBody) -> None:
+        """Feed the rest of the body with nothing to send meanwhile (whole-result formats)."""
+        while not self.done:
+            data = body.read()
+            self.feed(data) if data else self.finish()
+
+    def stream(self, head: bytes, body: AudioBody, media: str, stopping: Callable[[], bool],
+               tail: Callable[[], bytes] | None = None,
+               on_close: Callable[[], None] | None = None) -> Iterator[bytes]:
+        """The response body of a streaming answer: ``head``, the rest as it is made, then
+        ``tail()``; an error arrives in-band as a last record (errors.http_status, the same
+        mapping as the app's answers). Cleans up when it ends or the client goes away (the
+        server closes the iterator)."""
+        try:
+            if head:
+                yield head
+            yield from self.pump(body.read, stopping)
+            if tail is not None:
+                yield tail()
+        except Exception as exc:  # noqa: BLE001 - the response has started: report in-band
+            if not isinstance(exc, (ShmmelError, BlockingIOError, TimeoutError)):
+                log.exception("upload failed mid-stream")
+            yield wire.error_record(media, exc)
+        finally:
+            try:
+                if on_close is not None:
+                    on_close()
+            finally:
+                self.close()
+                body.reader.drain()  # if the answer ended before the upload did
