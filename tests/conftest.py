@@ -130,8 +130,9 @@ def daemon_factory(tmp_path):
         stop_daemon(d)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def daemon(tmp_path_factory):
+    """One daemon shared by the end-to-end tests that only talk to it (no kills, no limits)."""
     d = start_daemon(tmp_path_factory.mktemp("daemon"), "--workers", "2", "--http-workers", "2",
                      "--worker-kind", "cpu")
     try:

@@ -153,7 +153,8 @@ def test_sigkill_of_a_worker_mid_traffic(daemon_factory):
     threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
     for th in threads:
         th.start()
-    time.sleep(0.5)
+    ok = lambda: sum(1 for st, _ in outcomes if st == 200)  # noqa: E731
+    wait_for(lambda: ok() >= 20, timeout=30, what="traffic flowing before the kill")
     os.kill(before[0]["pid"], signal.SIGKILL)
     killed = time.monotonic()
     respawned = wait_for(
@@ -162,7 +163,8 @@ def test_sigkill_of_a_worker_mid_traffic(daemon_factory):
                       and w["pid"] != before[0]["pid"]), None),
         timeout=10, what="worker 0 respawned")
     respawn_s = time.monotonic() - killed
-    time.sleep(0.5)
+    served = ok()
+    wait_for(lambda: ok() >= served + 20, timeout=30, what="traffic flowing after the respawn")
     stop.set()
     for th in threads:
         th.join(15)

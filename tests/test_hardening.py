@@ -97,6 +97,19 @@ def _complete(raw: bytes) -> bool:
     return body.endswith(b"0\r\n\r\n")
 
 
+def unread_by_server(port: int, peers: set[int]) -> tuple[int, int]:
+    """(connections, bytes not yet read by the server) on the server's side of the IPv4
+    connections from these client ports to ``port`` (rx_queue in /proc/net/tcp)."""
+    conns = unread = 0
+    with open("/proc/net/tcp") as fh:
+        for line in fh.readlines()[1:]:
+            local, remote, _, queues = line.split()[1:5]
+            if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) in peers:
+                conns += 1
+                unread += int(queues.split(":")[1], 16)
+    return conns, unread
+
+
 def parse_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     head, body = raw.split(b"\r\n\r\n", 1)
     lines = head.decode("latin-1").split("\r\n")
@@ -263,7 +276,9 @@ def test_stalled_clients_cannot_exhaust_the_threads(tmp_path):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
             s.sendall(_declared("/process", "application/json", 100) + b"{")
             socks.append(s)
-        time.sleep(0.3)
+        peers = {s.getsockname()[1] for s in socks}
+        wait_for(lambda: unread_by_server(d.port, peers) == (3, 0), timeout=10,
+                 what="the server read what the stalled clients sent")
         t0 = time.monotonic()
         status, _, _ = d.request("GET", "/healthz", timeout=8)
         assert status == 200
@@ -286,6 +301,7 @@ def test_slow_headers_and_body_are_served_and_do_not_block_others(live):
                b"X-Padding: " + b"p" * 20 + b"\r\nContent-Length: 16\r\nConnection: close\r\n"
                b"\r\n" + b'{"message":"ab"}')
     replies: dict[int, bytes] = {}
+    sent = [0, 0]  # pieces each slow client has sent
 
     def slow(k: int) -> None:
         sock = socket.create_connection(("127.0.0.1", live.port), timeout=20)
@@ -293,7 +309,8 @@ def test_slow_headers_and_body_are_served_and_do_not_block_others(live):
             step = max(1, len(request) // 12)
             for i in range(0, len(request), step):
                 sock.sendall(request[i : i + step])
-                time.sleep(0.25)
+                sent[k] += 1
+                time.sleep(0.25)  # the drip: this is the load
             raw = b""
             while piece := sock.recv(65536):
                 raw += piece
@@ -304,7 +321,7 @@ def test_slow_headers_and_body_are_served_and_do_not_block_others(live):
     threads = [threading.Thread(target=slow, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_for(lambda: min(sent) >= 2, timeout=10, what="both slow clients dripping")
     worst = 0.0
     while any(t.is_alive() for t in threads):
         t0 = time.monotonic()

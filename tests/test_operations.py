@@ -197,7 +197,9 @@ def test_shutdown_under_load_answers_everything_it_accepted(daemon_factory):
     streamer = threading.Thread(target=audio)
     for t in threads + [streamer]:
         t.start()
-    time.sleep(1.5)
+    # the shutdown begins under load: requests answered and the stream well under way
+    wait_for(lambda: outcomes.get("200", 0) > 10 and len(lines) >= 3, timeout=30,
+             what="requests answered and the stream sending")
     t0 = time.monotonic()
     run_cli("down", "--instance", d.instance, env=d.env)
     down_s = time.monotonic() - t0

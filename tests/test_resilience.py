@@ -86,13 +86,20 @@ def test_a_stopped_worker_does_not_stop_the_service(daemon_factory):
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        wait_for(lambda: before.get("200", 0) >= 50, timeout=30, what="load flowing")
         with lock:
             base = dict(before)
         os.kill(w0, signal.SIGSTOP)
-        time.sleep(4.0)  # stall detection within ~1 s, then all traffic on worker 1
-        with lock:
-            during = {k: before.get(k, 0) - base.get(k, 0) for k in before}
+
+        def since_stop() -> dict[str, int]:
+            with lock:
+                return {k: before.get(k, 0) - base.get(k, 0) for k in before}
+
+        # stall detection within ~1 s, then all traffic on worker 1 (the old code served
+        # nothing until heartbeat_timeout, 30 s)
+        wait_for(lambda: since_stop().get("200", 0) > 100, timeout=8,
+                 what="over 100 requests served with worker 0 stopped")
+        during = since_stop()
     finally:
         stop.set()
         for t in threads:
@@ -215,7 +222,7 @@ def test_malformed_http_is_answered_in_json(daemon):
 
 def test_detached_log_is_private_and_never_follows_a_symlink(tmp_path):
     from shmmel.config import Config
-    from shmmel.daemon import default_log_file, open_log
+    from shmmel.control import default_log_file, open_log
 
     path = tmp_path / "x.log"
     os.close(open_log(path))

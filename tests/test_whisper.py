@@ -24,6 +24,7 @@ from shmmel.errors import ConfigError
 from shmmel.whisper import http as whisper_http
 
 from .conftest import start_daemon, stop_daemon, wait_for
+from .inproc import InProc
 from .test_audio_http import BAD, assert_clean, post
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -191,6 +192,16 @@ def wdaemon(tmp_path_factory):
         stop_daemon(d)
 
 
+@pytest.fixture(scope="module")
+def winproc():
+    """In-process, with a whisper row (CTranslate2 in a thread of this process)."""
+    if MISSING is not None:
+        pytest.skip(f"the [whisper] extra is not installed ({MISSING} missing)")
+    with InProc(workers=1, whisper_workers=1, max_body_bytes=4 << 20,
+                whisper_batch_wait_ms=200) as d:
+        yield d
+
+
 def transcribe(d, body: bytes, ctype: str = "audio/wav", query: str = "") -> dict:
     status, headers, raw = post(d, f"/audio/transcribe{query}", body, ctype, timeout=120)
     assert status == 200, raw
@@ -283,31 +294,25 @@ def test_concurrent_requests_share_a_generate_call(wdaemon, model):
 
 
 @needs_extra
-@pytest.mark.e2e
 @pytest.mark.parametrize("name, body, ctype, status, words", BAD, ids=[b[0] for b in BAD])
-def test_bad_audio_gets_the_same_4xx_as_audio_stream(wdaemon, name, body, ctype, status, words):
-    got, headers, raw = post(wdaemon, "/audio/transcribe", body, ctype)
+def test_bad_audio_gets_the_same_4xx_as_audio_stream(winproc, name, body, ctype, status, words):
+    got, headers, raw = post(winproc, "/audio/transcribe", body, ctype)
     assert got == status, raw
     assert headers["content-type"].startswith("application/json")
     assert words in json.loads(raw)["detail"]
-    status_ = post(wdaemon, "/audio/transcribe?format=xml", bytes(3200), "audio/L16")[0]
+    status_ = post(winproc, "/audio/transcribe?format=xml", bytes(3200), "audio/L16")[0]
     assert status_ == 400
-    assert_clean(wdaemon)
+    assert_clean(winproc)
 
 
-@pytest.mark.e2e
-def test_whisper_workers_0_answers_501(tmp_path):
-    d = start_daemon(tmp_path, "--workers", "1", "--http-workers", "1", "--worker-kind", "cpu",
-                     extra_env={"SHMMEL_WHISPER_WORKERS": "0"})
-    try:
+def test_whisper_workers_0_answers_501():
+    with InProc(workers=1, whisper_workers=0) as d:
         status, headers, raw = post(d, "/audio/transcribe", bytes(3200), "audio/L16;rate=16000")
         assert status == 501 and headers["content-type"].startswith("application/json")
         err = json.loads(raw)
         assert err["error"] == "Not Implemented" and "shmmel[whisper]" in err["detail"]
         assert [w["kind"] for w in d.status()["workers"]] == ["cpu"]
         assert d.post_json("/process", {"message": "ok"}) == (200, {"result": "ko"})
-    finally:
-        stop_daemon(d)
 
 
 @needs_extra
