@@ -30,6 +30,7 @@ from shmmel.osutil import pid_alive
 from shmmel.shm import instance_names
 
 from .conftest import ROOT, Daemon, run_cli, stop_daemon, wait_for
+from .inproc import InProc
 
 TOKEN = "tok-usability"
 HIDE_WHISPER = ('import sys\nsys.modules["ctranslate2"] = None  # as if [whisper] were not '
@@ -337,7 +338,13 @@ def test_status_fits_80_columns_and_never_wraps_when_piped(base):
 
 # -- 10. consistent errors --------------------------------------------------------------------
 
-def test_error_field_is_the_status_phrase_and_types_are_listed(base, tmp_path):
+def test_error_field_is_the_status_phrase_and_types_are_listed(tmp_path):
+    base = InProc(auth_token=TOKEN)  # the app's answers: in-process, with the token set
+    with base:
+        _error_fields_and_types(base, tmp_path)
+
+
+def _error_fields_and_types(base: InProc, tmp_path: Path) -> None:
     s, _, body = base.request("GET", "/process", headers=_auth())
     assert s == 405 and json.loads(body)["error"] == "Method Not Allowed"
     s, _, body = base.request("POST", "/process", "x", {**_auth(), "Content-Type": "text/plain"})
