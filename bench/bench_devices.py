@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shmmel import daemon
+from shmmel import control
 from shmmel.loadgen.audioload import AudioLoad, run_audio
 from shmmel.loadgen.bench import host_info
 from shmmel.loadgen.gpu import GpuSampler
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def busy(instance: str) -> dict[int, float]:
     """Seconds of compute per device so far (sum over its workers)."""
     out: dict[int, float] = {}
-    for w in daemon.status(instance)["workers"]:
+    for w in control.status(instance)["workers"]:
         if w["kind"] in ("cpu", "cuda") and w["device"] >= 0:
             out[w["device"]] = out.get(w["device"], 0.0) + w["busy_s"]
     return out

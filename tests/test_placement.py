@@ -18,7 +18,7 @@ from shmmel.devices import (
     probe_device_count,
     settle_workers,
 )
-from shmmel.engine import create_worker_engine
+from shmmel.devices import create_worker_engine
 from shmmel.errors import BootError, ConfigError
 from shmmel.placement import Candidate, device_loads, place_request, place_stream
 

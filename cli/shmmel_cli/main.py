@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from shmmel import config as cfg
-from shmmel import daemon
+from shmmel import control
 from shmmel.errors import ShmmelError
 
 from .bench import bench_app, gen_audio
@@ -80,16 +80,16 @@ def up(
     """Start an instance: shared memory, workers, HTTP server."""
     c = resolve(config, host=host, port=port, workers=workers, http_workers=http_workers,
                 worker_kind=worker_kind, instance=instance)
-    off = daemon.whisper_off_reason(c)
+    off = control.whisper_off_reason(c)
     try:
         if foreground:
-            daemon.setup_logging(c.log_level)
-            raise typer.Exit(daemon.run_foreground(c))
-        started = daemon.start(c)
+            control.setup_logging(c.log_level)
+            raise typer.Exit(control.run_foreground(c))
+        started = control.start(c)
     except ShmmelError as exc:
         raise fail(exc) from None
     if started.cleared:
-        note(daemon.cleared_message(c.instance, started.cleared))
+        note(control.cleared_message(c.instance, started.cleared))
     out.print(f"shmmel {c.instance} up at {started.url}  supervisor pid {started.pid}, "
               f"gunicorn pid {started.gunicorn_pid}, workers "
               f"{', '.join(map(str, started.workers))}\nlog: {started.log_file}")
@@ -106,7 +106,7 @@ def down(
     """Stop an instance gracefully: finish in-flight requests, reap, unlink."""
     c = resolve(config, instance=instance)
     try:
-        pid = daemon.stop(c.instance, timeout)
+        pid = control.stop(c.instance, timeout)
     except ShmmelError as exc:
         raise fail(exc) from None
     out.print(f"shmmel {c.instance} stopped (supervisor pid {pid})")
@@ -127,19 +127,19 @@ def status(
     c = resolve(config, instance=instance)
     try:
         if ready:
-            ok, said = daemon.readiness(c.instance)
+            ok, said = control.readiness(c.instance)
             if not ok:
                 raise fail(f"{c.instance} is not ready: {said}")
             out.print(f"{c.instance} ready: {said}")
             return
-        info = daemon.status(c.instance)
+        info = control.status(c.instance)
     except ShmmelError as exc:
         raise fail(exc) from None
     dead = info["state"] == "dead"
     if as_json:
         print(json.dumps(info, indent=2))
     elif dead:
-        out.print(f"{info['instance']} dead ({daemon.DEAD_HINT}); supervisor pid {info['pid']} "
+        out.print(f"{info['instance']} dead ({control.DEAD_HINT}); supervisor pid {info['pid']} "
                   "is gone")
     else:
         for part in status_table(info, wide):
@@ -170,7 +170,7 @@ def mel_cmd(
     c = resolve(config, instance=instance)
     try:
         check_output(output)
-        target = url or daemon.running_url(c.instance)
+        target = url or control.running_url(c.instance)
         spec = MelClient(target, token=token or c.auth_token).mel(file, n_mels=n_mels,
                                                                    windows=windows)
         np.save(output, spec)

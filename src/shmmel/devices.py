@@ -10,7 +10,7 @@ Settings (see docs/DESIGN.md, "Devices")::
 
 Mel worker row ``k`` goes to ``devices[k % len(devices)]`` (every device gets one before any
 gets two). The choice is made in the worker after fork (CUDA never starts in the supervisor):
-:func:`shmmel.engine.create_worker_engine`. Only when ``workers_per_device`` is set with
+:func:`create_worker_engine`. Only when ``workers_per_device`` is set with
 ``devices = "all"`` does the supervisor need the device count before it sizes the shared
 memory; it asks a short-lived child process (:func:`probe_device_count`), never CUDA itself.
 
@@ -28,11 +28,13 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import layout as L
+from .errors import BootError
 
 if TYPE_CHECKING:
     from .config import Config
@@ -40,6 +42,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("shmmel.devices")
 
 MAX_ORDINAL = 63
+
+
+def create_worker_engine(want: str, index: int, devices: tuple[int, ...] | None = None,
+                         fake_devices: int = 0,
+                         on_device: Callable[[int], None] | None = None) -> tuple[Any, int, int]:
+    """Return (engine, kind, device) for mel worker ``index``, in the worker after fork.
+
+    The engine itself comes from :func:`shmmel.mel.create_engine` (the one place engines
+    are chosen and built); this adds the service's policy around it. ``cpu`` builds the
+    NumPy engine. ``cuda`` must get a GPU or raises BootError. ``auto`` takes a GPU where
+    CuPy finds one and falls back to NumPy where there is none; unlike the library's
+    ``create_engine("auto")``, a GPU that is present but fails raises BootError, so the
+    supervisor reports and skips that device instead of serving it silently on the CPU.
+    Worker ``index`` goes to ``devices[index % len(devices)]`` (``devices`` None: all
+    visible ones, round robin); ``on_device`` hears the ordinal before the engine is built,
+    so a device that cannot boot is shown in status.
+
+    ``fake_devices`` (a test hook): NumPy engines that report device ordinals as if there
+    were that many GPUs, so placement runs without any.
+    """
+    from . import mel
+
+    if fake_devices:
+        device = device_for(index, devices, fake_devices)
+        if on_device is not None:
+            on_device(device)
+        if device >= fake_devices:
+            raise BootError(f"device {device} is not present ({fake_devices} fake devices)")
+        return mel.create_engine("cpu"), L.K_CPU, device
+    if want == "cpu":
+        return mel.create_engine("cpu"), L.K_CPU, -1
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - ImportError, CUDARuntimeError, driver errors
+        if want == "cuda":
+            raise BootError(f"worker_kind=cuda but CUDA is unavailable: {exc}") from None
+        return mel.create_engine("cpu"), L.K_CPU, -1
+    if count == 0:
+        if want == "cuda":
+            raise BootError("worker_kind=cuda but no CUDA device is visible")
+        return mel.create_engine("cpu"), L.K_CPU, -1
+    device = device_for(index, devices, count)
+    if on_device is not None:
+        on_device(device)
+    if device >= count:
+        raise BootError(f"device {device} is not present ({count} CUDA devices visible)")
+    try:
+        return mel.create_engine("cuda", device), L.K_CUDA, device
+    except Exception as exc:  # noqa: BLE001
+        raise BootError(f"CUDA engine failed on device {device}: {exc}") from None
 
 
 def parse_devices(text: str) -> tuple[int, ...] | None:

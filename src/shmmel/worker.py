@@ -74,7 +74,7 @@ class Worker:
             self.rec["device"] = 0 if self.whisper.device == "cuda" else -1
             return
         want = self.config.worker_kind
-        from .engine import create_worker_engine  # imports CuPy, if at all, only here
+        from .devices import create_worker_engine  # imports CuPy, if at all, only here
 
         def on_device(device: int) -> None:  # before the engine: a failed device shows
             self.rec["device"] = device

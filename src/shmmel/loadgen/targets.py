@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import config as cfg
-from .. import daemon
+from .. import control
 from ..errors import ShmmelError
 from ..shm import instance_names, unlink_instance
 
@@ -42,8 +42,8 @@ class Target:
 
 
 def describe(instance: str) -> Target:
-    daemon.running_url(instance)  # not running, or dead: say so
-    info = daemon.status(instance)
+    control.running_url(instance)  # not running, or dead: say so
+    info = control.status(instance)
     live = [w for w in info["workers"] if w["state"] not in ("empty", "off")]
     kinds = sorted({w["kind"] for w in live})
     return Target(str(info["url"]), instance, max(1, len(info["http"])), 16,
@@ -53,7 +53,7 @@ def describe(instance: str) -> Target:
 def check_reachable(t: Target, timeout: float = 5.0) -> None:
     """One GET /healthz before any load process starts: an unreachable URL is one clear
     error, not a load process's traceback."""
-    host, port = daemon.probe_host(urlsplit(t.url).hostname or "127.0.0.1"), \
+    host, port = control.probe_host(urlsplit(t.url).hostname or "127.0.0.1"), \
         urlsplit(t.url).port or 80
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -78,7 +78,7 @@ def spawned(flags: dict[str, Any], log_dir: str | None = None,
         flags["log_file"] = os.path.join(log_dir, f"shmmel-{name}.log")
     c = cfg.resolve(flags, config_file)
     try:
-        started = daemon.start(c)
+        started = control.start(c)
         info = wait_all_workers(name, c.boot_timeout)
         kinds = sorted({w["kind"] for w in info["workers"] if w["state"] != "off"})
         yield Target(started.url, name, c.http_workers, c.http_threads, c.workers,
@@ -88,10 +88,10 @@ def spawned(flags: dict[str, Any], log_dir: str | None = None,
 
 
 def wait_all_workers(name: str, timeout: float) -> dict[str, Any]:
-    """``daemon.start`` returns once one worker is ready; a bench wants all of them."""
+    """``control.start`` returns once one worker is ready; a bench wants all of them."""
     deadline = time.monotonic() + timeout
     while True:
-        info = daemon.status(name)
+        info = control.status(name)
         # "off" rows are never spawned (whisper rows without the [whisper] extra)
         if all(w["state"] in ("ready", "off") for w in info["workers"]):
             return info
@@ -103,9 +103,9 @@ def wait_all_workers(name: str, timeout: float) -> dict[str, Any]:
 
 def stop_instance(name: str, timeout: float = 30.0) -> None:
     """Stop ``name`` if it runs; kill its process group if it will not stop; unlink."""
-    pid = daemon.live_supervisor(name)
+    pid = control.live_supervisor(name)
     try:
-        daemon.stop(name, timeout)
+        control.stop(name, timeout)
     except ShmmelError:
         if pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):

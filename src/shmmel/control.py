@@ -1,7 +1,7 @@
 """Start, stop and inspect instances: what ``shmmel up/down/status`` call.
 
 ``start`` in the default (detached) mode launches the supervisor as a new session
-(``python -m shmmel.daemon CONFIG_JSON``) and returns once the service answers ``/readyz``;
+(``python -m shmmel.control CONFIG_JSON``) and returns once the service answers ``/readyz``;
 ``run_foreground`` runs the supervisor in the calling process (systemd, containers).
 """
 
@@ -154,7 +154,7 @@ def start(config: Config, timeout: float | None = None) -> Started:
     with open(fd, "ab") as out:
         # the config (which may hold auth_token) goes through a pipe, never the command line
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shmmel.daemon"],
+            [sys.executable, "-m", "shmmel.control"],
             stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
         assert proc.stdin is not None
