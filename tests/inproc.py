@@ -28,7 +28,7 @@ from shmmel import layout as L
 from shmmel.app import create_app
 from shmmel.channel import Producer
 from shmmel.config import Config
-from shmmel.daemon import snapshot
+from shmmel.control import snapshot
 from shmmel.shm import Shm, instance_names
 from shmmel.worker import EXIT_OK, Worker
 
