@@ -18,6 +18,8 @@ from shmmel.config import Config
 from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from shmmel.shm import Shm, instance_names
 
+from .conftest import wait_for
+
 
 @pytest.fixture
 def shm():
@@ -135,9 +137,8 @@ def test_killed_worker_gives_worker_died_and_frees_the_slot(shm):
 
     th = threading.Thread(target=call)
     th.start()
-    deadline = time.monotonic() + 5
-    while (shm.slots["state"] != L.S_TAKEN | 0).all() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: (shm.slots["state"] == L.S_TAKEN).any(), timeout=5, interval=0.01,
+             what="the worker took the request")
     assert (shm.slots["state"] == L.S_TAKEN | 0).sum() == 1
     os.kill(pids[0], signal.SIGKILL)
     os.waitpid(pids[0], 0)
