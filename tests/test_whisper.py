@@ -209,18 +209,17 @@ def transcribe(d, body: bytes, ctype: str = "audio/wav", query: str = "") -> dic
 
 
 @needs_extra
-@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(SENTENCES))
-def test_tokens_equal_the_float64_reference(wdaemon, model, name, record_property):
+def test_tokens_equal_the_float64_reference(winproc, model, name, record_property):
     pcm = load(name)
-    got = transcribe(wdaemon, wav(pcm))
+    got = transcribe(winproc, wav(pcm))
     assert got["tokens"] == reference_tokens(model, [pcm])
     assert got["windows"] == 1 and got["segments"]
     assert all(0 <= s["start"] <= s["end"] <= got["duration"] + 1e-6 for s in got["segments"])
     score = wer(SENTENCES[name], got["text"])
     record_property("wer", score)
     print(f"\n{name}: WER {score:.3f}  ref {SENTENCES[name]!r}\n{'':9}got {got['text']!r}")
-    assert_clean(wdaemon)
+    assert_clean(winproc)
 
 
 @needs_extra
