@@ -18,7 +18,6 @@ import collections
 import contextlib
 import itertools
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -35,30 +34,11 @@ from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
 
-_SO = {name: L.SLOT.fields[name][1] for name in L.SLOT.names}
-_WO = {name: L.WORKER.fields[name][1] for name in L.WORKER.names}
-# Reads may use struct codecs (several times faster than numpy field access per request);
-# writes never do: struct.pack_into clears its target before writing, so a word another
-# process reads at that instant would read 0. Every write below is one aligned store of the
-# word's full width through the typed views of Shm (u32, i32, u64, i64, f64).
-_REQ_B = struct.Struct("<IIIiqqqq")       # req_len, resp_len, status, stream, arg0..arg3
-_U32 = struct.Struct("<I")
-_I32 = struct.Struct("<i")
-_U64 = struct.Struct("<Q")
-_F64 = struct.Struct("<d")
-_LEN_STATUS = struct.Struct("<II")        # resp_len, status
-_RESULTS = struct.Struct("<qqdd")         # r0, r1, f0, f1
-_W_STATE_GEN = struct.Struct("<II")       # worker state, gen
-assert _SO["req_len"] + _REQ_B.size == _SO["r0"]
-assert _SO["status"] == _SO["resp_len"] + 4 and _SO["f1"] == _SO["r0"] + 24
-assert _WO["gen"] == _WO["state"] + 4
-assert L.SLOT.itemsize % 8 == 0
-
-# Word indexes of slot fields, relative to the slot's first 4-byte (I4) or 8-byte (I8) word.
-I4 = {n: _SO[n] // 4 for n in ("state", "op", "worker", "gen", "req_len", "resp_len", "status",
-                               "stream")}
-I8 = {n: _SO[n] // 8 for n in ("seq", "resp_seq", "owner", "arg0", "r0", "r1", "f0", "f1",
-                               "t_submit", "t_taken", "t_done")}
+# the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
+_SO, _WO = L.SLOT_OFF, L.WORKER_OFF
+_REQ_B, _U32, _I32, _U64, _F64 = L.REQ_TAIL, L.U32, L.I32, L.U64, L.F64
+_LEN_STATUS, _RESULTS, _W_STATE_GEN = L.LEN_STATUS, L.RESULTS, L.W_STATE_GEN
+I4, I8 = L.SLOT_W4, L.SLOT_W8
 _ST, _OP, _WK, _GEN = I4["state"], I4["op"], I4["worker"], I4["gen"]
 _REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"], I4["stream"]
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
@@ -100,6 +80,28 @@ def claim_row(shm: Shm) -> int:
             if not pid_alive(int(s["owner"][j])):
                 s["state"][j] = L.S_FREE
     return r
+
+
+def reclaim_slots(shm: Shm) -> int:
+    """Free the slots whose producer died or gave them up (owner 0, orphaned after a
+    timeout or a stall) once nobody can write them any more: idle, answered, or their worker
+    gone. The supervisor's sweep; returns how many. Under the instance lock, since a
+    producer taking over a dead process's row (:func:`claim_row`) frees the same slots; the
+    request path never takes it."""
+    s, w = shm.slots, shm.workers
+    n = 0
+    with shm.lock():
+        for j in np.flatnonzero(s["state"] != L.S_FREE).tolist():
+            owner = int(s["owner"][j])
+            if owner and pid_alive(owner):
+                continue
+            state = int(s["state"][j])
+            k = int(s["worker"][j])
+            worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
+            if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
+                s["state"][j] = L.S_FREE
+                n += 1
+    return n
 
 
 @dataclass(frozen=True)

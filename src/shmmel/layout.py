@@ -49,6 +49,8 @@ whose owner is dead or 0; a producer adopts only FREE slots: the writers never m
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
@@ -217,6 +219,32 @@ METRICS = np.dtype([
     ("latency", "<u8", (len(ROUTES), len(BUCKETS) + 1)),   # per bucket, not cumulative
     ("latency_sum", "<f8", (len(ROUTES),)),
 ], align=True)
+
+
+# -- codecs: the hot paths' access to the records above -----------------------------------
+# Reads may use these struct codecs (several times faster than numpy field access per
+# request); writes never do: struct.pack_into clears its target before writing, so a word
+# another process reads at that instant would read 0. Every write of a shared word is one
+# aligned store of its full width, through the typed views of Shm (u32, i32, u64, i64, f64)
+# at the word indexes below, or numpy item assignment.
+SLOT_OFF = {name: SLOT.fields[name][1] for name in SLOT.names}
+WORKER_OFF = {name: WORKER.fields[name][1] for name in WORKER.names}
+REQ_TAIL = struct.Struct("<IIIiqqqq")   # req_len, resp_len, status, stream, arg0..arg3
+U32, I32, U64, F64 = (struct.Struct(f) for f in ("<I", "<i", "<Q", "<d"))
+LEN_STATUS = struct.Struct("<II")       # resp_len, status
+RESULTS = struct.Struct("<qqdd")        # r0, r1, f0, f1
+W_STATE_GEN = struct.Struct("<II")      # worker state, gen
+COUNTERS = struct.Struct("<QQQdQ")      # served, errors, batches, busy_s, audio_samples
+assert SLOT_OFF["req_len"] + REQ_TAIL.size == SLOT_OFF["r0"]
+assert SLOT_OFF["status"] == SLOT_OFF["resp_len"] + 4 and SLOT_OFF["f1"] == SLOT_OFF["r0"] + 24
+assert WORKER_OFF["gen"] == WORKER_OFF["state"] + 4
+assert WORKER_OFF["audio_samples"] == WORKER_OFF["served"] + 32
+assert SLOT.itemsize % 8 == 0
+# word indexes of slot fields, relative to the slot's first 4-byte (W4) or 8-byte (W8) word
+SLOT_W4 = {n: SLOT_OFF[n] // 4 for n in ("state", "op", "worker", "gen", "req_len", "resp_len",
+                                         "status", "stream")}
+SLOT_W8 = {n: SLOT_OFF[n] // 8 for n in ("seq", "resp_seq", "owner", "arg0", "r0", "r1", "f0",
+                                         "f1", "t_submit", "t_taken", "t_done")}
 
 
 def queue_depths(states: np.ndarray, n_workers: int) -> np.ndarray:

@@ -32,6 +32,7 @@ from types import FrameType
 import numpy as np
 
 from . import layout as L
+from .channel import reclaim_slots
 from .osutil import pid_alive
 from .config import Config
 from .devices import settle_workers
@@ -342,20 +343,7 @@ class Supervisor:
             return
         self._next_reclaim = now + RECLAIM_EVERY
         assert self.shm is not None
-        s, w = self.shm.slots, self.shm.workers
-        # under the instance lock: a producer taking over a dead process's row (channel.
-        # claim_row) frees the same slots; the request path never takes this lock
-        with self.shm.lock():
-            busy = np.flatnonzero(s["state"] != L.S_FREE)
-            for j in busy.tolist():
-                owner = int(s["owner"][j])
-                if owner and pid_alive(owner):
-                    continue
-                state = int(s["state"][j])
-                k = int(s["worker"][j])
-                worker_gone = k >= len(w) or int(w["gen"][k]) != int(s["gen"][j])
-                if state in (L.S_CLAIMED, L.S_PARKED, L.S_DONE) or worker_gone:
-                    s["state"][j] = L.S_FREE
+        reclaim_slots(self.shm)  # orphaned slots, and those of dead producers
         StreamTable(self.shm).sweep()  # entries of dead workers
         h = self.shm.http
         for r in np.flatnonzero(h["pid"] != 0).tolist():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import struct
 import sys
 import time
 from types import FrameType
@@ -23,7 +22,6 @@ from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
 
-_COUNTERS = struct.Struct("<QQQdQ")  # served, errors, batches, busy_s, audio_samples (reads)
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning in a loop
@@ -46,7 +44,7 @@ class Worker:
         w_off = shm.layout.workers_off + index * L.WORKER.itemsize
         # counters continue from the record: a respawned worker keeps them monotonic
         self.served, self.errors, self.batches, self.busy_s, self.samples = \
-            _COUNTERS.unpack_from(shm.ctl_view, w_off + L.WORKER.fields["served"][1])
+            L.COUNTERS.unpack_from(shm.ctl_view, w_off + L.WORKER.fields["served"][1])
         # word indexes for the single-store writes of this row (see Shm.u32)
         self._beat = shm.worker_word_ref(index, "heartbeat")[1]
         self._counter_words = [shm.worker_word_ref(index, n) for n in
