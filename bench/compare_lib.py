@@ -49,6 +49,7 @@ def wrk(url: str, lua: str, env: dict[str, str], threads: int, conns: int, secon
     n = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", s)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", s)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", s)
+    statuses = re.search(r"statuses: \{(.*)\}", s)
     r = {"label": label, "rps": float(rps.group(1)) if rps else 0.0,
          "requests": int(n.group(1)) if n else 0,
          "p50_ms": _ms(pct.get("50", "")), "p90_ms": _ms(pct.get("90", "")),
@@ -57,6 +58,9 @@ def wrk(url: str, lua: str, env: dict[str, str], threads: int, conns: int, secon
          "socket_errors": [int(x) for x in sock.groups()] if sock else [0, 0, 0, 0],
          "timeouts": int(sock.group(4)) if sock else 0, "rc": p.returncode,
          "cmd": " ".join(cmd), "started": t0}
+    if statuses:
+        pairs = [kv.split("=") for kv in statuses.group(1).split(", ") if kv]
+        r["statuses"] = {k: int(v) for k, v in pairs}
     if n:
         mult = {"B": 1, "KB": 1024, "MB": 1 << 20, "GB": 1 << 30}.get(n.group(5), 1)
         r["bytes_per_response"] = round(float(n.group(4)) * mult / max(1, r["requests"]))
