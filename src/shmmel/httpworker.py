@@ -5,11 +5,13 @@ thread then parses the request in blocking mode. A client that drips its headers
 time (slowloris) holds that thread for as long as it drips (``client_timeout`` restarts on
 every byte), so a few dozen such connections take every thread and nobody else is served.
 
-Here the poller, not a thread, reads request headers: each readable event appends what the
-socket holds to a per-connection buffer (one non-blocking ``recv``), and only a connection
-whose headers are complete (``\\r\\n\\r\\n``) goes to a thread, with those bytes handed to its
-parser. Headers must be whole within ``header_timeout`` of their first byte or the
-connection gets a 408 and is closed, whatever the drip rate. A request body with a
+Here no thread ever waits for headers: a readable connection goes to a pool thread, which
+reads what the socket holds without waiting (one non-blocking ``recv``); if the headers are
+complete (``\\r\\n\\r\\n``) it serves the request, else it hands the connection back to the
+poller, which appends each later readable event's bytes to a per-connection buffer and
+passes the connection on once they are complete. Headers must be whole within
+``header_timeout`` of their first byte or the connection gets a 408 and is closed, whatever
+the drip rate. A request body with a
 Content-Length must then keep up ``min_body_rate`` bytes/s (after a 5 s grace): the poller
 checks the bytes the kernel received (``TCP_INFO``) once a second and shuts down a connection
 that falls behind, which frees its thread. Chunked bodies (full-duplex audio streams, which
@@ -87,21 +89,43 @@ class ShmmelThreadWorker(ThreadWorker):
         self.reading: dict[Any, float] = {}      # conn -> header deadline
         self.bodies: dict[Any, tuple[float, int, int]] = {}  # conn -> (start, need, bytes0)
         self._next_body_check = 0.0
+        self._notified = 0.0
         super().init_process()
 
-    # -- headers: read by the poller --------------------------------------------------------
-    def enqueue_req(self, conn: Any) -> None:
-        """Hand ``conn`` to a thread once its request headers are complete."""
+    # -- headers: never waited for in a thread ---------------------------------------------
+    def notify(self) -> None:
+        """gunicorn's liveness stamp (a utime(2) on a temp file), called on every pass of
+        the poller loop: at most every 0.5 s here (the arbiter's timeout is 30 s). It cost
+        11 % of the poller thread under load (py-spy, docs/PERFORMANCE.md)."""
+        now = time.monotonic()
+        if now - self._notified >= 0.5:
+            self._notified = now
+            super().notify()
+
+    def handle(self, conn: Any) -> Any:
+        """In a pool thread: read what the socket holds, without waiting (one non-blocking
+        recv); serve the request if its headers are complete, else hand the connection back
+        to the poller, which gathers the rest (:meth:`finish_request`). The common case, a
+        whole request in one segment, costs the poller nothing more than before."""
         try:
             done = self._gather(conn)
-        except _Closed:  # the peer closed a kept-alive or fresh connection
-            self.nr_conns -= 1
-            conn.close()
+        except _Closed:
+            return False
+        if not done:
+            return _GATHER
+        conn.data_ready = True
+        return super().handle(conn)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        if not fs.cancelled() and fs.exception() is None and fs.result() is _GATHER \
+                and self.alive:
+            self._wait_headers(conn)
             return
-        if done:
-            conn.data_ready = True
-            super().enqueue_req(conn)
-            return
+        super().finish_request(conn, fs)
+
+    def _wait_headers(self, conn: Any) -> None:
+        """The poller gathers the rest of the headers (deadline: header_timeout from the
+        request's first byte)."""
         if conn in self.reading:
             return
         self.reading[conn] = time.monotonic() + self.header_timeout
@@ -118,7 +142,7 @@ class ShmmelThreadWorker(ThreadWorker):
         if done:
             self._drop_reading(conn)
             conn.data_ready = True
-            super().enqueue_req(conn)
+            super().enqueue_req(conn)  # to a thread: handle() finds the headers complete
 
     def _drop_reading(self, conn: Any) -> None:
         if self.reading.pop(conn, None) is not None:
@@ -220,6 +244,9 @@ class ShmmelThreadWorker(ThreadWorker):
                 self._drop_reading(conn)
                 self.nr_conns -= 1
                 conn.close()
+
+
+_GATHER = object()  # handle(): headers incomplete, back to the poller
 
 
 class _Closed(Exception):
