@@ -155,6 +155,26 @@ def test_killed_worker_gives_worker_died_and_frees_the_slot(shm):
     assert set(np.unique(shm.slots["state"]).tolist()) <= {L.S_FREE, L.S_PARKED}
 
 
+def test_all_workers_silent_is_a_starved_host_not_a_stall(shm):
+    """Every worker silent at once (a starved host): a request waits for its answer instead
+    of a 503 for a stall."""
+    pids = start_workers(shm, 1)
+    prod = Producer(shm, queue_depth=8, stall_timeout=0.3)
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        time.sleep(0.5)  # the load itself: the only worker has been silent past stall_timeout
+        result: dict[str, object] = {}
+        th = threading.Thread(target=lambda: result.update(
+            r=prod.call(L.OP_PING, b"abc", timeout=20)))
+        th.start()
+        time.sleep(1.0)  # still waiting (the old rule gave WorkerStalled after 0.3 s)
+        assert th.is_alive()
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    th.join(10)
+    assert result["r"].data == b"cba|0"
+
+
 def test_a_stalled_worker_gets_no_new_work_and_its_queue_is_rerouted(shm):
     """SIGSTOP one of two workers: a request queued on it is re-sent to the other within about
     stall_timeout (not heartbeat_timeout), and new requests skip it."""
@@ -198,11 +218,12 @@ def test_no_worker_and_full_queue_are_unavailable(shm):
     with pytest.raises(ServiceUnavailable, match="no live worker"):
         prod.pick_worker()
     shm.workers["state"][0] = L.W_READY
-    with pytest.raises(ServiceUnavailable, match="no live worker"):
-        prod.pick_worker()  # ready, but never beat: taken for stalled
+    # ready but silent, and no other worker beats: a starved host, not a stall; routed to
+    assert prod.pick_worker() == (0, int(shm.workers["gen"][0]))
     shm.set_worker_word(0, "heartbeat", time.monotonic())
     slot = prod.claim()
     slot.submit(0, int(shm.workers["gen"][0]), L.OP_PING, 0, prod.next_seq())
+    prod._depths_at = -1.0  # the queue depths are cached for DEPTH_TTL: read them anew
     with pytest.raises(ServiceUnavailable, match="queues are full"):
         prod.pick_worker()
     slot.release()

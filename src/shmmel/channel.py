@@ -210,10 +210,11 @@ class Slot:
                 # the caller to reuse or release
                 raise WorkerDied("the worker handling this request died")
             now = time.monotonic()
-            if now - f64[beat] > stall:
-                # stopped or stuck: it may still wake and write this slot, so give the slot
-                # to the supervisor (freed once answered or the worker is replaced) and tell
-                # the caller now rather than at heartbeat_timeout
+            if now - f64[beat] > stall and self.producer.others_beating(self.worker):
+                # stopped or stuck while others beat: it may still wake and write this slot,
+                # so give the slot to the supervisor (freed once answered or the worker is
+                # replaced) and tell the caller now rather than at heartbeat_timeout (when
+                # every worker is silent, the host is starved: wait on)
                 self.orphan()
                 raise WorkerStalled(f"worker {self.worker} stopped responding "
                                     f"(no heartbeat for {now - f64[beat]:.1f} s)")
@@ -371,20 +372,34 @@ class Producer:
         for ``stall_timeout`` (SIGSTOP, stuck in a call) gets no new work."""
         return [(k, gen) for k, gen, _ in self._ready(kinds)]
 
-    def _ready(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
-        """(index, generation, device) of every ready, beating worker (of ``kinds``)."""
+    def _ready(self, kinds: Iterable[int] | None,
+               exclude: int = -1) -> list[tuple[int, int, int]]:
+        """(index, generation, device) of every ready, beating worker (of ``kinds``). When
+        none beats but some are ready, those: every worker silent at once means a starved
+        host far more often than every worker stopped, and waiting beats a 503 then."""
         ctl, off, size = self.shm.ctl_view, self.workers_off, L.WORKER.itemsize
         kind_set = None if kinds is None else set(kinds)
         oldest = time.monotonic() - self.stall_timeout
-        out = []
+        beating, silent = [], []
         for k in range(len(self.shm.workers)):
             base = off + k * size
             state, gen = _W_STATE_GEN.unpack_from(ctl, base + _WO["state"])
-            if state == L.W_READY and _F64.unpack_from(ctl, base + _WO["heartbeat"])[0] >= oldest \
-                    and (kind_set is None
-                         or _U32.unpack_from(ctl, base + _WO["kind"])[0] in kind_set):
-                out.append((k, gen, _I32.unpack_from(ctl, base + _WO["device"])[0]))
-        return out
+            if state != L.W_READY or k == exclude or (
+                    kind_set is not None
+                    and _U32.unpack_from(ctl, base + _WO["kind"])[0] not in kind_set):
+                continue
+            row = (k, gen, _I32.unpack_from(ctl, base + _WO["device"])[0])
+            fresh = _F64.unpack_from(ctl, base + _WO["heartbeat"])[0] >= oldest
+            (beating if fresh else silent).append(row)
+        return beating or silent
+
+    def others_beating(self, worker: int) -> bool:
+        """Whether a ready worker other than ``worker`` beats (of any mel or whisper kind
+        like it): the host is not starved, so ``worker``'s silence is its own."""
+        kind = int(self.shm.workers["kind"][worker])
+        oldest = time.monotonic() - self.stall_timeout
+        return any(self.shm.worker_word(k, "heartbeat") >= oldest
+                   for k, _g, _d in self._ready([kind], exclude=worker))
 
     def candidates(self, kinds: Iterable[int] | None = None, streams: np.ndarray | None = None,
                    fresh: bool = True) -> list[placement.Candidate]:
