@@ -19,6 +19,7 @@ from .channel import Producer, ReplyError, call_parts
 from .config import MAX_MESSAGE_BYTES, Config
 from .errors import BadRequest, ShmmelError, http_status
 from .httputil import read_body, require_media_type
+from .httpworker import close_after_response
 from .metrics import HttpMetrics, MetricsResource
 from .openapi import OpenAPIResource
 from .shm import Shm
@@ -56,6 +57,8 @@ def _typed(req: Any, resp: Any, exc: Exception, params: Any) -> None:
     if code >= 500 and code not in (503, 504):
         log.error("error on %s %s: %s", req.method, req.path, exc)
     headers = {"Retry-After": str(getattr(exc, "retry_after", 1))} if code == 503 else None
+    if code == 408:  # a stalled client: close, so its thread is not held draining the body
+        close_after_response(req.env)
     raise falcon.HTTPError(falcon.code_to_http_status(code), title=phrase, description=detail,
                            headers=headers)
 

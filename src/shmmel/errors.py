@@ -75,6 +75,9 @@ class StreamLost(ServiceUnavailable):
 
 
 CLIENT_STALLED = "the client stopped sending the request body"
+# RFC 9110's names where Python < 3.13's http.HTTPStatus still has the old ones (falcon, which
+# writes the error answers, uses these: in-band records must say the same)
+_PHRASES = {413: "Content Too Large", 422: "Unprocessable Content"}
 
 
 def http_status(exc: BaseException) -> tuple[int, str, str]:
@@ -89,4 +92,4 @@ def http_status(exc: BaseException) -> tuple[int, str, str]:
         code, detail = exc.http_status, str(exc)
     else:
         code, detail = 500, "unexpected error; see the service log"
-    return code, HTTPStatus(code).phrase, detail
+    return code, _PHRASES.get(code) or HTTPStatus(code).phrase, detail

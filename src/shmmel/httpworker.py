@@ -5,13 +5,13 @@ thread then parses the request in blocking mode. A client that drips its headers
 time (slowloris) holds that thread for as long as it drips (``client_timeout`` restarts on
 every byte), so a few dozen such connections take every thread and nobody else is served.
 
-Here no thread ever waits for headers: a readable connection goes to a pool thread, which
-reads what the socket holds without waiting (one non-blocking ``recv``); if the headers are
-complete (``\\r\\n\\r\\n``) it serves the request, else it hands the connection back to the
-poller, which appends each later readable event's bytes to a per-connection buffer and
-passes the connection on once they are complete. Headers must be whole within
-``header_timeout`` of their first byte or the connection gets a 408 and is closed, whatever
-the drip rate. A request body with a
+Here the poller, not a thread, reads request headers: each readable event appends what the
+socket holds to a per-connection buffer (one non-blocking ``recv``), and only a connection
+whose headers are complete (``\\r\\n\\r\\n``) goes to a thread, with those bytes handed to its
+parser. (Doing that first read in the pool thread instead was measured: no throughput gain
+within the run-to-run spread, and stalled clients then held threads 5 s longer.) Headers
+must be whole within ``header_timeout`` of their first byte or the connection gets a 408 and
+is closed, whatever the drip rate. A request body with a
 Content-Length must then keep up ``min_body_rate`` bytes/s (after a 5 s grace): the poller
 checks the bytes the kernel received (``TCP_INFO``) once a second and shuts down a connection
 that falls behind, which frees its thread. Chunked bodies (full-duplex audio streams, which
@@ -24,6 +24,7 @@ page; every other answer of shmmel is JSON, so its error writer is replaced by o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -45,6 +46,22 @@ BODY_GRACE = 5.0               # seconds before min_body_rate applies
 _TCP_INFO_LEN = 136            # up to and including tcpi_bytes_received
 _BYTES_RECEIVED = struct.Struct("<Q")
 _BYTES_RECEIVED_OFF = 128      # struct tcp_info: tcpi_bytes_received (Linux >= 4.1)
+
+
+# Sockets (by descriptor) whose connection must close after the response being written: the
+# app marks a stalled client's (its 408) so the thread does not wait on the rest of the body
+# (gunicorn drops a Connection: close the app sets, and would drain up to 5 s). Touched only
+# by this process's threads: set add/discard are atomic under the GIL.
+CLOSE_AFTER: set[int] = set()
+
+
+def close_after_response(environ: dict) -> None:
+    """Close this request's connection once its answer is written (no keep-alive, no drain
+    of an unread body): for a client that stalled mid-body."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            CLOSE_AFTER.add(sock.fileno())
 
 
 def tcp_bytes_received(sock: socket.socket) -> int | None:
@@ -92,7 +109,6 @@ class ShmmelThreadWorker(ThreadWorker):
         self._notified = 0.0
         super().init_process()
 
-    # -- headers: never waited for in a thread ---------------------------------------------
     def notify(self) -> None:
         """gunicorn's liveness stamp (a utime(2) on a temp file), called on every pass of
         the poller loop: at most every 0.5 s here (the arbiter's timeout is 30 s). It cost
@@ -102,30 +118,19 @@ class ShmmelThreadWorker(ThreadWorker):
             self._notified = now
             super().notify()
 
-    def handle(self, conn: Any) -> Any:
-        """In a pool thread: read what the socket holds, without waiting (one non-blocking
-        recv); serve the request if its headers are complete, else hand the connection back
-        to the poller, which gathers the rest (:meth:`finish_request`). The common case, a
-        whole request in one segment, costs the poller nothing more than before."""
+    # -- headers: read by the poller --------------------------------------------------------
+    def enqueue_req(self, conn: Any) -> None:
+        """Hand ``conn`` to a thread once its request headers are complete."""
         try:
             done = self._gather(conn)
-        except _Closed:
-            return False
-        if not done:
-            return _GATHER
-        conn.data_ready = True
-        return super().handle(conn)
-
-    def finish_request(self, conn: Any, fs: Any) -> None:
-        if not fs.cancelled() and fs.exception() is None and fs.result() is _GATHER \
-                and self.alive:
-            self._wait_headers(conn)
+        except _Closed:  # the peer closed a kept-alive or fresh connection
+            self.nr_conns -= 1
+            conn.close()
             return
-        super().finish_request(conn, fs)
-
-    def _wait_headers(self, conn: Any) -> None:
-        """The poller gathers the rest of the headers (deadline: header_timeout from the
-        request's first byte)."""
+        if done:
+            conn.data_ready = True
+            super().enqueue_req(conn)
+            return
         if conn in self.reading:
             return
         self.reading[conn] = time.monotonic() + self.header_timeout
@@ -198,6 +203,16 @@ class ShmmelThreadWorker(ThreadWorker):
         finally:
             self.bodies.pop(conn, None)
 
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        try:
+            fd = conn.sock.fileno()
+        except (OSError, ValueError):
+            return False
+        if fd in CLOSE_AFTER:
+            CLOSE_AFTER.discard(fd)
+            return False
+        return super()._keepalive_after(conn, keepalive)
+
     def _check_bodies(self, now: float) -> None:
         for conn, (start, need, bytes0) in list(self.bodies.items()):
             elapsed = now - start
@@ -244,9 +259,6 @@ class ShmmelThreadWorker(ThreadWorker):
                 self._drop_reading(conn)
                 self.nr_conns -= 1
                 conn.close()
-
-
-_GATHER = object()  # handle(): headers incomplete, back to the poller
 
 
 class _Closed(Exception):
