@@ -20,7 +20,8 @@ import pytest
 from shmmel.osutil import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
-from shmmel.shm import instance_names, unlink_instance
+from shmmel.config import Config
+from shmmel.shm import Shm, instance_names, unlink_instance
 
 
 def shmmel_cmd() -> list[str]:
@@ -159,3 +160,42 @@ def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "conditio
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- shared memory without a daemon: real segments, children forked by the test ---------------
+@pytest.fixture
+def shm():
+    """A real instance's segments and semaphores (no daemon); children forked with
+    :func:`fork` are killed and reaped, and nothing is left in /dev/shm."""
+    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=3, slots=32,
+                    slot_bytes=16 * 1024)
+    shm = Shm.create(config)
+    children: list[int] = []
+    shm.children = children  # type: ignore[attr-defined]
+    try:
+        yield shm
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        shm.close()
+        shm.unlink()
+        assert instance_names(config.instance) == []
+
+
+def fork(shm, fn) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    shm.children.append(pid)
+    return pid

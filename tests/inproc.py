@@ -29,6 +29,7 @@ from shmmel.app import create_app
 from shmmel.channel import Producer
 from shmmel.config import Config
 from shmmel.control import snapshot
+from shmmel.supervisor import prepare_worker_row
 from shmmel.shm import Shm, instance_names
 from shmmel.worker import EXIT_OK, Worker
 
@@ -84,14 +85,8 @@ class InProc:
 
     # -- workers: what Supervisor.spawn_worker does, with a thread for the fork ---------------
     def spawn_worker(self, k: int) -> None:
-        rec = self.shm.workers[k : k + 1]
-        gen = int(rec["gen"][0]) + 1
-        rec["gen"] = gen
-        rec["state"] = L.W_BOOTING
-        rec["kind"] = L.K_WHISPER if k >= self.config.workers else L.K_NONE
-        rec["heartbeat"] = time.monotonic()
-        rec["started"] = time.monotonic()
-        rec["pid"] = os.getpid()
+        gen = prepare_worker_row(self.shm, k, self.config.workers)
+        self.shm.workers["pid"][k] = os.getpid()
         worker = Worker(self.config, self.shm, k, gen, parent=os.getppid())
 
         def serve() -> None:

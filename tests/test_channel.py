@@ -7,54 +7,16 @@ import random
 import signal
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 
 from shmmel import layout as L
 from shmmel.channel import Inbox, Producer, Slot, reclaim_slots
-from shmmel.config import Config
 from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
-from shmmel.shm import Shm, instance_names
+from shmmel.shm import Shm
 
-from .conftest import wait_for
-
-
-@pytest.fixture
-def shm():
-    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=3, slots=32,
-                    slot_bytes=16 * 1024)
-    shm = Shm.create(config)
-    children: list[int] = []
-    shm.children = children  # type: ignore[attr-defined]
-    try:
-        yield shm
-    finally:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        shm.close()
-        shm.unlink()
-        assert instance_names(config.instance) == []
-
-
-def fork(shm, fn) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    shm.children.append(pid)
-    return pid
+from .conftest import fork, wait_for  # the shm fixture is conftest's too
 
 
 def echo_worker(shm: Shm, k: int, gen: int, delay: float = 0.0) -> int:

@@ -9,56 +9,19 @@ process (lost requests), and a heartbeat read mid-write looked like 0.0 (false k
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
-import uuid
 
 import pytest
 
 from shmmel import layout as L
 from shmmel.channel import Inbox, Producer
-from shmmel.config import Config
 from shmmel.errors import RequestTimeout, ServiceUnavailable
-from shmmel.shm import Shm, instance_names
+from shmmel.shm import Shm
+
+from .conftest import fork  # and the shm fixture
 
 HAMMER_S = 6.0  # seconds of load; the old code failed within ~1 s
-
-
-@pytest.fixture
-def shm():
-    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=2, slots=24,
-                    slot_bytes=16 * 1024)
-    shm = Shm.create(config)
-    children: list[int] = []
-    shm.children = children  # type: ignore[attr-defined]
-    try:
-        yield shm
-    finally:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        shm.close()
-        shm.unlink()
-        assert instance_names(config.instance) == []
-
-
-def fork(shm: Shm, fn) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    shm.children.append(pid)
-    return pid
 
 
 def exit_code(pid: int, timeout: float) -> int | None:

@@ -77,6 +77,21 @@ def bind_socket(host: str, port: int, client_timeout: float,
     return sock
 
 
+def prepare_worker_row(shm: Shm, k: int, mel_workers: int) -> int:
+    """Ready worker row ``k`` for a new process (a new generation, BOOTING, fresh clocks);
+    returns the generation. Rows from ``mel_workers`` on are whisper rows."""
+    rec = shm.workers[k : k + 1]
+    gen = int(rec["gen"][0]) + 1
+    rec["gen"] = gen
+    rec["state"] = L.W_BOOTING
+    rec["kind"] = L.K_WHISPER if k >= mel_workers else L.K_NONE
+    rec["heartbeat"] = time.monotonic()
+    rec["started"] = time.monotonic()
+    rec["streams"] = 0
+    rec["respawn_at"] = 0.0
+    return gen
+
+
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -147,14 +162,7 @@ class Supervisor:
     def spawn_worker(self, k: int) -> None:
         assert self.shm is not None
         rec = self.shm.workers[k : k + 1]
-        gen = int(rec["gen"][0]) + 1
-        rec["gen"] = gen
-        rec["state"] = L.W_BOOTING
-        rec["kind"] = L.K_WHISPER if k >= self.config.workers else L.K_NONE
-        rec["heartbeat"] = time.monotonic()
-        rec["started"] = time.monotonic()
-        rec["streams"] = 0
-        rec["respawn_at"] = 0.0
+        gen = prepare_worker_row(self.shm, k, self.config.workers)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
