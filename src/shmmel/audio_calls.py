@@ -23,6 +23,16 @@ from .stream_table import Handle, StreamTable
 OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
 
 
+def check_reply(slot: Slot, status: int) -> None:
+    """A worker's refusal of bad input becomes BadRequest (400), any other failure an error;
+    the reply's bytes are the worker's message."""
+    if status != L.R_OK:
+        msg = slot.reply().data.decode(errors="replace")
+        if status == L.R_BAD_INPUT:
+            raise BadRequest(msg)
+        raise RuntimeError(f"worker error: {msg}")
+
+
 class AudioCalls:
     def __init__(self, config: Config, producer: Producer) -> None:
         self.config, self.producer, self.shm = config, producer, producer.shm
@@ -80,13 +90,7 @@ class AudioCalls:
         payload already in it); a refusal becomes BadRequest, any other failure an error."""
         slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(), args, h.index)
         slot.wait(self.config.request_timeout)
-        status = int(slot.reply(copy=False).status)
-        if status != L.R_OK:
-            msg = bytes(slot.view(int(self.shm.slots["resp_len"][slot.index]))).decode(
-                errors="replace")
-            if status == L.R_BAD_INPUT:
-                raise BadRequest(msg)
-            raise RuntimeError(f"worker error: {msg}")
+        check_reply(slot, slot.reply(copy=False).status)
 
     def fits_oneshot(self, nbytes: int, fmt: int, n_mels: int, padding: int) -> bool:
         """Whether a whole upload of ``nbytes`` goes to a worker as one message: its
@@ -121,12 +125,7 @@ class AudioCalls:
                 except ServiceUnavailable:
                     raise WorkerDied("the worker handling this request died") from None
         r = slot.reply(copy=False)
-        if r.status != L.R_OK:
-            msg = bytes(slot.view(int(self.shm.slots["resp_len"][slot.index]))).decode(
-                errors="replace")
-            if r.status == L.R_BAD_INPUT:
-                raise BadRequest(msg)
-            raise RuntimeError(f"worker error: {msg}")
+        check_reply(slot, r.status)
         frames = np.frombuffer(slot.view(r.r1 * n_mels * 4), "<f4").reshape(r.r1, n_mels)
         return FrameBatch(r.r0, frames.copy(), r.f0, True)
 

@@ -240,8 +240,7 @@ class Slot:
                 pos = upto
             if end is not None:
                 if end.status != L.R_OK:
-                    n = int(_LEN_STATUS.unpack_from(self.shm.ctl_view, self.off + _SO["resp_len"])[0])
-                    raise ReplyError(end.status, bytes(self.view(n)).decode(errors="replace"))
+                    raise ReplyError(end.status, self.reply().data.decode(errors="replace"))
                 return
 
     def reply(self, copy: bool = True) -> Reply:

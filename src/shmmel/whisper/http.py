@@ -105,9 +105,8 @@ class WhisperJob:
             slot.view(len(piece))[:] = piece
             self.calls.call(slot, h, L.OP_WHISPER_FEATURES, len(piece), (pos,))
         self.calls.call(slot, h, L.OP_WHISPER_DECODE, 0, (WINDOW_BYTES,))
-        batch = int(slot.reply(copy=False).r1)
-        n = int(self.calls.shm.slots["resp_len"][slot.index])
-        return json.loads(bytes(slot.view(n))), batch
+        reply = slot.reply()
+        return json.loads(reply.data), int(reply.r1)
 
     def window(self, index: int, features: np.ndarray, samples: int) -> bytes:
         """The WindowSink hook: decode, put absolute times on the segments, record."""
