@@ -366,11 +366,6 @@ class Producer:
             self._depths, self._depths_at = self.queue_depths(), now
         return self._depths
 
-    def ready_workers(self, kinds: Iterable[int] | None = None) -> list[tuple[int, int]]:
-        """(index, generation) of every ready worker (of ``kinds``) that is beating: one silent
-        for ``stall_timeout`` (SIGSTOP, stuck in a call) gets no new work."""
-        return [(k, gen) for k, gen, _ in self._ready(kinds)]
-
     def _ready(self, kinds: Iterable[int] | None,
                exclude: int = -1) -> list[tuple[int, int, int]]:
         """(index, generation, device) of every ready, beating worker (of ``kinds``). When

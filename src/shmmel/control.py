@@ -26,6 +26,7 @@ from .osutil import pid_alive
 from .config import Config
 from .devices import Nvml, device_rows, pinned_streams
 from .errors import BootError, InstanceError
+from .stream_table import StreamTable
 from .shm import Shm, instance_names, unlink_instance
 
 log = logging.getLogger("shmmel")
@@ -317,7 +318,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
             "orphaned": int(((st != L.S_FREE) & (s["owner"] == 0)).sum()),
             "bytes": shm.slot_bytes,
         },
-        "streams": {"open": int((shm.streams["state"] != L.ST_FREE).sum()),
+        "streams": {"open": StreamTable(shm).open_count(),
                     "max": len(shm.streams)},
     }
 

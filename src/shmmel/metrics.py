@@ -30,6 +30,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import layout as L
 from .devices import Nvml, device_rows, pinned_streams
+from .stream_table import StreamTable
 from .shm import Shm
 
 ROUTE_OF_TEMPLATE = {
@@ -165,7 +166,7 @@ class ShmCollector:
             slots.add_metric([name], float(count))
         yield slots
         yield GaugeMetricFamily("shmmel_streams_open", "Open audio streams",
-                                value=float((shm.streams["state"] != L.ST_FREE).sum()))
+                                value=float(StreamTable(shm).open_count()))
         yield GaugeMetricFamily("shmmel_uptime_seconds", "Seconds since the supervisor started",
                                 value=now - float(shm.header["started_mono"]))
 
