@@ -10,7 +10,7 @@ def offsets(dt):
 
 
 def test_record_sizes_are_pinned():
-    assert L.VERSION == 3
+    assert L.VERSION == 4
     assert L.HEADER.itemsize == 192
     assert L.WORKER.itemsize == 112
     assert L.METRICS.itemsize == 3072
@@ -41,7 +41,7 @@ def test_worker_and_header_offsets_are_pinned():
 
 
 def test_control_segment_regions_are_aligned_and_disjoint():
-    lay = L.CtlLayout(n_workers=4, n_slots=128, max_streams=256)
+    lay = L.CtlLayout(n_workers=4, n_slots=128, n_streams=256)
     assert (lay.workers_off, lay.http_off, lay.slots_off, lay.streams_off, lay.metrics_off) == (
         192, 640, 2176, 20608, 36992)
     assert lay.size == 237568 and lay.size % L.PAGE == 0

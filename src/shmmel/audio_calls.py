@@ -1,8 +1,11 @@
 """The HTTP side of audio streams: their calls to the mel workers, through one slot.
 
 A stream is pinned to the worker that holds its state (chosen at open by device load, see
-:mod:`shmmel.devices`); its entry lives in the shared :class:`~shmmel.stream_table.StreamTable`.
-A whole upload that fits one slot skips the table altogether (:meth:`AudioCalls.oneshot`).
+:mod:`shmmel.devices`); its entry lives in the shared :class:`~shmmel.stream_table.StreamTable`,
+in this process's partition of it when this process opened it. Every call on a stream carries
+its token (the worker refuses a stale one) and every push a lease, so the worker serves one
+request of a stream at a time. A whole upload that fits one slot skips the table altogether
+(:meth:`AudioCalls.oneshot`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from . import layout as L
 from .channel import Producer, Slot
 from .config import Config
 from .devices import pinned_streams
-from .errors import BadRequest, ServiceUnavailable, ShmmelError, WorkerDied
+from .errors import (BadRequest, ServiceUnavailable, ShmmelError, StreamBusy, UnknownStream,
+                     WorkerDied)
 from .mel import HOP_LENGTH, FrameBatch
 from .stream_table import Handle, StreamTable
 
@@ -24,22 +28,34 @@ OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes b
 
 
 def check_reply(slot: Slot, status: int) -> None:
-    """A worker's refusal of bad input becomes BadRequest (400), any other failure an error;
-    the reply's bytes are the worker's message."""
+    """A worker's refusal of bad input becomes BadRequest (400), of a stream another request
+    holds StreamBusy (409), of a stream it does not hold UnknownStream (404), any other
+    failure an error; the reply's bytes are the worker's message."""
     if status != L.R_OK:
         msg = slot.reply().data.decode(errors="replace")
         if status == L.R_BAD_INPUT:
             raise BadRequest(msg)
+        if status == L.R_BUSY:
+            raise StreamBusy(msg)
+        if status == L.R_NO_STREAM:
+            raise UnknownStream(msg)
         raise RuntimeError(f"worker error: {msg}")
 
 
 class AudioCalls:
     def __init__(self, config: Config, producer: Producer) -> None:
         self.config, self.producer, self.shm = config, producer, producer.shm
-        self.table = StreamTable(self.shm)
+        self.table = StreamTable(self.shm, producer.row)
         self.pid = os.getpid()
         # samples per push: float32 in, at most ~3.2 output bytes per sample for 128 mels
         self.max_samples = (self.shm.slot_bytes - OUT_MARGIN) // 4
+
+    def push_samples(self, fmt: int, n_mels: int) -> int:
+        """Samples one push of ``fmt`` takes: they and the frames they complete (a few
+        beyond their own, from the stream's carry and its end) fit one slot. For s16le at
+        80 mels that is ~4 s, twice :attr:`max_samples` (the bound for any format)."""
+        room = self.shm.slot_bytes - OUT_MARGIN
+        return min(room // L.FMT_WIDTH[fmt], room // (4 * n_mels) * HOP_LENGTH)
 
     # -- open / find / release ---------------------------------------------------------
     def open(self, slot: Slot, n_mels: int, padding: int) -> Handle:
@@ -57,18 +73,27 @@ class AudioCalls:
             kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
         try:
             self.call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
-        except BaseException:
-            self.table.free(h.index)  # the worker holds no state for it
+        except BaseException as exc:
+            self.drop_entry(h, exc)
             raise
         return h
+
+    def drop_entry(self, h: Handle, exc: BaseException) -> None:
+        """After a failed open: free the entry when its worker answered (it holds no state)
+        or died; when it stalled or timed out it may still make the state, so the entry
+        stays, not busy, and goes when that idles out (or the worker is replaced)."""
+        if isinstance(exc, ShmmelError) and not isinstance(exc, (WorkerDied, BadRequest)):
+            self.release(h)
+        else:
+            self.table.free(h.index)
 
     def allocate(self, k: int, gen: int, n_mels: int, padding: int) -> Handle:
         """A table entry for worker ``k`` (generation ``gen``), busy with this process."""
         return self.table.allocate(n_mels, padding, lambda t: (k, gen), self.pid)
 
     def find(self, stream_id: str) -> Handle:
-        """Look up a session stream and mark it busy (409 if another request holds it)."""
-        return self.table.find(stream_id, self.pid, self.config.stream_idle_timeout)
+        """Look up a session stream (its worker answers 409 if another request holds it)."""
+        return self.table.find(stream_id, self.config.stream_idle_timeout)
 
     def release(self, h: Handle) -> None:
         self.table.release(h)
@@ -85,10 +110,15 @@ class AudioCalls:
             self.release(h)  # frees the entry (expiry skips busy entries: mark it idle)
 
     # -- pushes ------------------------------------------------------------------------------
-    def call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...]) -> None:
+    def call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...],
+             lease: int = 0) -> None:
         """One round trip of ``op`` on the stream's worker through ``slot`` (``nbytes`` of
-        payload already in it); a refusal becomes BadRequest, any other failure an error."""
-        slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(), args, h.index)
+        payload already in it; ``args`` up to two, then the stream's token and ``lease``);
+        a refusal becomes BadRequest, StreamBusy or UnknownStream, any other failure an
+        error."""
+        a = (*args, 0, 0)[:2]
+        slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(),
+                    (a[0], a[1], h.token, lease), h.index)
         slot.wait(self.config.request_timeout)
         check_reply(slot, slot.reply(copy=False).status)
 
@@ -138,21 +168,25 @@ class AudioCalls:
     def push(self, slot: Slot, h: Handle, data: memoryview | bytes, fmt: int,
              final: bool) -> FrameBatch:
         """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
-        return the frames it completed as one batch (raw log10, frame-major)."""
+        return the frames it completed as one batch (raw log10, frame-major). The pieces
+        share one lease (the first piece's seq): the worker refuses another request's
+        pieces on this stream (409) until the last one."""
         width = L.FMT_WIDTH[fmt]
         if len(data) % width:
             raise BadRequest(f"{len(data)} bytes is not a whole number of {width}-byte samples")
-        step = self.max_samples * width
+        step = self.push_samples(fmt, h.n_mels) * width
         view = memoryview(data)
         parts: list[np.ndarray] = []
         start, running_max, pos = -1, float("-inf"), 0
+        lease = self.producer.next_seq()
         while True:
             piece = view[pos : pos + step]
             pos += len(piece)
             last = pos >= len(view)
             is_final = final and last
             slot.view(len(piece))[:] = piece
-            self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, int(is_final)))
+            flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0)
+            self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, flags), lease)
             r = slot.reply(copy=False)
             k = r.r1
             if k:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from . import layout as L
 from .channel import Inbox
 from .config import Config
+from .osutil import pid_alive
 from .shm import Shm
 from .stream_table import StreamTable
 
@@ -33,6 +35,9 @@ class MelJobs:
         self.config, self.shm, self.index, self.gen, self.engine = config, shm, index, gen, engine
         self.table = StreamTable(shm)
         self.states: dict[int, tuple[int, Any]] = {}  # table index -> (token, StreamState)
+        # table index -> (lease, time of its last piece): the request whose pieces the stream
+        # takes now (one request at a time; another one's push is refused, R_BUSY = 409)
+        self.leases: dict[int, tuple[int, float]] = {}
         self._next_expiry = 0.0
         self._samples = 0  # samples turned into frames since take_samples()
         # each slot's payload as float32: the engine writes a reply's frames straight there
@@ -47,6 +52,7 @@ class MelJobs:
                             "are staged", index, exc)
 
     def _drop(self, k: int) -> None:
+        self.leases.pop(k, None)
         if self.states.pop(k, None) is not None:
             self.table.free(k)
             self.shm.workers["streams"][self.index] = len(self.states)
@@ -59,7 +65,8 @@ class MelJobs:
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
         batch_slots: list[tuple[int, int, bool]] = []  # (slot, stream index or -1, final)
-        for j, (op, n, k, arg0, arg1, arg2, _) in taken:
+        pushed: set[int] = set()  # streams with a push in this batch (one per stream)
+        for j, (op, n, k, arg0, arg1, arg2, arg3) in taken:
             if op == L.OP_AUDIO_ONESHOT:  # no table entry: state made, used, dropped here
                 dt = DTYPES.get(arg0)
                 if dt is None or n % dt.itemsize:
@@ -76,7 +83,7 @@ class MelJobs:
             if not 0 <= k < len(table):
                 errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
                 continue
-            token = table.token(k)
+            token = arg2  # the request's: a stale stream id never reaches a reused entry
             if op == L.OP_AUDIO_OPEN:
                 try:
                     st = self.engine.new_stream(n_mels=arg0)
@@ -89,19 +96,23 @@ class MelJobs:
                 continue
             entry = self.states.get(k)
             if entry is None or entry[0] != token:
-                errors += inbox.fail(j, L.R_BAD_INPUT, "unknown or expired stream")
+                errors += inbox.fail(j, L.R_NO_STREAM, "no such stream (expired or closed)")
                 continue
             if op == L.OP_AUDIO_CLOSE:
                 self._drop(k)
                 inbox.answer(j, L.R_OK, 0)
                 continue
-            fmt, final = arg0, bool(arg1)
+            fmt, final = arg0, bool(arg1 & L.PUSH_FINAL)
             dt = DTYPES.get(fmt)
             if dt is None or n % dt.itemsize:
                 errors += inbox.fail(j, L.R_BAD_INPUT, "bad sample format or byte count")
                 continue
+            if k in pushed or not self._lease(k, arg3, bool(arg1 & L.PUSH_LAST_PIECE)):
+                errors += inbox.fail(j, L.R_BUSY, "another request is using this stream")
+                continue
             batch.append((entry[1], np.frombuffer(self.shm.payload[j, :n], dtype=dt), final))
             batch_slots.append((j, k, final))
+            pushed.add(k)
         if batch:
             errors += self._compute(batch, batch_slots, inbox)
         return errors
@@ -117,6 +128,7 @@ class MelJobs:
         except ValueError as exc:
             if len(batch) > 1:
                 return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
+            self.leases.pop(batch_slots[0][1], None)  # its request ends here
             return inbox.fail(batch_slots[0][0], L.R_BAD_INPUT,
                               re.sub(r"^item \d+: ", "", str(exc)))
         for (j, k, final), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
@@ -130,6 +142,21 @@ class MelJobs:
                          f0=fb.running_max, f1=1.0 if final else 0.0)
         return 0
 
+    def _lease(self, k: int, lease: int, last: bool) -> bool:
+        """Whether a piece of request ``lease`` may go to stream ``k`` now: no other request
+        holds it (or its holder died, or sent no piece for request_timeout); the piece takes
+        the lease, the last piece of its request gives it back."""
+        now = time.monotonic()
+        cur = self.leases.get(k)
+        if (cur is not None and cur[0] != lease
+                and now - cur[1] < self.config.request_timeout and pid_alive(cur[0] >> 32)):
+            return False
+        if last:
+            self.leases.pop(k, None)
+        else:
+            self.leases[k] = (lease, now)
+        return True
+
     def take_samples(self) -> int:
         n, self._samples = self._samples, 0
         return n
@@ -141,6 +168,9 @@ class MelJobs:
         self._next_expiry = now + 1.0
         limit = self.config.stream_idle_timeout
         for k in list(self.states):
+            lease = self.leases.get(k)
+            if lease is not None and now - lease[1] < limit:
+                continue  # a request is sending its pieces
             if self.table.idle(k, now, limit):
                 log.info("worker %d: stream %d idle for %.0f s, dropped", self.index, k, limit)
                 self._drop(k)

@@ -319,7 +319,7 @@ def snapshot(shm: Shm) -> dict[str, Any]:
             "bytes": shm.slot_bytes,
         },
         "streams": {"open": StreamTable(shm).open_count(),
-                    "max": len(shm.streams)},
+                    "max": int(shm.header["max_streams"])},
     }
 
 

@@ -13,7 +13,8 @@ Two POSIX shared-memory segments and two families of semaphores per instance ``I
     +--------------------+  CtlLayout.slots_off
     | SLOT   x slots     |  request/response header of each data slot
     +--------------------+  CtlLayout.streams_off
-    | STREAM x max_streams| audio stream table (owner worker, token, idle clock)
+    | STREAM x entries   | audio stream table (owner worker, token, idle clock), one
+    |                    | partition of stream_entries() per producer row
     +--------------------+  CtlLayout.metrics_off
     | METRICS x MAX_HTTP |  HTTP request counters and latency histograms, per HTTP row
     +--------------------+  CtlLayout.size
@@ -54,7 +55,8 @@ import struct
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 3  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row
+VERSION = 4  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
+             # 4: stream-table partitions per producer row, stream tokens in requests
 MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
                # benchmarks and tools that talk to the workers directly
 SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools
@@ -91,9 +93,14 @@ S_QUEUED_MIN = S_SUBMITTED            # state >= this: queued on (state & 0xFF)
 # slot ops (SLOT.op); the worker dispatches on these
 OP_PING = 0          # echo the payload (IPC benchmark)
 OP_TEXT = 1          # arg0 = text op (TEXT_OPS); payload UTF-8 in, UTF-8 out
-OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, stream = table index
-OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = final flag
-OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away)
+# stream ops carry the entry's token in arg2 (the worker refuses a token that is not the one
+# it holds: a request for a stream whose entry was reused never reaches the new stream)
+OP_AUDIO_OPEN = 2    # open a stream: arg0 = n_mels, stream = table index, arg2 = token
+OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = PUSH_* flags, arg2 = token,
+                     # arg3 = lease (the seq of the request's first piece, see MelJobs)
+OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away); arg2 = token
+PUSH_FINAL = 1       # the stream ends with this piece
+PUSH_LAST_PIECE = 2  # the last piece of one HTTP request: its lease on the stream ends
 # transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
 OP_WHISPER_OPEN = 5      # start a job: stream = table index
 OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the window
@@ -113,11 +120,13 @@ TEXT_PART_CHARS = 64  # OP_TEXT with arg1 = 1: the result in parts of this many 
 FMT_S16LE, FMT_F32LE = 0, 1
 FMT_WIDTH = {FMT_S16LE: 2, FMT_F32LE: 4}
 
-# reply status (SLOT.status)
-R_OK, R_BAD_INPUT, R_ERROR = 0, 1, 2
+# reply status (SLOT.status); R_BUSY: another request holds the stream (409), R_NO_STREAM: the
+# worker holds no stream of that token (404: expired, closed, or its entry reused)
+R_OK, R_BAD_INPUT, R_ERROR, R_BUSY, R_NO_STREAM = 0, 1, 2, 3, 4
 
-# stream table state (STREAM.state)
-ST_FREE, ST_OPEN, ST_CLOSED = 0, 1, 2
+# stream table state (STREAM.state). RESERVED: taken by its partition's producer, being
+# filled (counted against max_streams, invisible to lookups).
+ST_FREE, ST_OPEN, ST_RESERVED = 0, 1, 2
 
 HEADER = np.dtype([
     ("magic", "S8"),
@@ -194,7 +203,8 @@ STREAM = np.dtype([
     ("worker", "<u4"),
     ("gen", "<u4"),
     ("n_mels", "<u4"),
-    ("token", "<u8"),        # random; the public stream id is "<index>-<token hex>"
+    ("token", "<u8"),        # the public stream id is "<index>-<token hex>": the entry's
+                             # use count (high 23 bits) and 40 random bits (see stream_token)
     ("last_used", "<f8"),    # time.monotonic()
     ("frames", "<i8"),
     ("samples", "<i8"),
@@ -281,6 +291,39 @@ def partition_range(row: int, n_slots: int, partitions: int) -> range:
     return range(row * per, (row + 1) * per)
 
 
+# Stream-table entries are partitioned like the slots: producer row r alone takes the FREE
+# entries of stream_partition(r, ...) (a stream's open takes no cross-process lock), while any
+# process looks up any entry (a session's chunks reach any HTTP process). max_streams is the
+# global limit on open streams; a partition holds up to STREAM_SHARE x its fair share of it, so
+# uneven spreading of opens over HTTP processes does not refuse streams below the limit.
+STREAM_SHARE = 4
+TOKEN_RANDOM_BITS = 40
+
+
+def stream_entries_per_partition(max_streams: int, http_workers: int) -> int:
+    return min(max_streams, -(-STREAM_SHARE * max_streams // max(1, http_workers)))
+
+
+def stream_entries(max_streams: int, http_workers: int) -> int:
+    """The stream table's length: a partition of entries for every producer row."""
+    return partitions_for(http_workers) * stream_entries_per_partition(max_streams, http_workers)
+
+
+def stream_partition(row: int, entries: int, partitions: int) -> range:
+    """The stream-table entries that producer row ``row`` alone allocates."""
+    per = entries // partitions
+    return range(row * per, (row + 1) * per)
+
+
+def stream_token(previous: int, random_bits: int) -> int:
+    """The token of an entry's next stream: its use count (the previous token's, plus one,
+    in 23 bits, never 0) over ``random_bits``. A reused entry never repeats a token within
+    2^23 - 1 uses, so a stale stream id can never name the new stream; the random part keeps
+    ids unguessable. Fits an i64 slot argument."""
+    uses = (previous >> TOKEN_RANDOM_BITS) % ((1 << 23) - 1) + 1
+    return (uses << TOKEN_RANDOM_BITS) | (random_bits & ((1 << TOKEN_RANDOM_BITS) - 1))
+
+
 def _align(n: int, a: int = 64) -> int:
     return (n + a - 1) // a * a
 
@@ -288,14 +331,14 @@ def _align(n: int, a: int = 64) -> int:
 class CtlLayout:
     """Offsets of the control segment for given sizes (all derived from the dtypes above)."""
 
-    def __init__(self, n_workers: int, n_slots: int, max_streams: int) -> None:
-        self.n_workers, self.n_slots, self.max_streams = n_workers, n_slots, max_streams
+    def __init__(self, n_workers: int, n_slots: int, n_streams: int) -> None:
+        self.n_workers, self.n_slots, self.n_streams = n_workers, n_slots, n_streams
         self.header_off = 0
         self.workers_off = _align(HEADER.itemsize)
         self.http_off = _align(self.workers_off + WORKER.itemsize * n_workers)
         self.slots_off = _align(self.http_off + HTTP.itemsize * MAX_HTTP)
         self.streams_off = _align(self.slots_off + SLOT.itemsize * n_slots)
-        self.metrics_off = _align(self.streams_off + STREAM.itemsize * max_streams)
+        self.metrics_off = _align(self.streams_off + STREAM.itemsize * n_streams)
         self.size = _align(self.metrics_off + METRICS.itemsize * MAX_HTTP, PAGE)
 
     def views(self, buf) -> tuple[np.ndarray, ...]:
@@ -304,7 +347,7 @@ class CtlLayout:
         workers = np.frombuffer(buf, WORKER, self.n_workers, self.workers_off)
         http = np.frombuffer(buf, HTTP, MAX_HTTP, self.http_off)
         slots = np.frombuffer(buf, SLOT, self.n_slots, self.slots_off)
-        streams = np.frombuffer(buf, STREAM, self.max_streams, self.streams_off)
+        streams = np.frombuffer(buf, STREAM, self.n_streams, self.streams_off)
         metrics = np.frombuffer(buf, METRICS, MAX_HTTP, self.metrics_off)
         return header, workers, http, slots, streams, metrics
 

@@ -39,7 +39,8 @@ class Shm:
             raise InstanceError(f"instance {instance!r}: shared memory has an unknown layout "
                                 f"(magic {bytes(head['magic'])!r}, version {int(head['version'])})")
         self.layout = L.CtlLayout(int(head["n_workers"]), int(head["n_slots"]),
-                                  int(head["max_streams"]))
+                                  L.stream_entries(int(head["max_streams"]),
+                                                   int(head["http_workers"])))
         hdr, self.workers, self.http, self.slots, self.streams, self.metrics = \
             self.layout.views(self._ctl_map)
         self.header = hdr[0]
@@ -71,7 +72,8 @@ class Shm:
         """Create every segment and semaphore of ``config.instance`` (mode 0600)."""
         inst = config.instance
         n_slots = L.slots_for(config.slots, config.http_workers, config.http_threads)
-        lay = L.CtlLayout(config.worker_rows, n_slots, config.max_streams)
+        lay = L.CtlLayout(config.worker_rows, n_slots,
+                          L.stream_entries(config.max_streams, config.http_workers))
         made: list[str] = []
         try:
             ctl = posix_ipc.SharedMemory(L.ctl_name(inst), posix_ipc.O_CREX, mode=0o600,

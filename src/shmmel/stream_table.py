@@ -2,17 +2,32 @@
 
 A stream (a session stream, a full-duplex ``/audio/stream`` upload, a transcription job) is
 pinned to the worker that holds its state; its entry carries that worker's generation, so a
-dead worker's entries are seen stale and swept. HTTP processes allocate, find, release and
-free entries; workers account frames and free the entries of the states they drop; the
-supervisor sweeps stale ones. All of them go through :class:`StreamTable`: nothing else
-writes an entry. Allocation and lookup take the instance lock (a stream's open, and a
-session chunk's lookup, where the busy mark must be tested and set at once); the per-chunk
-pushes themselves take none.
+dead worker's entries are seen stale. No operation on the request path takes a
+cross-process lock:
+
+* **open** (:meth:`StreamTable.allocate`): the entries are partitioned by producer row
+  (``layout.stream_partition``) like the slots, and only the partition's process takes its
+  FREE (or stale) entries, under a thread lock held across no syscall. The entry is
+  reserved first and the open streams counted after (publish, then check), so opens racing in
+  several processes at the limit are refused rather than admitted past it.
+* **lookup** (:meth:`StreamTable.find`): any process reads the entry (state, token, worker
+  and its generation) and writes its idle clock, one aligned store. The stream id's token
+  carries the entry's use count (``layout.stream_token``), so a reused entry never reads as
+  the old stream; the worker checks the token of every request once more.
+* **one request at a time**: the worker that holds a stream serves it, one request at a
+  time (a lease per request, see ``MelJobs``), and answers ``R_BUSY`` (409) to a second one.
+* **close**: the worker frees the entry when it drops the stream (finished, closed, idle).
+
+The supervisor frees, under the instance lock (a rare event, shared with ``claim_row``), the
+reserved and stale entries of partitions whose process died; a live process reuses its own
+stale entries. Every shared word is written with one aligned store (numpy item assignment).
 """
 
 from __future__ import annotations
 
+import collections
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,75 +49,146 @@ class Handle:
     worker: int
     gen: int
     n_mels: int
+    held: bool = False  # allocated by this handle: its process marks the entry busy
 
     @property
     def stream_id(self) -> str:
         return f"{self.index}-{self.token:016x}"
 
 
-# choose(table) -> (worker, generation): called under the table's lock, so opens racing in
-# other threads and processes see each other's entries when they place a stream
+# choose(table) -> (worker, generation), called before the entry is taken: opens racing in
+# other threads and processes may place their streams without seeing each other's
 Chooser = Callable[[np.ndarray], tuple[int, int]]
 
 
+def _counts(t: np.ndarray, workers: np.ndarray) -> tuple[np.ndarray, int]:
+    """(indexes of the open entries whose worker still runs the generation that holds
+    them, how many entries are reserved): one pass over the state column."""
+    used = np.flatnonzero(t["state"])  # ST_FREE is 0
+    states = t["state"][used]
+    idx = used[states == L.ST_OPEN]
+    wk = t["worker"][idx].astype(np.int64)
+    ok = wk < len(workers)
+    idx, wk = idx[ok], wk[ok]
+    return idx[t["gen"][idx] == workers["gen"][wk]], int((states == L.ST_RESERVED).sum())
+
+
+def live_mask(t: np.ndarray, workers: np.ndarray) -> np.ndarray:
+    """Open entries whose worker still runs the generation that holds them."""
+    live = np.zeros(len(t), bool)
+    live[_counts(t, workers)[0]] = True
+    return live
+
+
 class StreamTable:
-    def __init__(self, shm: Shm) -> None:
+    """One process's view of the table; ``row`` (its producer row) lets it open streams."""
+
+    def __init__(self, shm: Shm, row: int | None = None) -> None:
         self.shm = shm
         self.t = shm.streams
+        self.limit = int(shm.header["max_streams"])
+        self.part = (None if row is None
+                     else L.stream_partition(row, len(self.t), shm.partitions))
+        self._idle: collections.deque[int] = collections.deque()  # candidates, this partition
+        self._lock = threading.Lock()  # this process's takes: numpy and stores, no syscall
+        if self.part is not None:  # a dead predecessor's reservations (the row is ours now)
+            s = self.t[self.part.start : self.part.stop]
+            for j in np.flatnonzero(s["state"] == L.ST_RESERVED).tolist():
+                s["state"][j] = L.ST_FREE
 
     def __len__(self) -> int:
         return len(self.t)
 
     # -- HTTP side ------------------------------------------------------------------------
-    def allocate(self, n_mels: int, padding: int, choose: Chooser, pid: int) -> Handle:
-        """A free entry for the worker ``choose`` picks, busy with process ``pid``; 503 when
-        the table is full. The worker frees it when it drops the state."""
-        t = self.t
-        with self.shm.lock():
-            free = np.flatnonzero(t["state"] == L.ST_FREE)
-            if free.size == 0:
-                raise ServiceUnavailable(f"too many open streams (max {len(t)})")
-            k, gen = choose(t)
-            i = int(free[0])
-            token = secrets.randbits(63) | 1
-            e = t[i : i + 1]
-            e["worker"], e["gen"], e["n_mels"], e["token"] = k, gen, n_mels, token
-            e["last_used"], e["frames"], e["samples"], e["busy"] = time.monotonic(), 0, 0, pid
-            e["padding"] = padding
-            e["state"] = L.ST_OPEN
-        return Handle(i, token, k, gen, n_mels)
+    def in_use(self) -> int:
+        """Entries counted against max_streams: reserved ones and live open ones."""
+        live, reserved = _counts(self.t, self.shm.workers)
+        return len(live) + reserved
 
-    def find(self, stream_id: str, pid: int, idle_timeout: float) -> Handle:
-        """Look up a session stream and mark it busy with ``pid`` (409 if another request
-        holds it, 503 if its worker restarted, 404 if there is no such open stream)."""
+    def _take(self) -> int:
+        """A FREE or stale entry of this partition, now RESERVED (under ``_lock``)."""
+        t = self.t
+        while True:
+            try:
+                i = self._idle.pop()
+            except IndexError:
+                part = self.part
+                assert part is not None, "a StreamTable without a producer row cannot open"
+                s = t[part.start : part.stop]
+                stale = (s["state"] == L.ST_OPEN) & ~live_mask(s, self.shm.workers)
+                free = np.flatnonzero((s["state"] == L.ST_FREE) | stale) + part.start
+                if free.size == 0:
+                    raise ServiceUnavailable(
+                        f"too many open streams: this HTTP process holds its maximum of "
+                        f"{len(part)} (max_streams {self.limit} in all)") from None
+                self._idle.extend(free[::-1].tolist())  # lowest first
+                continue
+            state = int(t["state"][i])
+            if state == L.ST_FREE or (state == L.ST_OPEN and not self._live(i)):
+                t["state"][i] = L.ST_RESERVED
+                return i
+
+    def _live(self, i: int) -> bool:
+        k = int(self.t["worker"][i])
+        w = self.shm.workers
+        return k < len(w) and int(w["gen"][k]) == int(self.t["gen"][i])
+
+    def allocate(self, n_mels: int, padding: int, choose: Chooser, pid: int) -> Handle:
+        """A free entry of this process's partition for the worker ``choose`` picks, busy
+        with process ``pid``; 503 past max_streams (or when the partition is full). The
+        worker frees it when it drops the state."""
+        t = self.t
+        k, gen = choose(t)
+        with self._lock:
+            i = self._take()
+        if self.in_use() > self.limit:  # ours is counted: racing opens refuse each other
+            t["state"][i] = L.ST_FREE
+            self._idle.append(i)
+            raise ServiceUnavailable(f"too many open streams (max {self.limit})")
+        token = L.stream_token(int(t["token"][i]), secrets.randbits(L.TOKEN_RANDOM_BITS))
+        # the token first: a reader that sees the old token after reading the other fields
+        # read the old stream's fields (see find)
+        t["token"][i] = token
+        t["worker"][i], t["gen"][i], t["n_mels"][i] = k, gen, n_mels
+        t["last_used"][i], t["frames"][i], t["samples"][i] = time.monotonic(), 0, 0
+        t["busy"][i], t["padding"][i] = pid, padding
+        t["state"][i] = L.ST_OPEN  # publish last
+        return Handle(i, token, k, gen, n_mels, held=True)
+
+    def find(self, stream_id: str, idle_timeout: float) -> Handle:
+        """Look up a session stream from any process: one read of its entry (404 if there is
+        no such open stream, 503 if its worker restarted). Restarts its idle clock; whether
+        another request is using it is the worker's to say (409)."""
         try:
             a, b = stream_id.split("-", 1)
             i, token = int(a), int(b, 16)
         except ValueError:
             raise UnknownStream(f"no stream {stream_id!r}") from None
-        t, w = self.t, self.shm.workers
+        t = self.t
         if not 0 <= i < len(t):
             raise UnknownStream(f"no stream {stream_id!r}")
-        with self.shm.lock():
-            e = t[i]
-            if e["state"] != L.ST_OPEN or int(e["token"]) != token:
-                raise UnknownStream(f"no stream {stream_id!r} (never opened, expired after "
-                                    f"{idle_timeout:g} s idle, or closed)")
-            k, gen = int(e["worker"]), int(e["gen"])
-            if int(w["gen"][k]) != gen:
-                raise StreamLost("the worker holding this stream restarted; open a new stream")
-            busy = int(e["busy"])
-            if busy == pid or (busy and pid_alive(busy)):
-                raise StreamBusy("another request is using this stream")
-            t["busy"][i] = pid
-        return Handle(i, token, k, gen, int(e["n_mels"]))
+        state, tok = int(t["state"][i]), int(t["token"][i])
+        k, gen, n_mels = int(t["worker"][i]), int(t["gen"][i]), int(t["n_mels"][i])
+        # read again: the fields above belong to this token's stream if it is still there
+        if (state != L.ST_OPEN or tok != token or int(t["token"][i]) != token
+                or int(t["state"][i]) != L.ST_OPEN):
+            raise UnknownStream(f"no stream {stream_id!r} (never opened, expired after "
+                                f"{idle_timeout:g} s idle, or closed)")
+        w = self.shm.workers
+        if k >= len(w) or int(w["gen"][k]) != gen:
+            raise StreamLost("the worker holding this stream restarted; open a new stream")
+        t["last_used"][i] = time.monotonic()
+        return Handle(i, token, k, gen, n_mels)
 
     def release(self, h: Handle) -> None:
-        """Not busy any more (the idle clock restarts); a no-op once the entry is reused."""
+        """Done with it for now (the idle clock restarts; an entry this handle allocated is
+        not busy any more); a no-op once the entry is reused."""
         t = self.t
         if int(t["token"][h.index]) == h.token:
             t["last_used"][h.index] = time.monotonic()
-            t["busy"][h.index] = 0
+            if h.held:
+                t["busy"][h.index] = 0
+                h.held = False
 
     def padding(self, i: int) -> int:
         return int(self.t["padding"][i])
@@ -116,9 +202,9 @@ class StreamTable:
         return int(self.t["token"][i])
 
     def account(self, i: int, frames: int, samples: int) -> None:
-        e = self.t[i : i + 1]
-        e["frames"] += frames
-        e["samples"] += samples
+        t = self.t  # the holding worker alone writes these words
+        t["frames"][i] = int(t["frames"][i]) + frames
+        t["samples"][i] = int(t["samples"][i]) + samples
 
     def idle(self, i: int, now: float, limit: float) -> bool:
         """Unused for ``limit`` seconds: not busy (or busy with a dead process)."""
@@ -131,16 +217,26 @@ class StreamTable:
         self.t["state"][i] = L.ST_FREE
 
     def open_count(self) -> int:
-        return int((self.t["state"] != L.ST_FREE).sum())
+        """Open streams on live workers (what max_streams limits, less reservations)."""
+        return len(_counts(self.t, self.shm.workers)[0])
 
     # -- supervisor -----------------------------------------------------------------------
     def sweep(self) -> int:
-        """Free the entries whose worker died (its generation moved on); how many."""
-        t, w = self.t, self.shm.workers
+        """Free the reserved and stale entries of partitions whose process is gone (a live
+        process reuses its own stale entries); how many. Under the instance lock, which
+        ``claim_row`` takes to give a row to a new process: the two never meet."""
+        t, h, shm = self.t, self.shm.http, self.shm
         n = 0
-        for i in np.flatnonzero(t["state"] != L.ST_FREE).tolist():
-            k = int(t["worker"][i])
-            if k >= len(w) or int(w["gen"][k]) != int(t["gen"][i]):
-                t["state"][i] = L.ST_FREE
-                n += 1
+        with shm.lock():
+            for r in range(shm.partitions):
+                pid = int(h["pid"][r])
+                if pid and pid_alive(pid):
+                    continue
+                part = L.stream_partition(r, len(t), shm.partitions)
+                s = t[part.start : part.stop]
+                gone = (s["state"] == L.ST_RESERVED) | (
+                    (s["state"] == L.ST_OPEN) & ~live_mask(s, shm.workers))
+                for j in np.flatnonzero(gone).tolist():
+                    s["state"][j] = L.ST_FREE
+                    n += 1
         return n

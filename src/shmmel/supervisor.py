@@ -352,7 +352,9 @@ class Supervisor:
         self._next_reclaim = now + RECLAIM_EVERY
         assert self.shm is not None
         reclaim_slots(self.shm)  # orphaned slots, and those of dead producers
-        StreamTable(self.shm).sweep()  # entries of dead workers
+        # reserved and stale stream entries of dead producers' partitions (live producers
+        # reuse their own stale ones; a dead worker's live-looking entries read as stale)
+        StreamTable(self.shm).sweep()
         h = self.shm.http
         for r in np.flatnonzero(h["pid"] != 0).tolist():
             if not pid_alive(int(h["pid"][r])):

@@ -1,0 +1,361 @@
+"""The stream table without a cross-process lock (issue 12): partitions per producer row,
+tokens that carry an entry's use count, the worker as the one arbiter of a stream's requests.
+
+In-process and forked processes over a real instance's segments (the ``shm`` fixture); the
+HTTP behaviour (404, 409, 503, expiry) is tested end to end in test_audio_http.py and
+test_hardening.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from shmmel import layout as L
+from shmmel.audio_calls import check_reply
+from shmmel.audio_worker import MelJobs
+from shmmel.channel import Inbox, Producer, claim_row
+from shmmel.config import Config
+from shmmel.errors import ServiceUnavailable, StreamBusy, StreamLost, UnknownStream
+from shmmel.mel import create_engine
+from shmmel.shm import Shm, instance_names
+from shmmel.stream_table import StreamTable
+
+from .conftest import fork
+from .test_shared_words import exit_code
+
+HAMMER_S = 3.0
+
+
+@pytest.fixture
+def small():
+    """An instance whose stream table has 3 entries per partition and max_streams 6."""
+    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=2, slots=32,
+                    slot_bytes=16 * 1024, max_streams=6, http_workers=8)
+    shm = Shm.create(config)
+    children: list[int] = []
+    shm.children = children  # type: ignore[attr-defined]  # conftest.fork adds to it
+    try:
+        for k in range(2):
+            shm.workers["gen"][k] = 1
+            shm.workers["state"][k] = L.W_READY
+        yield shm, children
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        shm.close()
+        shm.unlink()
+        assert instance_names(config.instance) == []
+
+
+def on_worker(k: int, gen: int = 1):
+    return lambda t: (k, gen)
+
+
+def test_partitions_cover_the_table_and_never_overlap():
+    for max_streams, http in ((1, 1), (6, 8), (1000, 8), (1024, 2), (65536, 64)):
+        n = L.stream_entries(max_streams, http)
+        parts = L.partitions_for(http)
+        ranges = [L.stream_partition(r, n, parts) for r in range(parts)]
+        seen = [i for r in ranges for i in r]
+        assert len(seen) == len(set(seen)) == n
+        # a process may hold STREAM_SHARE x its fair share, never less than max_streams / http
+        assert len(ranges[0]) == min(max_streams, -(-L.STREAM_SHARE * max_streams // http))
+        assert len(ranges[0]) * http >= max_streams
+
+
+def test_tokens_never_repeat_on_a_reused_entry():
+    tok, seen = 0, set()
+    for _ in range(5000):
+        tok = L.stream_token(tok, 12345)  # the same random bits every time: the count differs
+        assert 0 < tok < 1 << 63 and tok not in seen
+        seen.add(tok)
+    top = ((1 << 23) - 1) << L.TOKEN_RANDOM_BITS
+    assert L.stream_token(top, 0) >> L.TOKEN_RANDOM_BITS == 1  # wraps, never to 0
+
+
+def test_no_entry_is_ever_taken_by_two_processes(small):
+    """Three producer processes open and free streams as fast as they can, with the global
+    limit (6) below what their partitions hold (3 each, 9 in all), so opens race at the
+    limit all the time. Each checks, while it holds a stream, that the entry's token and busy
+    words are still its own, that the entry lies in its partition, and that no more than
+    max_streams streams are open. A shared partition or a check-then-act limit fails it."""
+    shm, children = small
+
+    def producer() -> int:
+        mine = Shm.attach(shm.instance)
+        row = claim_row(mine)
+        table = StreamTable(mine, row)
+        part = L.stream_partition(row, len(table), mine.partitions)
+        pid, t = os.getpid(), mine.streams
+        held: list = []
+        opened = refused = 0
+        stop = time.monotonic() + HAMMER_S
+        while time.monotonic() < stop:
+            try:
+                h = table.allocate(80, 0, on_worker(opened % 2), pid)
+                opened += 1
+                held.append(h)
+                if h.index not in part:
+                    print(f"entry {h.index} outside partition {part}", flush=True)
+                    return 3
+                if table.open_count() > table.limit:
+                    print(f"{table.open_count()} open > max {table.limit}", flush=True)
+                    return 5
+            except ServiceUnavailable:
+                refused += 1
+            for h in held:
+                if int(t["token"][h.index]) != h.token or int(t["busy"][h.index]) != pid:
+                    print(f"entry {h.index} taken by another process", flush=True)
+                    return 3
+            if len(held) >= 3 or (held and (opened + refused) % 2 == 0):
+                h = held.pop(0)
+                table.free(h.index)
+        print(f"opened {opened}, refused {refused}", flush=True)
+        return 0 if opened > 200 and refused > 0 else 4
+
+    pids = [fork(shm, producer) for _ in range(3)]
+    codes = [exit_code(p, HAMMER_S + 30) for p in pids]
+    assert codes == [0, 0, 0], (f"exit codes {codes} (3: an entry used twice, 5: past "
+                                "max_streams, 4: no real work or the limit never reached)")
+
+
+def test_a_stale_id_never_reads_as_the_stream_that_reuses_its_entry(small):
+    """A child process frees and reopens the last entry of its partition in a tight loop
+    (the other two stay open), each stream's n_mels set to its token's use count; this
+    process looks the current id and the first one up all the while. A lookup that succeeds
+    returns the fields of the id's own stream, and the first id never succeeds once its
+    entry was reused."""
+    shm, children = small
+    row = claim_row(shm)
+    table = StreamTable(shm, row)
+    i = L.stream_partition(row + 1, len(table), shm.partitions).start + 2  # the child's
+
+    def churn() -> int:
+        mine = Shm.attach(shm.instance)
+        t = StreamTable(mine, claim_row(mine))
+        assert t.part.start + 2 == i
+        keep = [t.allocate(80, 0, on_worker(0), os.getpid()) for _ in range(2)]
+        assert i not in {h.index for h in keep}
+        end = time.monotonic() + HAMMER_S
+        h = None
+        while time.monotonic() < end:
+            if h is not None:
+                t.free(h.index)
+            uses = L.stream_token(int(mine.streams["token"][i]), 0) >> L.TOKEN_RANDOM_BITS
+            h = t.allocate(uses, 0, on_worker(0), os.getpid())
+            if h.index != i:
+                return 3
+        return 0
+
+    fork(shm, churn)
+    st = shm.streams
+    deadline = time.monotonic() + 5
+    while int(st["state"][i]) != L.ST_OPEN and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first_token = int(st["token"][i])
+    first = f"{i}-{first_token:016x}"
+    ok = mismatched = reused = old_found = 0
+    end = time.monotonic() + HAMMER_S - 0.5
+    while time.monotonic() < end:
+        cur = int(st["token"][i])
+        try:
+            h = table.find(f"{i}-{cur:016x}", 60)
+            ok += 1
+            if h.n_mels != h.token >> L.TOKEN_RANDOM_BITS:
+                mismatched += 1
+        except UnknownStream:
+            pass
+        if cur != first_token:
+            reused += 1
+            try:
+                table.find(first, 60)
+                old_found += 1
+            except UnknownStream:
+                pass
+    assert mismatched == 0, f"{mismatched} of {ok} lookups returned another stream's fields"
+    print(f"lookups {ok}, after reuse {reused}")
+    assert ok > 50 and reused > 50, (ok, reused)
+    assert old_found == 0, "a freed and reused entry was found under its old id"
+
+
+def test_limit_partition_and_errors_in_one_process(small):
+    shm, _ = small
+    row = claim_row(shm)
+    table = StreamTable(shm, row)
+    pid = os.getpid()
+    got = [table.allocate(80, 0, on_worker(0), pid) for _ in range(3)]
+    assert {h.index for h in got} <= set(table.part)
+    with pytest.raises(ServiceUnavailable, match="this HTTP process holds its maximum of 3"):
+        table.allocate(80, 0, on_worker(0), pid)
+    # another process's row reaches the global limit (6) and a fast 503
+    other = StreamTable(shm, claim_row_for(shm, row + 1))
+    more = [other.allocate(80, 0, on_worker(1), pid) for _ in range(3)]
+    third = StreamTable(shm, claim_row_for(shm, row + 2))
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=r"too many open streams \(max 6\)"):
+        third.allocate(80, 0, on_worker(1), pid)
+    assert time.monotonic() - t0 < 0.05
+    assert table.open_count() == 6 and table.in_use() == 6
+    # the refused open left nothing reserved
+    assert int((shm.streams["state"] == L.ST_RESERVED).sum()) == 0
+    # lookups: a good id, a wrong token, a worker that restarted
+    h = got[0]
+    found = third.find(h.stream_id, 60)
+    assert (found.index, found.worker, found.gen, found.held) == (h.index, 0, 1, False)
+    with pytest.raises(UnknownStream):
+        third.find(f"{h.index}-{h.token ^ 1:016x}", 60)
+    shm.workers["gen"][0] = 2  # worker 0 replaced: its streams are lost, and not counted
+    with pytest.raises(StreamLost):
+        third.find(h.stream_id, 60)
+    assert table.open_count() == 3
+    # the owner reuses its own stale entries (the supervisor leaves a live partition alone)
+    again = [table.allocate(80, 0, on_worker(1), pid) for _ in range(3)]
+    assert {a.index for a in again} == {g.index for g in got}
+    with pytest.raises(UnknownStream):
+        third.find(h.stream_id, 60)
+    assert all(third.find(a.stream_id, 60).worker == 1 for a in again + more)
+
+
+def claim_row_for(shm: Shm, row: int) -> int:
+    """Row ``row`` of the HTTP table as a live process's (this one's): a second producer
+    row in one test process."""
+    shm.http["pid"][row] = os.getpid()
+    return row
+
+
+def test_the_supervisor_frees_a_dead_producers_reserved_and_stale_entries(small):
+    shm, children = small
+
+    def dies_mid_open() -> int:
+        mine = Shm.attach(shm.instance)
+        t = StreamTable(mine, claim_row(mine))
+        t.allocate(80, 0, on_worker(0), os.getpid())   # a live stream: stays
+        t.allocate(80, 0, on_worker(1), os.getpid())   # its worker dies below: freed
+        with t._lock:
+            t._take()                                   # killed between reserve and publish
+        time.sleep(60)
+        return 0
+
+    pid = fork(shm, dies_mid_open)
+    st = shm.streams["state"]
+    deadline = time.monotonic() + 10
+    while int((st == L.ST_RESERVED).sum()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert int((st == L.ST_OPEN).sum()) == 2 and int((st == L.ST_RESERVED).sum()) == 1
+    table = StreamTable(shm)
+    assert table.sweep() == 0  # its process is alive: nothing of its partition is touched
+    shm.workers["gen"][1] = 2
+    assert table.sweep() == 0
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    children.remove(pid)
+    assert table.sweep() == 2  # the reservation and the dead worker's stream
+    assert int((st == L.ST_OPEN).sum()) == 1 and int((st == L.ST_RESERVED).sum()) == 0
+    assert table.open_count() == 1  # the live stream on worker 0 stays for its worker
+
+
+# -- the worker: tokens and one request at a time -----------------------------------------
+class Jobs:
+    """MelJobs of worker 0 with the NumPy engine, fed slots by hand."""
+
+    def __init__(self, shm: Shm) -> None:
+        self.shm = shm
+        self.jobs = MelJobs(Config(request_timeout=30), shm, 0, 1, create_engine("cpu"))
+        self.inbox = Inbox(shm, 0, 1)
+        self.next = 0
+
+    def serve(self, *requests: tuple[int, ...], audio: bytes = b"") -> list[int]:
+        taken = []
+        for req in requests:
+            j = self.next
+            self.next = (self.next + 1) % 8
+            n = len(audio) if req[0] == L.OP_AUDIO_PUSH else 0
+            self.shm.payload[j, :n] = np.frombuffer(audio, np.uint8)
+            taken.append((j, (req[0], n, *req[1:])))
+        self.jobs.serve(taken, self.inbox)
+        return [int(self.shm.slots["status"][j]) for j, _ in taken]
+
+
+def push(k: int, token: int, lease: int, last: bool = True, final: bool = False):
+    flags = (L.PUSH_LAST_PIECE if last else 0) | (L.PUSH_FINAL if final else 0)
+    return (L.OP_AUDIO_PUSH, k, L.FMT_S16LE, flags, token, lease)
+
+
+def test_the_worker_serves_one_request_of_a_stream_at_a_time(small):
+    shm, children = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    h = table.allocate(80, 0, on_worker(0), os.getpid())
+    audio = np.zeros(1600, "<i2").tobytes()
+    assert w.serve((L.OP_AUDIO_OPEN, h.index, 80, 0, h.token, 0)) == [L.R_OK]
+    me = os.getpid() << 32
+    a, b = me | 1, me | 2
+    # request a sends the first of two pieces: b is refused until a's last piece
+    assert w.serve(push(h.index, h.token, a, last=False), audio=audio) == [L.R_OK]
+    assert w.serve(push(h.index, h.token, b), audio=audio) == [L.R_BUSY]
+    assert w.serve(push(h.index, h.token, a), audio=audio) == [L.R_OK]
+    assert w.serve(push(h.index, h.token, b), audio=audio) == [L.R_OK]
+    # two requests of one stream in one wake-up: the second is refused, the stream fed once
+    before = table.counts(h.index)[1]
+    assert w.serve(push(h.index, h.token, me | 3), push(h.index, h.token, me | 4),
+                   audio=audio) == [L.R_OK, L.R_BUSY]
+    assert table.counts(h.index)[1] == before + 1600
+    # a holder that died gives the stream up at once
+    dead = fork(shm, lambda: 0)
+    exit_code(dead, 10)
+    assert w.serve(push(h.index, h.token, dead << 32 | 1, last=False), audio=audio) == [L.R_OK]
+    assert w.serve(push(h.index, h.token, me | 5), audio=audio) == [L.R_OK]
+    # a wrong token is no stream (404), and changes nothing
+    before = table.counts(h.index)
+    assert w.serve(push(h.index, h.token ^ 1, me | 6), audio=audio) == [L.R_NO_STREAM]
+    assert table.counts(h.index) == before
+    # the last push frees the entry
+    assert w.serve(push(h.index, h.token, me | 7, final=True), audio=audio) == [L.R_OK]
+    assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.leases
+
+
+def test_a_request_for_a_reused_entry_never_reaches_the_new_stream(small):
+    """The entry of a finished stream is reused for a new one on the same worker; a push
+    carrying the old id's token (a lookup that raced the reuse) is refused, 404."""
+    shm, _ = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    audio = np.zeros(1600, "<i2").tobytes()
+    old = table.allocate(80, 0, on_worker(0), os.getpid())
+    w.serve((L.OP_AUDIO_OPEN, old.index, 80, 0, old.token, 0))
+    assert w.serve(push(old.index, old.token, 1, final=True), audio=audio) == [L.R_OK]
+    new = None
+    for _ in range(3):  # the partition's other entries come first
+        h = table.allocate(80, 0, on_worker(0), os.getpid())
+        if h.index == old.index:
+            new = h
+    assert new is not None and new.token != old.token
+    w.serve((L.OP_AUDIO_OPEN, new.index, 80, 0, new.token, 0))
+    assert w.serve(push(old.index, old.token, 2), audio=audio) == [L.R_NO_STREAM]
+    assert table.counts(new.index) == (0, 0)
+    assert w.serve(push(new.index, new.token, 3), audio=audio) == [L.R_OK]
+
+
+@pytest.mark.parametrize("status, error", [(L.R_BUSY, StreamBusy),
+                                           (L.R_NO_STREAM, UnknownStream)])
+def test_worker_refusals_become_409_and_404(shm, status, error):
+    prod = Producer(shm, queue_depth=4)
+    with prod.claim() as slot:
+        slot.view(4)[:] = b"busy"
+        shm.slots["resp_len"][slot.index] = 4
+        with pytest.raises(error, match="busy"):
+            check_reply(slot, status)
+        assert error(  # the status each maps to
+            "x").http_status == {StreamBusy: 409, UnknownStream: 404}[error]
