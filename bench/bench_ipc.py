@@ -6,7 +6,12 @@ sequential OP_PING round trips with a small payload and record latencies in HdrH
 the histograms are merged. A raw two-semaphore ping-pong between two processes is measured
 first, as the floor any design built on these semaphores can reach.
 
-    python bench/bench_ipc.py --producers 1 8 --seconds 5 --workers 2 --spin-us 0 100
+    python bench/bench_ipc.py --producers 1 8 --seconds 5 --workers 2 --spin-us 0 100 \
+        --reply-spin-us 0 50
+
+``--spin-us``: the workers' ``worker_spin_us`` (poll for more work after serving);
+``--reply-spin-us``: the producers' poll for the reply before sleeping on its semaphore
+(``Producer(reply_spin=...)``, default ``channel.REPLY_SPIN``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import posix_ipc
 from hdrh.histogram import HdrHistogram
 
 from shmmel import layout as L
-from shmmel.channel import Producer
+from shmmel.channel import REPLY_SPIN, Producer
 from shmmel.config import Config
 from shmmel.shm import Shm, unlink_instance
 from shmmel.worker import worker_main
@@ -81,9 +86,10 @@ def sem_pingpong(seconds: float) -> dict[str, float]:
             s.close()
 
 
-def producer(instance: str, seconds: float, payload: bytes, wfd: int) -> None:
+def producer(instance: str, seconds: float, payload: bytes, wfd: int,
+             reply_spin: float) -> None:
     shm = Shm.attach(instance)
-    prod = Producer(shm, queue_depth=1 << 16)
+    prod = Producer(shm, queue_depth=1 << 16, reply_spin=reply_spin)
     h = new_hist()
     for _ in range(200):  # warm-up
         prod.call(L.OP_PING, payload, timeout=5)
@@ -100,7 +106,7 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int) -> None:
 
 
 def channel_round_trip(n_producers: int, seconds: float, workers: int,
-                       payload_bytes: int, spin_us: int) -> dict[str, float]:
+                       payload_bytes: int, spin_us: int, reply_spin_us: int) -> dict[str, float]:
     config = Config(instance=f"bench{uuid.uuid4().hex[:8]}", workers=workers, slots=128,
                     worker_kind="cpu", worker_spin_us=spin_us, whisper_workers=0)
     shm = Shm.create(config)
@@ -126,7 +132,7 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
             pid = os.fork()
             if pid == 0:
                 try:
-                    producer(config.instance, seconds, payload, w)
+                    producer(config.instance, seconds, payload, w, reply_spin_us / 1e6)
                 finally:
                     os._exit(0)
             prods.append(pid)
@@ -155,17 +161,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--payload", type=int, default=64, help="bytes per request")
-    ap.add_argument("--spin-us", type=int, nargs="+", default=[0],
+    ap.add_argument("--spin-us", type=int, nargs="+", default=[Config.worker_spin_us],
                     help="worker_spin_us values to compare")
+    ap.add_argument("--reply-spin-us", type=int, nargs="+", default=[round(REPLY_SPIN * 1e6)],
+                    help="the producers' reply poll (us) to compare")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                "date": time.strftime("%Y-%m-%d"), "workers": args.workers,
                "payload": args.payload, "semaphore_pingpong": sem_pingpong(min(args.seconds, 3))}
     for spin in args.spin_us:
-        for p in args.producers:
-            results[f"producers_{p} spin_{spin}us"] = channel_round_trip(
-                p, args.seconds, args.workers, args.payload, spin)
+        for rspin in args.reply_spin_us:
+            for p in args.producers:
+                results[f"producers_{p} spin_{spin}us reply_spin_{rspin}us"] = \
+                    channel_round_trip(p, args.seconds, args.workers, args.payload, spin, rspin)
     if args.json:
         print(json.dumps(results, indent=2))
         return

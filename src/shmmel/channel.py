@@ -18,10 +18,11 @@ import collections
 import contextlib
 import itertools
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import posix_ipc
@@ -33,6 +34,12 @@ from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalle
 from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
+# A producer alone in flight in its process polls the slot this long for the reply before
+# sleeping on the reply semaphore: a reply usually comes within tens of microseconds, and a
+# futex sleep and wake-up costs as much again (more from an idle core). Held GIL or not, a
+# poll this short delays another thread of the process by at most this much, and it only
+# runs when no other request of this process is waiting for a reply (see Slot.wait).
+REPLY_SPIN = 50e-6
 
 # the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
 _SO, _WO = L.SLOT_OFF, L.WORKER_OFF
@@ -44,6 +51,11 @@ _REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
 _R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
 _TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
+# r0, r1, f0, f1 and the three time stamps: one read for a reply (they are contiguous)
+_RESULTS_TIMES = struct.Struct("<qqddddd")
+assert _SO["t_done"] == _SO["r0"] + _RESULTS_TIMES.size - 8 and _SO["t_submit"] == _SO["r0"] + 32
+_TIMES = struct.Struct("<ddd")
+_QUEUED_MIN = np.uint32(L.S_QUEUED_MIN)
 
 
 class ReplyError(Exception):
@@ -104,8 +116,10 @@ def reclaim_slots(shm: Shm) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
+    """A worker's answer, as read from the slot (a named tuple: built once per request,
+    several times cheaper than a frozen dataclass)."""
+
     status: int
     data: bytes
     r0: int = 0
@@ -125,18 +139,18 @@ class Reply:
 class Slot:
     """A claimed slot. Use as a context manager; ``release()`` is idempotent."""
 
-    __slots__ = ("producer", "shm", "index", "off", "w4", "w8", "buf", "seq", "worker", "gen",
-                 "_owned")
+    __slots__ = ("producer", "shm", "index", "off", "w4", "w8", "seq", "worker", "gen",
+                 "_owned", "_drain")
 
     def __init__(self, producer: Producer, index: int) -> None:
         self.producer, self.shm, self.index = producer, producer.shm, index
-        self.off = producer.slots_off + index * L.SLOT.itemsize
-        self.w4, self.w8 = self.off >> 2, self.off >> 3
-        self.buf = self.shm.payload[index]  # uint8 view of the payload area
+        self.off = off = producer.slots_off + index * L.SLOT.itemsize
+        self.w4, self.w8 = off >> 2, off >> 3
         self.seq = 0
         self.worker = -1
         self.gen = 0
         self._owned = True
+        self._drain = False  # a reply caught by polling left its post on the semaphore
 
     @property
     def capacity(self) -> int:
@@ -163,13 +177,16 @@ class Slot:
         u32[w4 + _GEN] = gen
         shm.u64[w8 + _SEQ] = seq
         shm.u64[w8 + _RSEQ] = 0
-        shm.i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
+        i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
         u32[w4 + _REQLEN] = req_len
         u32[w4 + _RESPLEN] = 0
         u32[w4 + _STATUS] = 0
         shm.i32[w4 + _STREAM] = stream
-        for i in range(4):
-            i64[w8 + _ARG0 + i] = args[i] if i < len(args) else 0
+        n, a = len(args), w8 + _ARG0
+        i64[a] = args[0] if n > 0 else 0
+        i64[a + 1] = args[1] if n > 1 else 0
+        i64[a + 2] = args[2] if n > 2 else 0
+        i64[a + 3] = args[3] if n > 3 else 0
         shm.f64[w8 + _TSUB] = time.monotonic()
         u32[w4 + _ST] = L.S_SUBMITTED | worker  # publish last; the post is a barrier
         self.seq, self.worker, self.gen = seq, worker, gen
@@ -188,6 +205,25 @@ class Slot:
         RequestTimeout (504) after ``timeout``; in the last two cases the slot is orphaned,
         since the live worker may still write into it.
         """
+        shm, producer = self.shm, self.producer
+        u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, self.seq
+        waiting = producer._waiting
+        waiting.append(self.index)  # list append/remove: atomic under the GIL
+        try:
+            if seen is None and len(waiting) == 1 and producer.reply_spin:
+                # alone in flight: poll for a reply that usually comes within microseconds
+                # (see REPLY_SPIN); the worker's post is then drained at release
+                clock = time.perf_counter
+                until = clock() + producer.reply_spin
+                while clock() < until:
+                    if u32[st] == L.S_DONE and u64[rseq] == seq:
+                        self._drain = True
+                        return
+            self._sleep_until_answered(timeout, seen)
+        finally:
+            waiting.remove(self.index)
+
+    def _sleep_until_answered(self, timeout: float, seen: int | None) -> None:
         i64, r0 = self.shm.i64, self.w8 + _R0
         sem = self.shm.replies[self.index]
         ctl, f64 = self.shm.ctl_view, self.shm.f64
@@ -208,6 +244,7 @@ class Slot:
                     return
                 # the worker is gone, so nobody else writes this slot: it stays ours, for
                 # the caller to reuse or release
+                self.producer.forget_workers()  # a re-send must not pick it again
                 raise WorkerDied("the worker handling this request died")
             now = time.monotonic()
             if now - f64[beat] > stall and self.producer.others_beating(self.worker):
@@ -216,6 +253,7 @@ class Slot:
                 # replaced) and tell the caller now rather than at heartbeat_timeout (when
                 # every worker is silent, the host is starved: wait on)
                 self.orphan()
+                self.producer.forget_workers()
                 raise WorkerStalled(f"worker {self.worker} stopped responding "
                                     f"(no heartbeat for {now - f64[beat]:.1f} s)")
             if now >= deadline:
@@ -246,19 +284,25 @@ class Slot:
     def reply(self, copy: bool = True) -> Reply:
         ctl, off = self.shm.ctl_view, self.off
         n, status = _LEN_STATUS.unpack_from(ctl, off + _SO["resp_len"])
-        r0, r1, f0, f1 = _RESULTS.unpack_from(ctl, off + _SO["r0"])
-        times = (*self.timings(), time.monotonic())
-        return Reply(status, bytes(self.view(n)) if copy else b"", r0, r1, f0, f1, times)
+        r0, r1, f0, f1, t_sub, t_taken, t_done = _RESULTS_TIMES.unpack_from(ctl, off + _SO["r0"])
+        if copy:
+            start = self.index * self.shm.slot_bytes
+            data = bytes(self.shm.data_view[start : start + n])
+        else:
+            data = b""
+        return Reply(status, data, r0, r1, f0, f1, (t_sub, t_taken, t_done, time.monotonic()))
 
     def timings(self) -> tuple[float, float, float]:
         """(submitted, taken, done) as time.monotonic() stamps."""
-        ctl, off = self.shm.ctl_view, self.off
-        return tuple(_F64.unpack_from(ctl, off + _SO[k])[0]  # type: ignore[return-value]
-                     for k in ("t_submit", "t_taken", "t_done"))
+        return _TIMES.unpack_from(self.shm.ctl_view, self.off + _SO["t_submit"])
 
     def release(self) -> None:
         if self._owned:
             self._owned = False
+            if self._drain:  # the post of a reply caught by polling (see wait): take it
+                self._drain = False  # now, or the slot's next wait would wake at once
+                with contextlib.suppress(posix_ipc.BusyError):
+                    self.shm.replies[self.index].acquire(0)
             self.producer._give_back(self.index)
 
     def orphan(self) -> None:
@@ -288,10 +332,12 @@ class Producer:
     DEPTH_TTL = 0.001  # seconds
 
     def __init__(self, shm: Shm, queue_depth: int, stall_timeout: float = 1.0,
-                 row: int | None = None) -> None:
+                 row: int | None = None, reply_spin: float = REPLY_SPIN) -> None:
         self.shm = shm
         self.queue_depth = queue_depth
         self.stall_timeout = stall_timeout
+        self.reply_spin = reply_spin
+        self._waiting: list[int] = []  # slots whose reply a thread of this process awaits
         self.pid = os.getpid()
         self.row = claim_row(shm) if row is None else row
         part = L.partition_range(self.row, shm.layout.n_slots, shm.partitions)
@@ -305,6 +351,7 @@ class Producer:
         self._rr = 0
         self._depths = np.zeros(len(shm.workers), np.int64)
         self._depths_at = -1.0
+        self._ready_cache: dict[tuple[int, ...] | None, list[tuple[int, int, int]]] = {}
         self._adopt()
 
     def next_seq(self) -> int:
@@ -360,11 +407,31 @@ class Producer:
         return L.queue_depths(self._states, len(self.shm.workers))
 
     def _cached_depths(self, fresh: bool = False) -> np.ndarray:
-        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh``."""
+        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh`` (the
+        ready workers cached by :meth:`_ready_cached` expire with them)."""
         now = time.monotonic()
         if fresh or now - self._depths_at > self.DEPTH_TTL:
             self._depths, self._depths_at = self.queue_depths(), now
+            self._ready_cache.clear()
         return self._depths
+
+    def _ready_cached(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
+        """:meth:`_ready`, read anew at most every DEPTH_TTL (with the depths): a request's
+        worker choice reads no worker row. A worker that died or stalled meanwhile is caught
+        by the request's wait, which drops this cache before it raises."""
+        self._cached_depths()
+        key = kinds if kinds is None or type(kinds) is tuple else tuple(kinds)
+        ready = self._ready_cache.get(key)
+        if ready is None:
+            ready = self._ready(kinds)
+            if ready:  # a worker becoming ready is seen at once
+                self._ready_cache[key] = ready
+        return ready
+
+    def forget_workers(self) -> None:
+        """Read worker rows and depths anew on the next pick (a worker died or stalled)."""
+        self._depths_at = -1.0
+        self._ready_cache.clear()
 
     def _ready(self, kinds: Iterable[int] | None,
                exclude: int = -1) -> list[tuple[int, int, int]]:
@@ -408,22 +475,29 @@ class Producer:
     def pick_worker(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
         """A ready worker (of ``kinds``) for one request, as (index, generation).
 
-        Round robin over ready workers, skipping any whose queue holds ``queue_depth``
-        requests (depths are cached for DEPTH_TTL: one bincount per millisecond instead of one
-        per request). Raises ServiceUnavailable when no worker is ready or all are full.
+        Round robin over ready workers (or this process's home worker when no other
+        request of it is in flight), skipping any whose queue holds ``queue_depth`` requests
+        (workers and depths are cached for DEPTH_TTL: one bincount per millisecond instead
+        of one per request). Raises ServiceUnavailable when no worker is ready or all are
+        full.
         """
-        ready = self._ready(kinds)
+        ready = self._ready_cached(kinds)
         if not ready:
             raise ServiceUnavailable("no live worker")
         self._rr += 1
-        if any(r[2] != ready[0][2] for r in ready):  # several devices: balance them
+        if ready[0][2] != ready[-1][2] or (  # several devices: balance them
+                len(ready) > 2 and any(r[2] != ready[0][2] for r in ready)):
             for fresh in (False, True):
                 c = placement.place_request(self.candidates(kinds, fresh=fresh),
                                             self.queue_depth, self._rr)
                 if c is not None:
                     return c.worker, c.gen
             raise ServiceUnavailable("all worker queues are full")
-        first = self._rr % len(ready)
+        # No other request of this process awaits a reply: its home worker (one per producer
+        # row), which a sequential client thus keeps busy and awake (a worker that spins,
+        # worker_spin_us, takes the next request without a wake-up). Else round robin.
+        first = self.row if not self._waiting else self._rr
+        first %= len(ready)
         for fresh in (False, True):
             depths = self._cached_depths(fresh)
             for i in range(len(ready)):
@@ -498,6 +572,8 @@ class Inbox:
         self.doorbell = shm.doorbells[index]
         self._states = shm.slots["state"]
         self._submitted = L.S_SUBMITTED | index
+        self._submitted_u32 = np.uint32(self._submitted)
+        self._match = np.empty(len(self._states), bool)  # the scan's result, reused
         self._taken = L.S_TAKEN | index
         self._slots_off = shm.layout.slots_off
 
@@ -508,12 +584,22 @@ class Inbox:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
 
+    def _scan(self) -> np.ndarray:
+        """The slot states equal to "submitted to this worker" (into a buffer kept for it)."""
+        return np.equal(self._states, self._submitted_u32, out=self._match)
+
     def has_pending(self) -> bool:
-        return bool((self._states == self._submitted).any())
+        return bool(np.count_nonzero(self._scan()))
+
+    def queued_anywhere(self) -> int:
+        """Slots submitted to or taken by any worker (this one's included): 0 when the whole
+        instance is idle."""
+        return int(np.count_nonzero(np.greater_equal(self._states, _QUEUED_MIN,
+                                                     out=self._match)))
 
     def pending(self) -> list[int]:
         """Slots submitted to this worker generation, oldest first; marks them TAKEN."""
-        mine = np.flatnonzero(self._states == self._submitted)
+        mine = self._scan().nonzero()[0]
         if mine.size == 0:
             return []
         shm, size = self.shm, L.SLOT.itemsize

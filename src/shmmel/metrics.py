@@ -52,6 +52,14 @@ class HttpMetrics:
     def __init__(self, shm: Shm, row: int) -> None:
         self.shm, self.row = shm, row
         self._lock = threading.Lock()
+        # word indexes of this row's counters in Shm.u64 / Shm.f64: a request's counts are
+        # four single stores (numpy field access cost several microseconds a request)
+        base = shm.layout.metrics_off + max(row, 0) * L.METRICS.itemsize
+        self._req = (base + L.METRICS.fields["requests"][1]) >> 3
+        self._lat = (base + L.METRICS.fields["latency"][1]) >> 3
+        self._sum = (base + L.METRICS.fields["latency_sum"][1]) >> 3
+        self._total = (shm.layout.http_off + max(row, 0) * L.HTTP.itemsize
+                       + L.HTTP.fields["requests"][1]) >> 3
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.t0 = time.perf_counter()
@@ -64,12 +72,12 @@ class HttpMetrics:
         r = ROUTE_INDEX[ROUTE_OF_TEMPLATE.get(req.uri_template or "", "other")]
         c = CODE_INDEX.get(resp.status_code, OTHER_CODE)
         b = bisect.bisect_left(L.BUCKETS, elapsed)
-        m = self.shm.metrics[self.row : self.row + 1]
-        with self._lock:
-            m["requests"][0, r, c] += 1
-            m["latency"][0, r, b] += 1
-            m["latency_sum"][0, r] += elapsed
-            self.shm.http["requests"][self.row] += 1
+        u64, f64 = self.shm.u64, self.shm.f64
+        with self._lock:  # this process's threads; the row is written by this process only
+            u64[self._req + r * len(L.CODES) + c] += 1
+            u64[self._lat + r * (len(L.BUCKETS) + 1) + b] += 1
+            f64[self._sum + r] += elapsed
+            u64[self._total] += 1
 
 
 class ShmCollector:

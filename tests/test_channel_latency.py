@@ -1,0 +1,131 @@
+"""The sequential request path's shortcuts (issue 12): a reply caught by polling, the home
+worker of a process with nothing else in flight, a worker's spin that yields under load, and
+the HTTP metrics written as single stores. Real shared memory, workers forked or in threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from shmmel import layout as L
+from shmmel.channel import Inbox, Producer
+from shmmel.config import Config
+from shmmel.metrics import HttpMetrics
+from shmmel.worker import Worker
+
+from .test_channel import start_workers
+
+
+def test_reply_caught_by_polling_leaves_no_post_behind(shm):
+    """A reply seen while polling leaves the worker's post on the reply semaphore; release
+    takes it, so the slot's next request sleeps until its own answer (no early wake-up)."""
+    start_workers(shm, 1)
+    prod = Producer(shm, queue_depth=8, reply_spin=1.0)  # poll up to 1 s: always caught
+    for _ in range(50):
+        with prod.claim() as slot:
+            slot.view(3)[:] = b"abc"
+            slot.submit(0, 1, L.OP_PING, 3, prod.next_seq())
+            slot.wait(5)
+            assert slot.reply().data == b"cba|0"
+            index = slot.index
+    # each release took its reply's post (one may still be on its way when release looks:
+    # the next release takes it), so 50 polled replies leave at most one behind, not 50
+    time.sleep(0.05)
+    slot = prod.claim()
+    assert slot.index == index  # the deque hands back the slot just released
+    slot.release()
+    assert shm.replies[index].value <= 1
+    # and a sleeping wait (no polling) still gets the right answer on that slot
+    prod.reply_spin = 0.0
+    assert prod.call(L.OP_PING, b"xyz", timeout=5).data == b"zyx|0"
+    assert shm.replies[index].value == 0
+
+
+def test_polling_only_while_alone_in_flight(shm):
+    """While another request of the process awaits its reply, a wait sleeps at once (a
+    poll would hold the GIL from the other thread): the answer still arrives."""
+    start_workers(shm, 2, delay=0.2)
+    prod = Producer(shm, queue_depth=8, reply_spin=5.0)  # would poll 5 s if it polled
+    slow = threading.Thread(target=prod.call, args=(L.OP_PING, b"a"), kwargs={"timeout": 5})
+    slow.start()
+    deadline = time.monotonic() + 5
+    while not prod._waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert prod._waiting, "the first request is not waiting"
+    t0 = time.monotonic()
+    assert prod.call(L.OP_PING, b"b", timeout=5).data.startswith(b"b|")
+    slow.join()
+    assert time.monotonic() - t0 < 2.0  # answered after the 0.2 s delay, not after 5 s
+    assert prod._waiting == []
+
+
+def test_home_worker_when_alone_round_robin_otherwise(shm):
+    for k in range(3):
+        shm.set_worker_word(k, "heartbeat", time.monotonic())
+        shm.workers["gen"][k] = 1
+        shm.workers["state"][k] = L.W_READY
+    prod = Producer(shm, queue_depth=8)
+    home = prod.row % 3
+    assert {prod.pick_worker()[0] for _ in range(20)} == {home}
+    prod._waiting.append(0)  # another request of this process awaits its reply
+    assert {prod.pick_worker()[0] for _ in range(20)} == {0, 1, 2}
+    prod._waiting.clear()
+    # a worker that is no longer ready is dropped from the cached list once it is refreshed
+    shm.workers["state"][home] = L.W_DEAD
+    prod.forget_workers()
+    assert home not in {prod.pick_worker()[0] for _ in range(20)}
+
+
+def test_worker_spin_serves_the_next_request_and_stops_under_load(shm):
+    """A spinning worker takes a request submitted during its spin without a wake-up, and
+    stops spinning at once when requests are queued on other workers."""
+    config = Config(instance=shm.instance, workers=3, worker_kind="cpu", whisper_workers=0)
+    for k in range(3):
+        shm.workers["gen"][k] = 1
+    w = Worker(config, shm, 0, 1, parent=0)
+    w.audio = None  # text and ping only: no engine needed
+    prod = Producer(shm, queue_depth=8, reply_spin=0.0)
+
+    spun = threading.Thread(target=w.spin, args=(2.0,))
+    spun.start()
+    time.sleep(0.02)
+    slot = prod.claim()
+    slot.view(2)[:] = b"hi"
+    slot.submit(0, 1, L.OP_PING, 2, prod.next_seq())
+    deadline = time.monotonic() + 2
+    while not slot._answered() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert slot._answered(), "the spinning worker did not take the request"
+    assert slot.reply().data == b"hi"
+    slot.release()
+    # a request queued on another worker: the spin ends long before its 2 s
+    other = prod.claim()
+    other.submit(1, 1, L.OP_PING, 0, prod.next_seq())
+    spun.join(timeout=1.0)
+    assert not spun.is_alive(), "the worker kept spinning while others had work"
+    assert Inbox(shm, 1, 1).queued_anywhere() == 1
+    other.release()
+
+
+def test_http_metrics_count_into_their_row(shm):
+    m = HttpMetrics(shm, 1)
+
+    class Req:  # what process_response reads of a falcon.Request
+        uri_template = "/process"
+        context = {"t0": time.perf_counter() - 0.003}
+
+    class Resp:
+        status_code = 404
+
+    req = Req()
+    for _ in range(3):
+        m.process_response(req, Resp(), None, True)
+    r, c = L.ROUTES.index("process"), L.CODES.index(404)
+    counts = shm.metrics["requests"]
+    assert counts[1, r, c] == 3 and int(counts.sum()) == 3
+    b = int(np.searchsorted(L.BUCKETS, 0.003))
+    assert shm.metrics["latency"][1, r].sum() == 3 and shm.metrics["latency"][1, r, b] >= 1
+    assert shm.metrics["latency_sum"][1, r] >= 0.009
+    assert shm.http["requests"][1] == 3 and int(shm.http["requests"].sum()) == 3
