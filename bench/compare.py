@@ -8,6 +8,9 @@ Items (``--items``, comma-separated; all by default):
   (HTTP processes, compute workers) in ``--configs``, ``shmmel up`` then ``--reps``
   consecutive runs (the first within ~0.1 s of ``up`` returning), and the bare app
   ``--reps`` times with the same processes and threads.
+* ``balance``  accept balancing (``http_boot_wait``, ``http_accept_slack``) on and off:
+  for the first of ``--configs``, ``--balance-trials`` fresh instances of each, alternating,
+  ``--reps`` runs each from ``up``; each run's requests per HTTP process.
 * ``alternate`` the first of ``--configs`` and the bare app both up, ``--reps`` rounds of
   one run each, alternating (for a shared machine whose other load drifts).
 * ``seq``      one sequential keep-alive client (wrk -t1 -c1) on /process: p50 each.
@@ -54,18 +57,15 @@ import urllib.request
 from pathlib import Path
 
 from compare_audio import item_audio, item_oneshot, item_streams
-from compare_lib import BODY_256, HERE, Instance, bare, log, process_wrk, summary_runs, wrk
+from compare_lib import (BODY_256, HERE, Instance, bare, imbalance, log, per_run, process_wrk,
+                         summary_runs, wrk)
 
 def item_process(a, out: Path) -> dict:
     res: dict = {"configs": []}
     bares: dict[int, dict] = {}
     for http, workers in a.configs:
         with Instance(out, http, a.threads, workers, a.kind) as inst:
-            runs = []
-            for i in range(a.reps):
-                r = process_wrk(inst.url, a.conns, a.dur, f"shmmel h{http} w{workers} #{i + 1}",
-                                out)
-                runs.append(r)
+            runs = process_runs(inst, a, out, f"shmmel h{http} w{workers}")
             first_gap = runs[0]["started"] - inst.up_wall
         if http not in bares:
             with bare(out, http, a.threads) as b:
@@ -80,6 +80,47 @@ def item_process(a, out: Path) -> dict:
             "ratio_p99": round(s["p99_mean"] / bs["p99_mean"], 3), "health": inst.health,
             "runs": runs})
     return res
+
+
+def process_runs(inst: Instance, a, out: Path, label: str) -> list[dict]:
+    """``--reps`` consecutive /process runs on ``inst`` (the first as soon as it is up),
+    with the requests each HTTP process served in each run (``per_process``) and the
+    busiest over the least busy (``imbalance``)."""
+    runs, before = [], {}
+    for i in range(a.reps):
+        r = process_wrk(inst.url, a.conns, a.dur, f"{label} #{i + 1}", out)
+        after = inst.http_counts()
+        r["per_process"] = per_run(before, after)
+        r["imbalance"] = imbalance(r["per_process"])
+        log(f"    per HTTP process: {r['per_process']} (imbalance {r['imbalance']})")
+        before = after
+        runs.append(r)
+    return runs
+
+
+def item_balance(a, out: Path) -> dict:
+    """Accept balancing on and off (``http_boot_wait``, ``http_accept_slack``), fresh
+    instances alternating, ``--reps`` runs each from ``up``: how evenly the connections
+    spread over the HTTP processes, and the first run against the later ones."""
+    http, workers = a.configs[0]
+    off = {"SHMMEL_HTTP_BOOT_WAIT": "0", "SHMMEL_HTTP_ACCEPT_SLACK": "0"}
+    res: dict = {"on": [], "off": []}
+    for t in range(a.balance_trials):
+        for mode in (("off", "on") if t % 2 == 0 else ("on", "off")):
+            with Instance(out, http, a.threads, workers, a.kind,
+                          env=off if mode == "off" else None) as inst:
+                runs = process_runs(inst, a, out, f"balance {mode} h{http} w{workers} t{t + 1}")
+            rps = [r["rps"] for r in runs]
+            later = statistics.fmean(rps[1:]) if len(rps) > 1 else rps[0]
+            res[mode].append({
+                "rps": rps, "p99_ms": [r["p99_ms"] for r in runs],
+                "first_over_later": round(rps[0] / later, 3) if later else None,
+                "spread": round((max(rps) - min(rps)) / max(rps), 3) if max(rps) else None,
+                "imbalance": [r["imbalance"] for r in runs],
+                "per_process": [r["per_process"] for r in runs],
+                "non_2xx": sum(r["non_2xx"] for r in runs),
+                "timeouts": sum(r["timeouts"] for r in runs), "health": inst.health})
+    return {"http_workers": http, "workers": workers, "conns": a.conns, **res}
 
 
 def item_alternate(a, out: Path) -> dict:
@@ -240,7 +281,7 @@ def item_flame(a, out: Path) -> dict:
     return res
 
 
-ITEMS = {"process": item_process, "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
+ITEMS = {"process": item_process, "balance": item_balance, "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
          "flame": item_flame, "ipc": item_ipc, "oneshot": item_oneshot, "audio": item_audio,
          "streams": item_streams}
 
@@ -280,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=100)
     ap.add_argument("--dur", type=float, default=5)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--balance-trials", type=int, default=2,
+                    help="item balance: fresh instances per setting (on, off)")
     ap.add_argument("--seq-dur", type=float, default=3)
     ap.add_argument("--soak-config", type=lambda s: pairs(s)[0], default=(12, 8))
     ap.add_argument("--soak-seconds", type=float, default=60)

@@ -115,6 +115,10 @@ class Instance:
         log(f"  up {self.name} ({self.desc}) in {self.up_s:.2f} s at {self.url}")
         return self
 
+    def http_counts(self) -> dict[int, int]:
+        """Requests served so far by each HTTP process (pid -> count), from ``status``."""
+        return {int(r["pid"]): int(r.get("requests", 0)) for r in self.status().get("http", [])}
+
     def status(self) -> dict:
         p = self.cli("status", "-i", self.name, "--json")
         try:
@@ -143,10 +147,67 @@ class Instance:
                                         for r in self.final_status.get("http", [])]
 
 
+def per_run(before: dict[int, int], after: dict[int, int]) -> list[int]:
+    """Requests each HTTP process served between two ``http_counts``."""
+    return [n - before.get(pid, 0) for pid, n in after.items()]
+
+
+def imbalance(counts: list[int]) -> float:
+    """Busiest over least busy HTTP process (inf where one served nothing)."""
+    return round(max(counts) / min(counts), 2) if counts and min(counts) else float("inf")
+
+
+def _children(ppid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{d}/stat").read_text()
+                if int(stat.rpartition(")")[2].split()[1]) == ppid:
+                    kids.append(int(d))
+    return kids
+
+
+def accepting(pid: int) -> bool:
+    """Whether a gunicorn gthread worker polls its listener: its epoll set holds the
+    listener besides its wake-up pipe (it registers the listener last, in run())."""
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventpoll]":
+                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                    if info.count("tfd:") >= 2:
+                        return True
+    return False
+
+
+def wait_accepting(master: int, n: int, timeout: float = 30.0) -> float:
+    """Wait until ``n`` children of the gunicorn ``master`` accept; seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if sum(accepting(k) for k in _children(master)) >= n:
+            break
+        time.sleep(0.02)
+    return round(time.monotonic() - t0, 2)
+
+
 @contextlib.contextmanager
 def bare(out: Path, http: int, threads: int):
+    """The bare app, once all its processes accept: a stock gunicorn answers as soon as its
+    first process boots, and keep-alive keeps a run's connections on the early ones, so its
+    first run would measure its boot, not its speed."""
     with targets.baseline(http, threads, log_file=str(out / "bare.log")) as b:
+        masters = [k for k in _children(os.getpid()) if b"baseline_app" in _cmdline(k)]
+        waited = max((wait_accepting(m, http) for m in masters), default=0.0)
+        log(f"  bare app at {b.url}: all {http} processes accepting {waited:.2f} s after ready")
         yield b
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def mean(xs: list[float]) -> float:

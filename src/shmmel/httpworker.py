@@ -20,6 +20,24 @@ are paced by their sender) keep ``client_timeout`` per read only.
 gunicorn answers malformed HTTP (bad Content-Length, CL+TE, 414, 431) itself, with an HTML
 page; every other answer of shmmel is JSON, so its error writer is replaced by one writing
 ``{"error", "detail"}`` like the app's.
+
+At start, a process accepts connections only once all ``http_workers`` processes have booted
+(their rows in the HTTP table), or after ``http_boot_wait``: a keep-alive connection stays
+with the process that accepted it, so the first burst of clients would otherwise stay on the
+processes that booted first (a fresh instance served by 3 of 12 for a whole 75 s run). The
+listening socket queues what arrives meanwhile. A respawned process finds its siblings up and
+accepts at once.
+
+Then accepts are balanced: all processes wait on the one listening socket, and the kernel
+wakes them all for a new connection; whoever runs first takes it, so a burst of connections
+lands on the processes that happen to be on a CPU (on an oversubscribed host some get none,
+and keep-alive keeps it so). Each process publishes its open-connection count in an
+:class:`AcceptBoard` (an anonymous shared mapping the arbiter makes before it forks them,
+a row per HTTP table row); a process holding ``http_accept_slack`` or more connections above
+the least-loaded live sibling leaves the listening socket alone for a few milliseconds, so
+that sibling takes the connection, but never for longer than ``ACCEPT_DEFER_MAX`` a burst
+(a stalled sibling cannot hold connections back). The counts are one aligned 8-byte store
+each; nothing is locked.
 """
 
 from __future__ import annotations
@@ -29,6 +47,8 @@ import errno
 import fcntl
 import io
 import json
+import mmap
+import os
 import selectors
 import socket
 import struct
@@ -37,8 +57,14 @@ import time
 from functools import partial
 from typing import Any
 
+import numpy as np
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
+
+from . import layout as L
+from .errors import InstanceError
+from .osutil import pid_alive
+from .shm import Shm
 
 HEADER_END = b"\r\n\r\n"
 MAX_HEADER_BYTES = 128 * 1024  # past this the parser answers 431/414 itself
@@ -46,6 +72,8 @@ BODY_GRACE = 5.0               # seconds before min_body_rate applies
 _TCP_INFO_LEN = 136            # up to and including tcpi_bytes_received
 _BYTES_RECEIVED = struct.Struct("<Q")
 _BYTES_RECEIVED_OFF = 128      # struct tcp_info: tcpi_bytes_received (Linux >= 4.1)
+ACCEPT_HOLD = 0.005            # seconds a process leaves the listener to a less-loaded sibling
+ACCEPT_DEFER_MAX = 0.05        # then takes the connection itself, however loaded
 
 
 # Sockets (by descriptor) whose connection must close after the response being written: the
@@ -95,8 +123,58 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     util.write_nonblock(sock, json_error(status_int, reason, mesg))
 
 
+class AcceptBoard:
+    """Each HTTP process's open-connection count, readable by its siblings: an anonymous
+    shared mapping (inherited through fork), a (pid, connections) row per HTTP table row.
+    Each row has one writer, its process; every word is written in one aligned store."""
+
+    def __init__(self, rows: int = L.MAX_HTTP) -> None:
+        self.rows = rows
+        self._map = mmap.mmap(-1, rows * 16)  # MAP_SHARED: the children see one table
+        self._words = memoryview(self._map).cast("q")  # [2r]: pid, [2r + 1]: connections
+        self._table = np.frombuffer(self._map, dtype=np.int64).reshape(rows, 2)
+
+    def join(self, row: int, pid: int) -> None:
+        self._words[2 * row + 1] = 0
+        self._words[2 * row] = pid
+
+    def leave(self, row: int) -> None:
+        self._words[2 * row] = 0
+
+    def publish(self, row: int, connections: int) -> None:
+        self._words[2 * row + 1] = connections
+
+    def least_loaded(self, row: int) -> tuple[int, int] | None:
+        """(pid, connections) of the sibling of ``row`` holding the fewest connections."""
+        t = self._table
+        live = t[:, 0] > 0
+        live[row] = False
+        idx = np.flatnonzero(live)
+        if idx.size == 0:
+            return None
+        k = int(idx[np.argmin(t[idx, 1])])
+        return int(t[k, 0]), int(t[k, 1])
+
+
 class ShmmelThreadWorker(ThreadWorker):
-    """gthread with request headers read by the poller and a minimum body rate."""
+    """gthread with request headers read by the poller, a minimum body rate, and accepts
+    balanced over the HTTP processes."""
+
+    _board: AcceptBoard | None = None  # made by the arbiter, shared by the workers it forks
+    _board_owner = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cls = type(self)
+        if cls._board is None or cls._board_owner != os.getpid():  # runs in the arbiter
+            cls._board = AcceptBoard()
+            cls._board_owner = os.getpid()
+        self.board = cls._board
+        self.board_row = -1
+        self.accept_slack = 0
+        self._hold_until = 0.0
+        self._defer_since = 0.0
+        self._last_defer = 0.0
 
     def init_process(self) -> None:
         util.write_error = write_json_error  # this process is ours: gunicorn's pages as JSON
@@ -109,10 +187,87 @@ class ShmmelThreadWorker(ThreadWorker):
         self._notified = 0.0
         super().init_process()
 
+    def run(self) -> None:
+        cfg = getattr(self.app, "config", None)
+        if cfg is not None and int(getattr(cfg, "http_workers", 1)) > 1:
+            try:
+                shm = Shm.attach(cfg.instance)  # closed before any thread runs (POSIX locks)
+            except InstanceError:
+                shm = None
+            if shm is not None:
+                try:
+                    self.wait_for_siblings(shm, cfg.http_workers,
+                                           float(getattr(cfg, "http_boot_wait", 0.0)))
+                    rows = np.flatnonzero(shm.http["pid"] == os.getpid())
+                finally:
+                    shm.close()
+                slack = int(getattr(cfg, "http_accept_slack", 0))
+                if rows.size and int(rows[0]) < self.board.rows and slack > 0:
+                    self.board_row, self.accept_slack = int(rows[0]), slack
+                    self.board.join(self.board_row, os.getpid())
+        try:
+            super().run()
+        finally:
+            if self.board_row >= 0:
+                self.board.leave(self.board_row)
+
+    def wait_for_siblings(self, shm: Shm, want: int, wait: float) -> None:
+        """Before accepting: wait (at most ``wait`` s) until ``want`` HTTP processes of the
+        instance have booted, so the first connections spread over all of them."""
+        deadline = time.monotonic() + wait
+        while self.alive and wait > 0:
+            booted = sum(1 for pid in shm.http["pid"].tolist() if pid and pid_alive(pid))
+            if booted >= want:
+                return
+            if time.monotonic() >= deadline:
+                self.log.warning("accepting connections with %d of %d HTTP processes booted "
+                                 "after %g s (http_boot_wait)", booted, want, wait)
+                return
+            self.notify()
+            time.sleep(0.01)
+
+    # -- accepts, balanced over the HTTP processes ----------------------------------------------
+    def accept(self, listener: Any) -> None:
+        if self.board_row >= 0 and self._defer_accept():
+            return
+        super().accept(listener)
+
+    def _defer_accept(self) -> bool:
+        """Whether to leave the pending connection to a less-loaded live sibling (and stop
+        polling the listener for ACCEPT_HOLD)."""
+        least = self.board.least_loaded(self.board_row)
+        if least is None or self.nr_conns - least[1] < self.accept_slack:
+            return False
+        now = time.monotonic()
+        if now - self._last_defer > 4 * ACCEPT_HOLD:  # a new burst: its deferral starts now
+            self._defer_since = now
+        elif now - self._defer_since > ACCEPT_DEFER_MAX:
+            return False  # nobody took it meanwhile: take it
+        if not pid_alive(least[0]):
+            return False
+        self._last_defer = now
+        self.set_accept_enabled(False)
+        self._hold_until = now + ACCEPT_HOLD
+        return True
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and self._hold_until:
+            if time.monotonic() < self._hold_until:
+                return  # run() asks every pass; the hold ends on a pass after ACCEPT_HOLD
+            self._hold_until = 0.0
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._hold_until:  # wake in time to poll the listener again
+            timeout = min(timeout, ACCEPT_HOLD)
+        super().wait_for_and_dispatch_events(timeout)
+
     def notify(self) -> None:
         """gunicorn's liveness stamp (a utime(2) on a temp file), called on every pass of
         the poller loop: at most every 0.5 s here (the arbiter's timeout is 30 s). It cost
         11 % of the poller thread under load (py-spy, docs/PERFORMANCE.md)."""
+        if self.board_row >= 0:
+            self.board.publish(self.board_row, self.nr_conns)
         now = time.monotonic()
         if now - self._notified >= 0.5:
             self._notified = now
