@@ -4,6 +4,8 @@ against torchaudio; kernel variants; streaming chunks; the NumPy engine. Prints 
 lines and a summary table; writes everything to --json.
 
     source .device/setup && python3 bench/bench_mel.py --json $OUT/bench_mel.json
+    python3 bench/bench_mel.py --only single,host,device --json $OUT/b.json      # a second pass
+    python3 bench/bench_mel.py --only profile        # where a device batch call spends host time
     ncu --clock-control none -k regex:shmmel python3 bench/bench_mel.py --ncu   # one batch
 
 Wall figures are medians of --repeat calls after warm-ups, each call ending with its
@@ -133,15 +135,14 @@ def single_clip(engine: Any, rng: np.random.Generator, repeat: int) -> dict[str,
     import torch
 
     out: dict[str, Any] = {}
-    staged = mel.CudaEngine(0, pageable_direct_bytes=0)
-    direct = mel.CudaEngine(0, pageable_direct_bytes=1 << 30)
+    plain = mel.CudaEngine(0, clip_graphs=False)
     for seconds in (1, 10, 30):
         x = (rng.standard_normal(seconds * 16000) * 0.1).astype(np.float32)
         tx = torch.from_numpy(x).cuda()
         row = {
             "shmmel_host": wall(lambda: mel.log_mel_spectrogram(x, engine=engine), repeat),
-            "shmmel_host_staged": wall(lambda: mel.log_mel_spectrogram(x, engine=staged), repeat),
-            "shmmel_host_driver_copies": wall(lambda: mel.log_mel_spectrogram(x, engine=direct), repeat),
+            "shmmel_host_batch_path": wall(lambda: mel.log_mel_batch([x], engine=engine)[0], repeat),
+            "shmmel_host_no_graph": wall(lambda: mel.log_mel_spectrogram(x, engine=plain), repeat),
             "whisper_host": wall(lambda: whisper_log_mel_spectrogram(torch.from_numpy(x), device="cuda").cpu(), repeat),
         }
 
@@ -156,14 +157,16 @@ def single_clip(engine: Any, rng: np.random.Generator, repeat: int) -> dict[str,
         row["shmmel_device"] = wall(shmmel_dev, repeat)
         row["whisper_device"] = wall(whisper_dev, repeat)
         ours = mel.log_mel_spectrogram(x, engine=engine)
+        row["same_bits_batch_path_no_graph"] = bool(
+            np.array_equal(ours, mel.log_mel_batch([x], engine=engine)[0])
+            and np.array_equal(ours, mel.log_mel_spectrogram(x, engine=plain)))
         theirs = whisper_log_mel_spectrogram(torch.from_numpy(x), device="cuda").cpu().numpy()
         row["max_abs_diff_vs_whisper"] = float(np.abs(ours - theirs).max())
         for side in ("host", "device"):
             row[f"speedup_{side}"] = row[f"whisper_{side}"]["median_s"] / row[f"shmmel_{side}"]["median_s"]
         out[f"{seconds}s"] = row
         print(json.dumps({"single_clip": seconds, **row}), flush=True)
-    staged.close()
-    direct.close()
+    plain.close()
     return out
 
 
@@ -205,7 +208,37 @@ def host_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int, 
                                stream.ptr), stream, 5) / 1e9
     t = wall(lambda: np.copyto(out_plain, pinned_out), 3, warm=1)
     row["host_memcpy_1thread_GBps"] = out_plain.nbytes / t["median_s"] / 1e9
-    print(json.dumps({"copy_ceilings": {k: row[k] for k in row if k.endswith("GBps")}}), flush=True)
+    # what the host allows: pageable -> pinned copies by several threads (GIL released),
+    # page-locking the caller's buffer instead, and the GPU reading pageable memory itself
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    def threaded_copy(threads: int) -> None:
+        piece = -(-pcm.nbytes // threads)
+        src, dst = pcm.ctypes.data, pinned_in.ctypes.data
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: ctypes.memmove(dst + i * piece, src + i * piece,
+                                                   max(0, min(piece, pcm.nbytes - i * piece))), range(threads)))
+
+    for threads in (1, 4, 8, 16):
+        t = wall(lambda: threaded_copy(threads), 3, warm=1)
+        row[f"host_to_pinned_{threads}threads_GBps"] = pcm.nbytes / t["median_s"] / 1e9
+    t0 = time.perf_counter()
+    rt.hostRegister(out_plain.ctypes.data, out_plain.nbytes, 0)
+    t1 = time.perf_counter()
+    rt.hostUnregister(out_plain.ctypes.data)
+    row["host_register_ms"] = {"register": (t1 - t0) * 1e3, "unregister": (time.perf_counter() - t1) * 1e3,
+                               "bytes": out_plain.nbytes}
+    try:
+        row["pageable_memory_access"] = rt.deviceGetAttribute(88, 0)  # cudaDevAttrPageableMemoryAccess
+    except Exception as exc:  # noqa: BLE001
+        row["pageable_memory_access"] = repr(exc)
+    with mel.CudaEngine(0, copy_threads=16) as wide:
+        t = wall(lambda: mel.log_mel_batch(pcm, engine=wide, out=out_plain), repeat, warm=2)
+        row["int16_out_16_copy_threads"] = {**t, "audio_per_s": audio_s / t["median_s"]}
+
+    print(json.dumps({"copy_ceilings": {k: row[k] for k in row if "GBps" in k or "register" in k or "pageable" in k},
+                      "int16_out_16_copy_threads": row["int16_out_16_copy_threads"]}), flush=True)
     return row
 
 
@@ -226,10 +259,16 @@ def device_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int
         out = cp.empty((clips, 80, frames), cp.float32)
         cp.cuda.Device().synchronize()
         t = cupy_events(lambda: mel.log_mel_batch(x, engine=engine, out=out), engine.stream, repeat)
+        in_call = []  # the launch alone inside the same call (engine.timing events around it)
+        for _ in range(repeat):
+            mel.log_mel_batch(x, engine=engine, out=out)
+            engine.synchronize()
+            in_call.append(cp.cuda.get_elapsed_time(*engine.batch_events) / 1e3)
         t_raw = cupy_events(lambda: engine.log10_mel_device(x, layout="mels"), engine.stream, repeat)
         kernel = engine.replay_last_launch(20) / 1e3
         moved = host.nbytes + 3 * out_bytes  # read input, write frames, normalise r+w
         row[name] = {"s": t, "audio_per_s": audio_s / t, "frames_only_s": t_raw, "kernel_replayed_s": kernel,
+                     "launch_in_call_s": statistics.median(in_call),
                      "bandwidth_fraction": moved / t / HBM_BYTES_PER_S,
                      "kernel_bandwidth_fraction": (host.nbytes + out_bytes) / kernel / HBM_BYTES_PER_S}
         if name == "device_float32":
@@ -252,20 +291,74 @@ def device_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int
     return row
 
 
-def kernel_variants(rng: np.random.Generator, clips: int, seconds: int) -> dict[str, Any]:
-    """The frames kernel alone (replayed) at other block shapes, int16 device input."""
+VARIANTS = (  # (dft, frames per block, launch bound, fused normalise, mel sums several frames at once)
+    ("pfa", 8, 8, True, True), ("pfa", 8, 7, True, True), ("pfa", 8, 8, False, True), ("pfa", 8, 8, True, False),
+    ("pfa", 7, 8, True, True), ("direct", 8, 8, True, True), ("direct", 8, 7, False, False),
+)
+
+
+def kernel_variants(rng: np.random.Generator, clips: int, seconds: int, repeat: int) -> dict[str, Any]:
+    """Other builds of the kernel on the same int16 device batch: the whole
+    ``log_mel_batch`` call (CUDA events) and the frames kernel alone (replayed), the
+    registers and spill of each build, and the largest difference of its output from the
+    default build's and from the NumPy engine's on one 30 s clip of noise."""
     import cupy as cp
 
     x = cp.asarray(rng.integers(-12000, 12000, size=(clips, seconds * 16000), dtype=np.int16))
-    out = {}
-    for fpb, min_blocks, ilp in ((8, 7, True), (8, 7, False), (8, 8, True), (8, 6, True), (12, 5, True)):
-        with mel.CudaEngine(0, frames_per_block=fpb, min_blocks=min_blocks, mel_ilp=ilp) as eng:
-            for layout in ("mels", "frames"):
-                eng.log10_mel_device(x, layout=layout)
-                eng.synchronize()
-                out[f"fpb{fpb}_min{min_blocks}_{'ilp' if ilp else 'chain'}_{layout}_ms"] = eng.replay_last_launch(20)
-    print(json.dumps({"kernel_variants": out}), flush=True)
-    return out
+    frames = seconds * 16000 // mel.HOP_LENGTH
+    out = cp.empty((clips, 80, frames), cp.float32)
+    clip = (rng.standard_normal(mel.N_SAMPLES) * 0.1).astype(np.float32)
+    cpu = mel.log_mel_spectrogram(clip)
+    default = None
+    res: dict[str, Any] = {}
+    for dft, fpb, bound, fused, ilp in VARIANTS:
+        name = f"{dft}_fpb{fpb}_min{bound}_{'fused' if fused else 'separate'}_{'ilp' if ilp else 'chain'}"
+        try:
+            eng = mel.CudaEngine(0, dft=dft, frames_per_block=fpb, min_blocks=bound, fuse_normalise=fused,
+                                 mel_ilp=ilp)
+        except Exception as exc:  # noqa: BLE001 - a build that does not compile is a result too
+            res[name] = {"error": repr(exc)[:300]}
+            continue
+        with eng:
+            k = eng._frames_kernel
+            t = cupy_events(lambda: mel.log_mel_batch(x, engine=eng, out=out), eng.stream, repeat)
+            row = {"batch_ms": t * 1e3, "kernel_replayed_ms": eng.replay_last_launch(20),
+                   "regs": getattr(k, "num_regs", None), "local_bytes": getattr(k, "local_size_bytes", None)}
+            got = mel.log_mel_spectrogram(clip, engine=eng)
+            row["max_abs_diff_vs_numpy"] = float(np.abs(got - cpu).max())
+            if default is None:
+                default = got
+            row["max_abs_diff_vs_first"] = float(np.abs(got - default).max())
+        res[name] = row
+        print(json.dumps({"kernel_variant": name, **row}), flush=True)
+    return res
+
+
+def profile_device_batch(engine: Any, rng: np.random.Generator, clips: int, seconds: int) -> None:
+    """Where the host's time goes in a device batch call (cProfile, 100 calls)."""
+    import cProfile
+    import pstats
+
+    import cupy as cp
+
+    x = cp.asarray(rng.integers(-12000, 12000, size=(clips, seconds * 16000), dtype=np.int16))
+    out = cp.empty((clips, 80, seconds * 100), cp.float32)
+    for _ in range(3):
+        mel.log_mel_batch(x, engine=engine, out=out)
+    engine.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        mel.log_mel_batch(x, engine=engine, out=out)
+    host_us = (time.perf_counter() - t0) * 1e4
+    engine.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(100):
+        mel.log_mel_batch(x, engine=engine, out=out)
+    profile.disable()
+    engine.synchronize()
+    print(json.dumps({"device_batch_host_us_per_call": host_us}), flush=True)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(22)
 
 
 def stream_chunks(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
@@ -315,6 +408,9 @@ def main() -> None:
     parser.add_argument("--single-repeat", type=int, default=50)
     parser.add_argument("--cpu-clips", type=int, default=4)
     parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--only", default="single,host,device,variants,chunks,numpy",
+                        help="comma-separated sections (single, host, device, variants, profile, chunks, numpy); "
+                             "default: all but profile")
     parser.add_argument("--ncu", action="store_true", help="one batch for Nsight Compute, nothing else")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -338,16 +434,25 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     rng = np.random.default_rng(0)
-    results["single_clip"] = single_clip(engine, rng, args.single_repeat)
-    results["host_batch"] = host_batch(engine, rng, args.clips, args.seconds, args.repeat)
-    results["device_batch"] = device_batch(engine, rng, args.clips, args.seconds, args.repeat, torchaudio_whisper())
-    if not args.no_variants:
-        results["kernel_variants"] = kernel_variants(rng, args.clips, args.seconds)
-    results["stream_chunks"] = stream_chunks(engine, rng)
-    cpu_engine = mel.NumpyEngine()
-    pcm = rng.integers(-12000, 12000, size=(args.cpu_clips, args.seconds * 16000), dtype=np.int16)
-    t = wall(lambda: mel.log_mel_batch(pcm, engine=cpu_engine), 3, warm=1)
-    results["numpy"] = {"clips": args.cpu_clips, **t, "audio_per_s": args.cpu_clips * args.seconds / t["median_s"]}
+    only = set(args.only.split(","))
+    if "single" in only:
+        results["single_clip"] = single_clip(engine, rng, args.single_repeat)
+    if "host" in only:
+        results["host_batch"] = host_batch(engine, rng, args.clips, args.seconds, args.repeat)
+    if "device" in only:
+        results["device_batch"] = device_batch(engine, rng, args.clips, args.seconds, args.repeat,
+                                               torchaudio_whisper())
+    if "variants" in only and not args.no_variants:
+        results["kernel_variants"] = kernel_variants(rng, args.clips, args.seconds, args.repeat)
+    if "profile" in only:
+        profile_device_batch(engine, rng, args.clips, args.seconds)
+    if "chunks" in only:
+        results["stream_chunks"] = stream_chunks(engine, rng)
+    if "numpy" in only:
+        cpu_engine = mel.NumpyEngine()
+        pcm = rng.integers(-12000, 12000, size=(args.cpu_clips, args.seconds * 16000), dtype=np.int16)
+        t = wall(lambda: mel.log_mel_batch(pcm, engine=cpu_engine), 3, warm=1)
+        results["numpy_engine"] = {"clips": args.cpu_clips, **t, "audio_per_s": args.cpu_clips * args.seconds / t["median_s"]}
     engine.close()
     if args.json:
         with open(args.json, "w") as f:
@@ -357,30 +462,50 @@ def main() -> None:
 
 def summary(r: dict[str, Any]) -> None:
     print(f"\n{r['gpu']} | {r['cpu']} | torch {r['torch']} | cupy {r['cupy']} | {r['date']}")
-    print("one clip, median ms (host numpy -> host numpy | torch CUDA -> torch CUDA)")
-    for k, row in r["single_clip"].items():
-        print(f"  {k:>4}: staged {row['shmmel_host_staged']['median_s'] * 1e3:.3f}, driver copies "
-              f"{row['shmmel_host_driver_copies']['median_s'] * 1e3:.3f}")
+    if "single_clip" in r:
+        print("one clip, median ms (host numpy -> host numpy | torch CUDA -> torch CUDA)")
+    for k, row in r.get("single_clip", {}).items():
+        print(f"  {k:>4}: batch path {row['shmmel_host_batch_path']['median_s'] * 1e3:.3f}, without CUDA graph "
+              f"{row['shmmel_host_no_graph']['median_s'] * 1e3:.3f}, same bits {row['same_bits_batch_path_no_graph']}")
         print(f"  {k:>4}: shmmel {row['shmmel_host']['median_s'] * 1e3:.3f} | whisper {row['whisper_host']['median_s'] * 1e3:.3f}"
               f" ({row['speedup_host']:.2f}x)   device: shmmel {row['shmmel_device']['median_s'] * 1e3:.3f} | whisper"
               f" {row['whisper_device']['median_s'] * 1e3:.3f} ({row['speedup_device']:.2f}x)  max|d| {row['max_abs_diff_vs_whisper']:.2g}")
-    hb = r["host_batch"]
+    if "host_batch" in r:
+        summary_host(r["host_batch"])
+    if "device_batch" in r:
+        summary_device(r["device_batch"])
+    if "kernel_variants" in r:
+        print("kernel variants, batch / frames kernel ms (registers, spill bytes):")
+        for k, v in r["kernel_variants"].items():
+            if "error" in v:
+                print(f"  {k}: {v['error']}")
+            else:
+                print(f"  {k}: {v['batch_ms']:.3f} / {v['kernel_replayed_ms']:.3f} ({v['regs']}, {v['local_bytes']})"
+                      f"  max|d| vs first {v['max_abs_diff_vs_first']:.2g}, vs numpy {v['max_abs_diff_vs_numpy']:.2g}")
+    for k, v in r.get("stream_chunks", {}).items():
+        print(f"chunk 1 s {k}: kernel {v['kernel_replayed_us']:.1f} us, gpu {v['gpu_us']:.1f} us, wall {v['wall_us']:.0f} us")
+    if "numpy_engine" in r:
+        print(f"numpy engine: {r['numpy_engine']['audio_per_s']:,.0f} audio-s/s")
+
+
+def summary_host(hb: dict[str, Any]) -> None:
     print(f"host batch {hb['clips']} x {hb['seconds']} s, audio-s/s:")
     for k, v in hb.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "audio_per_s" in v:
             print(f"  {k:>22}: {v['audio_per_s']:>12,.0f}  ({v['median_s'] * 1e3:.1f} ms, {v['min_s'] * 1e3:.1f}..{v['max_s'] * 1e3:.1f})")
     print(f"  copy ceilings GB/s: H2D pinned {hb['h2d_pinned_GBps']:.1f}, D2H pinned {hb['d2h_pinned_GBps']:.1f}, "
-          f"host memcpy 1 thread {hb['host_memcpy_1thread_GBps']:.1f}")
-    db = r["device_batch"]
-    print(f"device batch: int16 {db['device_int16']['audio_per_s']:,.0f} ({db['device_int16']['s'] * 1e3:.2f} ms, kernel "
+          f"host memcpy 1 thread {hb['host_memcpy_1thread_GBps']:.1f}; pageable -> pinned by 1/4/8/16 threads "
+          + " / ".join(f"{hb[f'host_to_pinned_{t}threads_GBps']:.1f}" for t in (1, 4, 8, 16))
+          + f"; cudaHostRegister of {hb['host_register_ms']['bytes'] / 1e6:.0f} MB "
+          f"{hb['host_register_ms']['register']:.1f} ms (unregister {hb['host_register_ms']['unregister']:.1f} ms)")
+
+
+def summary_device(db: dict[str, Any]) -> None:
+    print(f"device batch: int16 {db['device_int16']['audio_per_s']:,.0f} ({db['device_int16']['s'] * 1e3:.2f} ms, launch "
+          f"in the call {db['device_int16']['launch_in_call_s'] * 1e3:.2f} ms, frames kernel replayed "
           f"{db['device_int16']['kernel_replayed_s'] * 1e3:.2f} ms) | float32 {db['device_float32']['audio_per_s']:,.0f}"
           f" | torchaudio {db['torchaudio']['audio_per_s']:,.0f} ({db['torchaudio']['s'] * 1e3:.2f} ms) | speed-up "
           f"{db['speedup_int16']:.2f}x / {db['speedup_float32']:.2f}x | max|d| {db['max_abs_diff_vs_torchaudio']:.2g}")
-    if "kernel_variants" in r:
-        print("kernel variants (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["kernel_variants"].items()))
-    for k, v in r["stream_chunks"].items():
-        print(f"chunk 1 s {k}: kernel {v['kernel_replayed_us']:.1f} us, gpu {v['gpu_us']:.1f} us, wall {v['wall_us']:.0f} us")
-    print(f"numpy engine: {r['numpy']['audio_per_s']:,.0f} audio-s/s")
 
 
 if __name__ == "__main__":

@@ -314,3 +314,72 @@ def test_gpu_kernel_variants_and_driver_copies_give_the_same_bits(engine: mel.Cu
         with mel.CudaEngine(0, **kwargs) as other:
             got = mel.log_mel_batch(clips, 128, engine=other)
             assert all(np.array_equal(g, w) for g, w in zip(got, want)), kwargs
+
+
+def test_gpu_fused_normalise_gives_the_bits_of_the_separate_pass(engine: mel.CudaEngine) -> None:
+    """The frames kernel normalising each clip in its last block (device batches) equals
+    the separate normalise launch (host batches, or fuse_normalise=False) bit for bit,
+    many clips of many tiles."""
+    lengths = [480000, 16001, 777, 30000, 1, 0, 95999, 48000] * 5
+    clips = mixed_clips(lengths)
+    with mel.CudaEngine(0, fuse_normalise=False) as separate:
+        for n_mels in (80, 128):
+            want = mel.log_mel_batch(clips, n_mels, engine=separate)
+            got = mel.log_mel_batch(clips, n_mels, engine=engine)
+            assert all(np.array_equal(g, w) for g, w in zip(got, want))
+            on_device = mel.log_mel_batch([cp.asarray(c) for c in clips], n_mels, engine=engine)
+            assert all(np.array_equal(cp.asnumpy(g), w) for g, w in zip(on_device, want))
+        batch = cp.asarray((make_signal("speech", 64000, seed=4) * 20000).astype(np.int16)[None].repeat(33, 0))
+        want = cp.asnumpy(mel.log_mel_batch(batch, engine=separate))
+        assert np.array_equal(cp.asnumpy(mel.log_mel_batch(batch, engine=engine)), want)
+
+
+def test_gpu_direct_dft_build_within_bounds() -> None:
+    """The folded direct DFT-20 build (the generated prime-factor one is the default) is
+    accurate too, and streams bit for bit like offline on its own build."""
+    with mel.CudaEngine(0, dft="direct") as direct:
+        worst, p9999 = accuracy(direct)
+        assert worst <= 1e-3 and p9999 <= 2e-4
+        assert_stream_equals_offline(direct, make_signal("chirp", 41000, seed=3), seed=4)
+
+
+def test_gpu_one_clip_path_gives_the_batch_bits(engine: mel.CudaEngine) -> None:
+    """log_mel_spectrogram of one host clip (one upload, one launch, one download, with or
+    without a captured CUDA graph) equals the batch path bit for bit, and still finds
+    NaN both where a frame reads it and in the unread tail."""
+    clips = mixed_clips([16000, 480000, 777, 159, 0, 16001, 16000, 95999])
+    with mel.CudaEngine(0, clip_graphs=False) as plain:
+        for n_mels, padding in ((80, 0), (128, 0), (80, 4000)):
+            for clip in clips + clips[:2]:  # repeated shapes replay their graphs
+                want = mel.log_mel_batch([clip], n_mels, padding=padding, engine=engine)[0]
+                for eng in (engine, plain):
+                    got = mel.log_mel_spectrogram(clip, n_mels, padding, engine=eng)
+                    assert got.shape == want.shape and got.dtype == np.float32
+                    assert np.array_equal(got, want), (clip.size, n_mels, padding)
+        bad = clips[0].copy()
+        for where in (5000, bad.size - 3):
+            bad[:] = clips[0]
+            bad[where] = np.inf
+            for eng in (engine, plain):
+                with pytest.raises(ValueError, match=f"NaN or Inf \\(first at sample {where}\\)"):
+                    mel.log_mel_spectrogram(bad, engine=eng)
+        assert np.array_equal(mel.log_mel_spectrogram(clips[0], engine=engine),
+                              mel.log_mel_batch([clips[0]], engine=plain)[0])
+    assert engine._clip.use_graphs and engine._clip.graphs  # the default engine replayed graphs
+
+
+def test_gpu_device_batch_descriptor_cache(engine: mel.CudaEngine) -> None:
+    """A repeated 2-D device batch reuses its descriptors on the device: the result still
+    follows the batch's current contents, other outs and other shapes."""
+    pcm = (np.stack([make_signal(k, 48000, seed=i) for i, k in enumerate(SIGNALS)]) * 20000).astype(np.int16)
+    x = cp.asarray(pcm)
+    outs = [cp.empty((len(SIGNALS), 80, 300), cp.float32) for _ in range(2)]
+    want = mel.log_mel_batch(pcm, engine=engine)
+    for out in outs + outs:
+        assert mel.log_mel_batch(x, engine=engine, out=out) is out
+        assert np.array_equal(cp.asnumpy(out), want)
+    x[:] = x[::-1].copy()  # same address, new contents
+    got = mel.log_mel_batch(x, engine=engine, out=outs[0])
+    assert np.array_equal(cp.asnumpy(got), want[::-1])
+    half = mel.log_mel_batch(x[:, :24000], engine=engine)  # a strided view: another key
+    assert np.array_equal(cp.asnumpy(half), mel.log_mel_batch(np.ascontiguousarray(pcm[::-1, :24000]), engine=engine))

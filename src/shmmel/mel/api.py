@@ -106,7 +106,7 @@ def log_mel_spectrogram(
     (Whisper takes a file name too; see :func:`load_wav`); or a 1-D CUDA array (CuPy,
     torch, DLPack), which is read in place on its device and gives a device result of
     the same kind (CuPy; a torch tensor for torch input) with no host round trip. With a
-    CUDA engine, host input takes one upload, two launches and one download of the frames.
+    CUDA engine, host input takes one upload, one launch and one download of the frames.
     """
     if isinstance(audio, (str, os.PathLike)):
         audio = load_wav(audio)
@@ -115,6 +115,8 @@ def log_mel_spectrogram(
     if isinstance(engine, CudaEngine):
         if getattr(audio, "ndim", 1) != 1:
             raise ValueError(f"audio must be 1-D (mono PCM), got shape {tuple(audio.shape)}")
+        if isinstance(audio, np.ndarray):
+            return engine.log_mel_clip(audio, n_mels, padding)
         return engine.log_mel_batch([audio], n_mels, padding=padding)[0]
     frames, top = log10_mel(audio, n_mels, padding, engine)
     return np.ascontiguousarray(normalise(frames, top).T)

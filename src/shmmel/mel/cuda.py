@@ -44,8 +44,9 @@ class CudaEngine(Engine):
 
     def __init__(
         self, device: int = 0, *, timing: bool = False, frames_per_block: int = K.FRAMES_PER_BLOCK,
-        min_blocks: int = 7, mel_ilp: bool = True, copy_threads: int | None = None,
-        pageable_direct_bytes: int = 16 << 20,
+        min_blocks: int = K.MIN_BLOCKS, mel_ilp: bool = True, copy_threads: int | None = None,
+        pageable_direct_bytes: int = 16 << 20, dft: str = K.DFT, fuse_normalise: bool = True,
+        clip_graphs: bool = True,
     ) -> None:
         import cupy as cp  # here, never at module import: the supervisor must not touch CUDA
 
@@ -53,6 +54,9 @@ class CudaEngine(Engine):
         self.device = int(device)
         self.timing = timing
         self.frames_per_block = int(frames_per_block)
+        # batches: the frames kernel normalises each clip itself (its last block), or a
+        # second launch does (the same bits either way)
+        self.fuse_normalise = bool(fuse_normalise)
         self.copy_threads = copy_threads  # host copies of large batches (None: up to 8)
         # batches whose pageable input/output is at most this many bytes are copied by
         # the driver (cudaMemcpyAsync on pageable memory) instead of through staging
@@ -64,7 +68,8 @@ class CudaEngine(Engine):
         with self._device:
             self._stream = cp.cuda.Stream(non_blocking=True)
             self._copy_stream = cp.cuda.Stream(non_blocking=True)  # batch uploads
-            source = K.kernel_source(self.frames_per_block, min_blocks, mel_ilp)
+            self._d2h_stream = cp.cuda.Stream(non_blocking=True)  # batch downloads
+            source = K.kernel_source(self.frames_per_block, min_blocks, mel_ilp, dft)
             module = cp.RawModule(code=source, options=("-std=c++17",))
             self._frames_kernel = module.get_function("shmmel_mel_frames")
             self._normalise_items_kernel = module.get_function("shmmel_normalise_items")
@@ -77,6 +82,7 @@ class CudaEngine(Engine):
                 table = np.stack([starts, lengths, offsets], axis=1).astype(np.int32)
                 self._tables[n_mels] = (cp.asarray(table.reshape(-1)), cp.asarray(packed))
             self._events = tuple(cp.cuda.Event() for _ in range(4))
+            self.batch_events = (cp.cuda.Event(), cp.cuda.Event())  # device batches, if timing
         self._in_cap = self._out_cap = 0
         self._pinned_in = self._pinned_out = None  # pinned host memory (kept alive here)
         self._host_in = self._host_out = None  # numpy uint8 views of it
@@ -84,6 +90,8 @@ class CudaEngine(Engine):
         self._last_launch: tuple[Any, ...] | None = None
         self._registered: list[tuple[int, int, int, np.ndarray]] = []  # host lo, hi, device lo
         self._batches: Any = None  # cuda_batch.HostBatches, made on first use
+        self._clip: Any = None  # cuda_clip.OneClip, made on first use
+        self._clip_graphs = bool(clip_graphs)
         self._external: dict[int, Any] = {}  # CuPy wrappers of foreign streams, by handle
         self._last_body_pointers: Any = None  # device batches: what the kernel read (tests)
 
@@ -110,15 +118,17 @@ class CudaEngine(Engine):
     # -- the launch ----------------------------------------------------------------
 
     def _launch(
-        self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any, bad: Any = None
+        self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any, bad: Any = None,
+        done: Any = None,
     ) -> None:
         """The frames kernel on the current stream; ``bad`` (n uint32, or None): set to 1
-        for an item whose float samples hold a NaN or Inf."""
+        for an item whose float samples hold a NaN or Inf; ``done`` (n zeroed uint32, or
+        None): count each item's finished tiles and normalise the item in its last one."""
         tables = self._tables
         args = (
             desc, tile_starts, np.int32(n_items), self._window, self._twiddle,
             tables[80][0], tables[80][1], tables[128][0], tables[128][1], item_max,
-            bad if bad is not None else np.uint64(0),
+            bad if bad is not None else np.uint64(0), done if done is not None else np.uint64(0),
         )
         self._last_launch = ((n_tiles,), (20 * self.frames_per_block,), args)
         self._frames_kernel(*self._last_launch)
@@ -328,6 +338,17 @@ class CudaEngine(Engine):
             self._batches = cuda_batch.HostBatches(self)
         return cuda_batch.log_mel_batch(self, clips, n_mels, padding, pad_or_trim, out)
 
+    def log_mel_clip(self, audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+        """Whisper's normalised log-mel of one host clip, (n_mels, T) float32: one upload,
+        one launch, one download (see :mod:`.cuda_clip`); the bits of ``log_mel_batch``."""
+        from . import cuda_clip
+
+        if self._closed:
+            raise RuntimeError("CudaEngine is closed")
+        if self._clip is None:
+            self._clip = cuda_clip.OneClip(self, self._clip_graphs)
+        return self._clip.run(audio, n_mels, padding)
+
     def log10_mel_device(
         self,
         audio: Any,
@@ -343,10 +364,10 @@ class CudaEngine(Engine):
         for ``"mels"``, and the per-clip max (B,) float32 (-inf where T == 0), as CuPy
         arrays queued on the engine's stream (``synchronize()`` before using them
         elsewhere). Bit-identical to ``process`` on the same clips."""
-        from . import cuda_batch
+        from . import cuda_device
 
         cp = self._cp
-        out, bits = cuda_batch.device_frames(self, audio, n_mels, padding, layout)
+        out, bits = cuda_device.device_frames(self, audio, n_mels, padding, layout)
         with self._device, self._stream:
             maxima = cp.empty(bits.size, cp.float32)
             if bits.size:
@@ -376,6 +397,7 @@ class CudaEngine(Engine):
         try:
             self._stream.synchronize()
             self._copy_stream.synchronize()
+            self._d2h_stream.synchronize()
             with self._device:
                 for lo, _hi, _dev, _array in self._registered:
                     self._cp.cuda.runtime.hostUnregister(lo)
@@ -384,6 +406,7 @@ class CudaEngine(Engine):
             if self._batches is not None and self._batches.pool is not None:
                 self._batches.pool.shutdown()
             self._batches = None
+            self._clip = None
             self._dev_in = self._dev_out = None
             self._host_in = self._host_out = None
             self._pinned_in = self._pinned_out = None

@@ -4,16 +4,15 @@ Every clip is an offline clip, so the kernel reads Whisper's reflect padding fro
 clip itself (descriptor flag ``D_REFLECT``): no edge arrays, no per-clip copies.
 
 * **Device clips** (CuPy; torch and other ``__dlpack__`` / ``__cuda_array_interface__``
-  arrays, taken zero-copy on the engine's stream) are read where they lie: one descriptor
-  upload, one frames launch, one normalise launch, the result a new device array (or
-  ``out``). Nothing goes through the host but the descriptors (128 bytes a clip).
+  arrays) are read where they lie, one launch: see :mod:`.cuda_device`.
 * **Host clips** go through :class:`HostBatches`: the batch is cut into groups of about
   ``GROUP_BYTES``; for each, the clips are copied (by a few threads, GIL released) into
-  one of three pinned buffers, uploaded on a copy stream, computed and normalised on the
-  engine's stream, and only the frames come back, into a pinned buffer and from there
-  into the result, while the next group is already uploading. Input that is already in
-  pinned or registered memory is uploaded from where it is, and an ``out`` in pinned or
-  registered memory receives the frames by DMA directly: no host copy at all.
+  one of three pinned buffers, uploaded on a copy stream, computed and normalised (a
+  second launch) on the engine's stream, and only the frames come back, on a third
+  stream, into a pinned buffer and from there into the result, while the next group is
+  already uploading. Input that is already in pinned or registered memory is uploaded
+  from where it is, and an ``out`` in pinned or registered memory receives the frames by
+  DMA directly: no host copy at all.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import numpy as np
 
 from . import _kernels as K
 from .batch import BatchPlan, check_out, plan_batch, shape_result
+from .cuda_device import _describe, _launch_all, device_batch, is_device
 from .spec import check_audio
 
 if TYPE_CHECKING:
@@ -35,138 +35,17 @@ if TYPE_CHECKING:
 GROUP_BYTES = 32 << 20  # input and output bytes per pipeline group
 DEPTH = 3  # pipeline slots: uploads run up to two groups ahead of the downloads
 PARALLEL_BYTES = 4 << 20  # host copies at least this large are split over threads
-_KDL_CUDA = 2
+CACHED = 8  # device batches whose descriptors stay on the device
 
 
 def _align(n: int, to: int = 256) -> int:
     return (n + to - 1) // to * to
 
 
-# -- device arrays ----------------------------------------------------------------------
-
-
-def as_device(engine: CudaEngine, x: Any) -> Any:
-    """``x`` as a CuPy array on the engine's device without a copy, or None if ``x`` is
-    not a device array. Work queued on the producer's stream is ordered before the
-    engine's stream (DLPack's stream handshake; torch's current stream explicitly)."""
-    cp = engine._cp
-    if isinstance(x, np.ndarray):
-        return None
-    if isinstance(x, cp.ndarray):
-        array = x
-    elif hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
-        kind, _ = x.__dlpack_device__()
-        if int(kind) != _KDL_CUDA:
-            return None
-        with engine._device, engine._stream:
-            array = cp.from_dlpack(x)
-    elif hasattr(x, "__cuda_array_interface__"):
-        with engine._device, engine._stream:
-            array = cp.asarray(x)
-    else:
-        return None
-    if array.device.id != engine.device:
-        raise ValueError(f"audio is on CUDA device {array.device.id}, the engine on {engine.device}")
-    return array
-
-
-def is_device(engine: CudaEngine, x: Any) -> bool:
-    """True for a CUDA device array (CuPy, DLPack kDLCUDA, or a CUDA array interface)."""
-    if isinstance(x, np.ndarray):
-        return False
-    if isinstance(x, engine._cp.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return True
-    device = getattr(x, "__dlpack_device__", None)
-    return device is not None and int(device()[0]) == _KDL_CUDA
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def _caller_stream(engine: CudaEngine, like: Any) -> Any:
-    """The stream the caller works on: torch's current stream for torch input, else
-    CuPy's current stream (the legacy default stream unless the caller chose one)."""
-    cp = engine._cp
-    if _is_torch(like):
-        import torch
-
-        handle = torch.cuda.current_stream(like.device).cuda_stream
-        stream = engine._external.get(handle)
-        if stream is None:
-            stream = engine._external[handle] = cp.cuda.ExternalStream(handle)
-        return stream
-    with engine._device:
-        return cp.cuda.get_current_stream()
-
-
-def _describe(
-    engine: CudaEngine, plan: BatchPlan, body_ptrs: np.ndarray, i16: np.ndarray, out_ptrs: np.ndarray,
-    layout: str = "mels",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(B, D_FIELDS) int64 descriptors of offline clips and (B + 1,) int32 tile starts."""
-    n = plan.size
-    desc = np.zeros((n, K.D_FIELDS), np.int64)
-    desc[:, K.D_BODY] = body_ptrs
-    desc[:, K.D_OUT] = out_ptrs
-    desc[:, K.D_PRE_LEN] = desc[:, K.D_POST_LEN] = 200
-    desc[:, K.D_BODY_LEN] = plan.used
-    desc[:, K.D_ZERO_LEN] = plan.zeros
-    desc[:, K.D_BODY_I16] = i16
-    desc[:, K.D_N_MELS] = plan.n_mels
-    desc[:, K.D_N_FRAMES] = plan.frames
-    if layout == "mels":
-        desc[:, K.D_OUT_FS], desc[:, K.D_OUT_MS] = 1, plan.frames
-    else:
-        desc[:, K.D_OUT_FS], desc[:, K.D_OUT_MS] = plan.n_mels, 1
-    desc[:, K.D_MAX_INDEX] = np.arange(n)
-    desc[:, K.D_REFLECT] = 1
-    tiles = np.zeros(n + 1, np.int64)
-    np.cumsum(-(-plan.frames // engine.frames_per_block), out=tiles[1:])
-    return desc, tiles.astype(np.int32)
-
-
-def _launch_all(
-    engine: CudaEngine, desc: Any, tiles: Any, n: int, n_tiles: int, bits: Any, normalise: bool, bad: Any = None
-) -> None:
-    """Frames, then (optionally) per-clip normalisation, on the current stream."""
-    if n_tiles == 0:
-        return
-    engine._launch(desc, tiles, n, n_tiles, bits, bad)
-    if normalise:
-        grid_y = min(n, 65535)
-        grid_x = max(1, min(64, (132 * 8) // grid_y))
-        engine._normalise_items_kernel((grid_x, grid_y), (256,), (desc, bits, np.int32(n)))
-
-
-def device_frames(engine: CudaEngine, audio: Any, n_mels: int, padding: int, layout: str) -> tuple[Any, Any]:
-    """Raw log10 frames of a (B, L) device batch, (B, T, n_mels) or (B, n_mels, T), and the
-    per-clip max as order-preserving uint32 bits; queued on the engine's stream."""
-    cp = engine._cp
-    array = as_device(engine, audio)
-    if array is None:
-        raise ValueError("expected a (B, L) int16/float32 array on the engine's device")
-    with engine._device, engine._stream:
-        array = cp.ascontiguousarray(array)
-    plan = plan_batch(array, n_mels, padding, False, on_device=True)
-    b, t = plan.size, (array.shape[1] + padding) // 160
-    with engine._device, engine._stream:
-        out = cp.empty((b, t, n_mels) if layout == "frames" else (b, n_mels, t), cp.float32)
-        bits = cp.zeros(b, cp.uint32)
-        if out.size:
-            rows = np.arange(b, dtype=np.int64)
-            desc, tiles = _describe(
-                engine, plan, array.data.ptr + rows * array.strides[0], int(array.dtype == np.int16),
-                out.data.ptr + rows * (t * n_mels * 4), layout,
-            )
-            _launch_all(engine, cp.asarray(desc), cp.asarray(tiles), b, int(tiles[-1]), bits, False)
-    return out, bits
-
-
 def log_mel_batch(engine: CudaEngine, clips: Any, n_mels: int, padding: int, pad_or_trim: bool, out: Any) -> Any:
     first = clips if hasattr(clips, "ndim") else (clips[0] if len(clips) else None)
     if first is not None and is_device(engine, first):
-        return _device_batch(engine, clips, n_mels, padding, pad_or_trim, out)
+        return device_batch(engine, clips, n_mels, padding, pad_or_trim, out)
     plan = plan_batch(clips, n_mels, padding, pad_or_trim, finite=False)  # checked on the GPU
     _check_unread_tails(plan)
     if out is not None:
@@ -212,58 +91,6 @@ def _raise_bad(plan: BatchPlan, i: int) -> None:
     raise ValueError(f"clip {i}: audio contains NaN or Inf")
 
 
-def _device_batch(engine: CudaEngine, clips: Any, n_mels: int, padding: int, pad_or_trim: bool, out: Any) -> Any:
-    """Device clips read in place; the result is a new device array (or ``out``). The
-    engine's stream waits for the caller's stream first, and the caller's stream waits
-    for the engine's work before anything the caller queues next."""
-    cp = engine._cp
-    like = clips if hasattr(clips, "ndim") else clips[0]
-    caller = _caller_stream(engine, like)
-    before, after = engine._batches.order_events
-    with engine._device:
-        before.record(caller)
-        engine._stream.wait_event(before)
-    if hasattr(clips, "ndim"):
-        arrays = as_device(engine, clips)
-    else:
-        arrays = []
-        for i, clip in enumerate(clips):
-            array = as_device(engine, clip)
-            if array is None:
-                raise ValueError(f"clip {i}: not on the engine's device (clip 0 is)")
-            arrays.append(array)
-    plan = plan_batch(arrays, n_mels, padding, pad_or_trim, on_device=True)
-    n = plan.size
-    with engine._device, engine._stream:
-        if plan.two_d:
-            batch = cp.ascontiguousarray(plan.clips)  # a no-op for a contiguous batch
-            body = batch.data.ptr + batch.strides[0] * np.arange(n, dtype=np.int64)
-        else:
-            rows = [cp.ascontiguousarray(c) for c in plan.clips]  # no-ops for contiguous clips
-            body = np.array([r.data.ptr for r in rows], np.int64)
-        if out is not None:
-            out_array = as_device(engine, out)
-            if out_array is None:
-                raise ValueError("out must be a device array for device clips")
-            check_out(plan, out_array)
-            flat = out_array.reshape(-1)
-        else:
-            flat = cp.empty(int(plan.offsets[-1]), cp.float32)
-        desc, tiles = _describe(engine, plan, body, plan.int16(), flat.data.ptr + 4 * plan.offsets[:-1])
-        engine._last_body_pointers = body
-        d_desc, d_tiles, bits = engine._batches.small.upload(engine._stream, desc, tiles)
-        _launch_all(engine, d_desc, d_tiles, n, int(tiles[-1]), bits, True)
-        after.record(engine._stream)
-        caller.wait_event(after)
-        if out is not None:
-            return out
-        if _is_torch(like):
-            import torch
-
-            return shape_result(plan, flat, torch.from_dlpack)
-        return shape_result(plan, flat)
-
-
 # -- host arrays ----------------------------------------------------------------------------
 
 
@@ -299,9 +126,26 @@ class _SmallUploads:
         self.cp = cp
         self.ring = [_Slot(cp) for _ in range(size)]
         self.next = 0
+        # descriptors kept on the device by key (a 2-D batch's addresses and shapes fully
+        # determine them, so a hit is always current): key -> (desc, tiles, bits, done, tiles)
+        self.cached: dict[Any, tuple[Any, Any, Any, Any, int]] = {}
 
-    def upload(self, stream: Any, desc: np.ndarray, tiles: np.ndarray) -> tuple[Any, Any, Any]:
-        """(device desc int64, tiles int32, zeroed max bits uint32) queued on ``stream``."""
+    def keep(self, key: Any, stream: Any, desc: np.ndarray, tiles: np.ndarray) -> tuple[Any, Any, Any, Any, int]:
+        """A device copy of ``desc`` and ``tiles`` of its own (with room for the max bits
+        and counters), kept under ``key``; the oldest of ``CACHED`` entries goes first."""
+        cp = self.cp
+        if len(self.cached) >= CACHED:
+            self.cached.pop(next(iter(self.cached)))
+        m = max(desc.shape[0], 1)
+        with stream:
+            words = cp.zeros(2 * m, cp.uint32)  # max bits, then tile counters
+            entry = (cp.asarray(desc), cp.asarray(tiles), words[:m], words[m:], int(tiles[-1]))
+        self.cached[key] = entry
+        return entry
+
+    def upload(self, stream: Any, desc: np.ndarray, tiles: np.ndarray) -> tuple[Any, Any, Any, Any]:
+        """(device desc int64, tiles int32, zeroed max bits uint32, zeroed tile counters
+        uint32) queued on ``stream``."""
         cp = self.cp
         runtime = cp.cuda.runtime
         slot = self.ring[self.next]
@@ -310,16 +154,18 @@ class _SmallUploads:
         n = desc.shape[0]
         tiles_off = desc.nbytes
         bits_off = _align(tiles_off + tiles.nbytes)
-        slot.reserve(bits_off + 4 * max(n, 1), 0)
+        slot.reserve(bits_off + 8 * max(n, 1), 0)
         host = slot.host_in
         host[:tiles_off].view(np.int64)[:] = desc.reshape(-1)
         host[tiles_off : tiles_off + tiles.nbytes].view(np.int32)[:] = tiles
         dev = slot.dev_in.data.ptr
         runtime.memcpyAsync(dev, host.ctypes.data, tiles_off + tiles.nbytes, runtime.memcpyHostToDevice, stream.ptr)
-        runtime.memsetAsync(dev + bits_off, 0, 4 * max(n, 1), stream.ptr)
+        m = max(n, 1)
+        runtime.memsetAsync(dev + bits_off, 0, 8 * m, stream.ptr)
         slot.h2d_done.record(stream)
         return (slot.dev_in[:tiles_off].view(cp.int64), slot.dev_in[tiles_off : tiles_off + tiles.nbytes].view(cp.int32),
-                slot.dev_in[bits_off : bits_off + 4 * max(n, 1)].view(cp.uint32))
+                slot.dev_in[bits_off : bits_off + 4 * m].view(cp.uint32),
+                slot.dev_in[bits_off + 4 * m : bits_off + 8 * m].view(cp.uint32))
 
 
 class HostBatches:
@@ -388,7 +234,7 @@ class HostBatches:
         i16 = plan.int16()
         bad = np.zeros(n, np.uint32)
         pending: list[tuple[_Slot, int, int, int, int, int]] = []
-        copy_stream, stream = engine._copy_stream, engine._stream
+        copy_stream, stream, d2h_stream = engine._copy_stream, engine._stream, engine._d2h_stream
         with engine._device:
             for g, (g0, g1) in enumerate(groups):
                 slot = self.slots[g % DEPTH]  # idle: its group g - DEPTH was drained
@@ -437,22 +283,25 @@ class HostBatches:
                 slot.h2d_done.record(copy_stream)
                 stream.wait_event(slot.h2d_done)
                 runtime.memsetAsync(dev_out + bits_off, 0, 8 * k, stream.ptr)  # max bits, bad flags
-                with stream:
-                    _launch_all(
+                with stream:  # the normalisation as a second launch: measured faster here
+                    _launch_all(  # than in the frames kernel (each group's last clip its tail)
                         engine, slot.dev_in[:tiles_off].view(cp.int64),
                         slot.dev_in[tiles_off : tiles_off + 4 * (k + 1)].view(cp.int32), k, int(tiles[-1]),
                         slot.dev_out[bits_off:bad_off].view(cp.uint32), True,
                         slot.dev_out[bad_off : bad_off + 4 * k].view(cp.uint32),
                     )
                 slot.kernel_done.record(stream)
+                # downloads on their own stream: the next group's kernel need not wait
+                # for them (the slot is reused only after _drain waited for d2h_done)
+                d2h_stream.wait_event(slot.kernel_done)
                 host_out = slot.host_out.ctypes.data
                 runtime.memcpyAsync(host_out + bad_off, dev_out + bad_off, 4 * k, runtime.memcpyDeviceToHost,
-                                    stream.ptr)
+                                    d2h_stream.ptr)
                 first = int(plan.offsets[g0])
                 target = flat.ctypes.data + 4 * first if direct_out else host_out
                 if frames_bytes:
-                    runtime.memcpyAsync(target, dev_out, frames_bytes, runtime.memcpyDeviceToHost, stream.ptr)
-                slot.d2h_done.record(stream)
+                    runtime.memcpyAsync(target, dev_out, frames_bytes, runtime.memcpyDeviceToHost, d2h_stream.ptr)
+                slot.d2h_done.record(d2h_stream)
                 pending.append((slot, first, frames_bytes, g0, k, bad_off))
                 if len(pending) >= DEPTH - 1:
                     self._drain(pending.pop(0), flat, direct_out, bad)
