@@ -349,10 +349,12 @@ class ShmmelThreadWorker(ThreadWorker):
         if self.min_body_rate and need:
             # body bytes still to come: Content-Length minus what the parser holds and what
             # the kernel has received but nobody has read yet (counted in bytes0 already)
-            held = len(conn.parser.unreader.buf.getvalue()) + unread_bytes(conn.sock)
-            got = tcp_bytes_received(conn.sock)
-            if got is not None and need > held:
-                self.bodies[conn] = (time.monotonic(), need - held, got)
+            held = len(conn.parser.unreader.buf.getvalue())
+            if need > held:  # else the whole body is read already: no syscall for it
+                held += unread_bytes(conn.sock)
+                got = tcp_bytes_received(conn.sock)
+                if got is not None and need > held:
+                    self.bodies[conn] = (time.monotonic(), need - held, got)
         try:
             return super().handle_request(req, conn)
         finally:
