@@ -129,3 +129,18 @@ def test_http_metrics_count_into_their_row(shm):
     assert shm.metrics["latency"][1, r].sum() == 3 and shm.metrics["latency"][1, r, b] >= 1
     assert shm.metrics["latency_sum"][1, r] >= 0.009
     assert shm.http["requests"][1] == 3 and int(shm.http["requests"].sum()) == 3
+
+
+def test_pending_takes_the_oldest_first(shm):
+    prod = Producer(shm, queue_depth=8, reply_spin=0.0)
+    slots = [prod.claim() for _ in range(4)]
+    for s in slots:
+        s.submit(0, 1, L.OP_PING, 0, prod.next_seq())
+    for i, s in enumerate(slots):  # submitted "later" in claim order: the last is oldest
+        shm.slots["t_submit"][s.index] = 100.0 - i
+    inbox = Inbox(shm, 0, 1)
+    assert inbox.pending() == [s.index for s in reversed(slots)]
+    assert (shm.slots["state"][[s.index for s in slots]] == (L.S_TAKEN | 0)).all()
+    assert inbox.pending() == []  # taken once
+    for s in slots:
+        s.release()

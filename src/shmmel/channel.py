@@ -34,11 +34,11 @@ from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalle
 from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
-# A producer alone in flight in its process polls the slot this long for the reply before
-# sleeping on the reply semaphore: a reply usually comes within tens of microseconds, and a
-# futex sleep and wake-up costs as much again (more from an idle core). Held GIL or not, a
-# poll this short delays another thread of the process by at most this much, and it only
-# runs when no other request of this process is waiting for a reply (see Slot.wait).
+# A producer alone in flight in its process, sending to a worker with an empty queue, polls
+# the slot this long for the reply before sleeping on the reply semaphore: such a reply
+# usually comes within tens of microseconds, and a futex sleep and wake-up costs as much
+# again (more from an idle core). The poll holds the GIL, so it only runs when no other
+# request of this process awaits a reply (see Slot.wait), and lasts at most this much.
 REPLY_SPIN = 50e-6
 
 # the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
@@ -210,8 +210,10 @@ class Slot:
         waiting = producer._waiting
         waiting.append(self.index)  # list append/remove: atomic under the GIL
         try:
-            if seen is None and len(waiting) == 1 and producer.reply_spin:
-                # alone in flight: poll for a reply that usually comes within microseconds
+            if seen is None and len(waiting) == 1 and producer.reply_spin and \
+                    producer._depths[self.worker] == 0:
+                # alone in flight, to a worker with nothing queued (as last counted, see
+                # pick_worker): poll for a reply that usually comes within microseconds
                 # (see REPLY_SPIN); the worker's post is then drained at release
                 clock = time.perf_counter
                 until = clock() + producer.reply_spin
@@ -615,8 +617,8 @@ class Inbox:
             u32[w4 + _ST] = self._taken
             out.append(j)
         if len(out) > 1:
-            ts = self.shm.slots["t_submit"]
-            out.sort(key=lambda j: ts[j])
+            first, w8_size = self._slots_off >> 3, size >> 3
+            out.sort(key=lambda j: f64[first + j * w8_size + _TSUB])
         return out
 
     def request(self, j: int) -> tuple[int, int, int, int, int, int, int]:
