@@ -144,3 +144,17 @@ def test_pending_takes_the_oldest_first(shm):
     assert inbox.pending() == []  # taken once
     for s in slots:
         s.release()
+
+
+def test_spin_needs_spare_cores(shm, monkeypatch):
+    config = Config(instance=shm.instance, workers=3, worker_kind="cpu", whisper_workers=0)
+    w = Worker(config, shm, 0, 1, parent=0)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert w.spare_cores(100.0)
+    monkeypatch.setattr("os.getloadavg", lambda: (12.0, 3.0, 3.0))
+    assert w.spare_cores(100.5)  # read at most once a second
+    assert not w.spare_cores(101.0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not w.spare_cores(102.0)  # a 2-core host never spins
