@@ -142,6 +142,43 @@ def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
     assert_clean(audio_inproc)
 
 
+@pytest.mark.parametrize("kind", ["s16", "wav16", "f32"])
+def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, kind):
+    """10 s with Content-Length: read a push at a time, each push as large as a slot
+    holds (s16le: ~4 s), the last one ending the stream: open + 3 round trips for s16le
+    (12 before), 6 for float32; bit-exact."""
+    x = speechlike(10.0, seed=8)
+    if kind == "f32":
+        body, ctype, ref_in, trips = x.tobytes(), "audio/x-f32le;rate=16000", x, 1 + 6
+    elif kind == "wav16":
+        body, ctype, ref_in, trips = wav_bytes(x), "audio/wav", as_i16(x), 1 + 3
+    else:
+        body, ctype, ref_in, trips = (as_i16(x).tobytes(), "audio/L16;rate=16000",
+                                      as_i16(x), 1 + 3)
+    served = lambda: sum(w["served"] for w in audio_inproc.status()["workers"]  # noqa: E731
+                         if w["kind"] != "whisper")
+    before = served()
+    status, _, raw = post(audio_inproc, "/audio/stream?format=binary", body, ctype)
+    assert status == 200, raw
+    assert served() - before == trips
+    records = parse_records(raw)
+    assert records[-1][0]["flags"] == wire.F_FINAL
+    prov = np.concatenate([f for _, f in records])
+    floor = mel.final_floor(records[-1][0]["final_max"])
+    assert np.array_equal(np.maximum(prov, floor).T, mel.log_mel_spectrogram(ref_in))
+    assert_clean(audio_inproc)
+
+
+def test_a_padded_upload_larger_than_a_slot_equals_offline(audio_inproc):
+    """Padding still ends the stream in its own push (zeros), after the last samples."""
+    x = as_i16(speechlike(5.0, seed=9))
+    status, _, raw = post(audio_inproc, "/audio/stream?format=npy&padding=16000",
+                          x.tobytes(), "audio/L16;rate=16000")
+    assert status == 200, raw
+    assert np.array_equal(np.load(io.BytesIO(raw)), mel.log_mel_spectrogram(x, padding=16000))
+    assert_clean(audio_inproc)
+
+
 def test_npy_and_binary_outputs(audio_inproc):
     x = as_i16(speechlike(1.7, seed=2))
     ref = mel.log_mel_spectrogram(x, n_mels=128, padding=123)
@@ -152,6 +189,7 @@ def test_npy_and_binary_outputs(audio_inproc):
     status, headers, raw = post(audio_inproc, "/audio/stream?n_mels=128&padding=123&format=binary",
                                 x.tobytes(), "application/octet-stream")
     assert status == 200
+    assert int(headers["content-length"]) == len(raw)  # answered whole in one round trip
     records = parse_records(raw)
     assert records[-1][0]["flags"] == wire.F_FINAL
     prov = np.concatenate([f for _, f in records])

@@ -193,6 +193,17 @@ def test_audio_bench_mel_matches_and_baseline_stops(tmp_path):
             reply += chunk
         conn.close()
         assert b'"cba"' in reply
+        # the audio routes answer as many bytes as they read (shmmel's answer size for s16le
+        # at 80 mels), so a 10 s file moves as many bytes each way as through shmmel
+        conn = socket.create_connection((host, port))
+        conn.sendall(b"POST /audio/stream HTTP/1.1\r\nHost: x\r\nContent-Type: audio/L16\r\n"
+                     b"Content-Length: 96000\r\nConnection: close\r\n\r\n" + bytes(96000))
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+        conn.close()
+        head, _, answer = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(answer) == 96000
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=1).close()
 

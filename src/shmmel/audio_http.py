@@ -4,16 +4,20 @@
 pieces, pushed through one slot to the worker that holds the stream, and (for NDJSON and
 binary output) the frames each piece completed leave while the body is still arriving. The
 first piece is processed before the response starts, so a bad header or bad first samples
-get a real 4xx; a problem found later arrives in-band as a last error record. JSON and .npy
+get a real 4xx; a problem found later arrives in-band as a last error record. An upload
+answered whole by then (it fitted the first piece) goes out as one answer with a
+Content-Length, in every format. JSON and .npy
 outputs are assembled at the end, normalised exactly (encoders in :mod:`shmmel.wire`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import falcon
 import numpy as np
+from falcon import mediatypes
 
 from . import layout as L
 from . import wire
@@ -69,15 +73,28 @@ def output_media(req: falcon.Request, default: str, allowed: tuple[str, ...]) ->
     accept = req.get_header("Accept")
     if not accept or "*/*" in accept:
         return default
-    best = req.client_prefers(list(allowed))
+    best = _preferred(accept, allowed)
     if best is None:
         raise falcon.HTTPNotAcceptable(title="Not Acceptable",
                                        description=f"can produce {', '.join(allowed)}")
     return best
 
 
+# A session sends the same Accept and Content-Type with every chunk: both are parsed once
+# per distinct value (bounded caches; a bad value raises every time, nothing is cached).
+@functools.lru_cache(maxsize=256)
+def _preferred(accept: str, allowed: tuple[str, ...]) -> str | None:
+    try:
+        return mediatypes.best_match(list(allowed), accept) or None
+    except ValueError:  # a malformed Accept header, as falcon's client_prefers takes it
+        return None
+
+
 def media_of(req: falcon.Request) -> Media:
-    return parse_media(req.content_type)  # UnsupportedMedia: 415, mapped by the app
+    return _media(req.content_type)  # UnsupportedMedia: 415, mapped by the app
+
+
+_media = functools.lru_cache(maxsize=256)(parse_media)
 
 
 class AudioStreamResource:
@@ -101,26 +118,25 @@ class AudioStreamResource:
             up.close()
             raise
         resp.content_type = out
-        if out in wire.STREAMING:
+        if out in wire.STREAMING and not up.done:
             header = self.calls.shm.header
             resp.stream = up.stream(head, body, out,
                                     lambda: header["state"] == L.INST_STOPPING)
             return
-        try:
-            up.to_end(body)
+        try:  # a body answered whole in start() (every sample had arrived) goes out as
+            up.to_end(body)  # one answer with a Content-Length, streaming formats too
         finally:
             up.close()
             body.reader.drain()  # if the answer ends before the upload did
-        resp.data = up.sink.result()
+        resp.data = head + up.sink.result() if head else up.sink.result()
 
 
 def session_reply(out: str, fb: FrameBatch) -> bytes:
-    final_max = None if np.isinf(fb.running_max) else fb.running_max
-    prov = fb.provisional()
     if out == wire.BINARY:
-        return wire.binary_record(0, fb.start, prov, fb.running_max, final_max, fb.final)
+        return wire.batch_record(0, fb)
+    final_max = None if np.isinf(fb.running_max) else fb.running_max
     total = fb.start + fb.log10.shape[0]
-    return wire.ndjson_line(0, fb.start, prov, fb.running_max, final_max, total,
+    return wire.ndjson_line(0, fb.start, fb.provisional(), fb.running_max, final_max, total,
                             fb.final).rstrip(b"\n")
 
 

@@ -2,7 +2,9 @@
 
 :class:`AudioBody` reads a request body (raw PCM or WAV) in blocks; :class:`Upload` cuts the
 samples into pushes on the mel workers (one stream, or one per Whisper 30 s window), carries
-partial samples over, sends a whole upload that fits a slot as one message, and hands each
+partial samples over, sends a whole upload that fits a slot as one message, reads a larger
+one with a Content-Length a push at a time (as many samples as a slot takes with their
+frames: ~4 s of s16le at 80 mels), its last push ending the stream, and hands each
 batch of frames to a sink: a :class:`~shmmel.wire.Encoder` for ``/audio/stream`` (NDJSON,
 binary, JSON, .npy), or :class:`WindowSink` for the transcription routes, which get each
 window's exactly normalised features. :meth:`Upload.start`, :meth:`Upload.stream` and
@@ -65,7 +67,10 @@ class AudioBody:
         reader, left = self.reader, self.data_left
         if left is not None and left <= 0:
             return b""
-        data = reader.read(reader.block if left is None else min(reader.block, left))
+        want = reader.block if left is None else min(reader.block, left)
+        data = reader.read(want)
+        if self.content_length is not None and 0 < len(data) < want:
+            data += reader.read(want - len(data))  # after the bytes a WAV header read left
         if not data and self.content_length is not None and reader.total < self.content_length:
             raise BadAudio(f"the body ended after {reader.total} of the "
                            f"{self.content_length} bytes its Content-Length announced")
@@ -78,6 +83,15 @@ class AudioBody:
     def all_read(self) -> bool:
         """A plain upload whose whole declared body has been read."""
         return self.content_length is not None and self.reader.total >= self.content_length
+
+    def at_end(self) -> bool:
+        """Every sample byte has been returned by :meth:`read` (the declared length reached,
+        or the WAV data chunk read whole): the next read gives b""."""
+        if self.reader.pending:
+            return False
+        if self.data_left is not None:
+            return self.data_left <= 0
+        return self.all_read()
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,9 @@ class Upload:
     def __init__(self, calls: AudioCalls, slot: Slot, spec: Spec, sink: wire.Encoder) -> None:
         self.calls, self.slot, self.spec, self.sink = calls, slot, spec, sink
         self.width = L.FMT_WIDTH[spec.fmt]
+        # sample bytes one push takes in one round trip: a declared-length body is read in
+        # blocks of this size, so each read is one message each way
+        self.piece = calls.push_samples(spec.fmt, spec.n_mels) * self.width
         self.carry = b""          # a partial sample left by the last read
         self.window = 0
         self.in_window = 0        # samples pushed into the current window
@@ -137,28 +154,36 @@ class Upload:
     def _emit(self, fb: FrameBatch) -> bytes:
         return self.sink.frames(self.window, fb, self.in_window, self.reason)
 
-    def feed(self, data: bytes) -> bytes:
-        """Push newly arrived sample bytes; return the output they produced."""
+    def feed(self, data: bytes, last: bool = False) -> bytes:
+        """Push newly arrived sample bytes; return the output they produced. ``last``: the
+        body ends with them, so (one stream, no padding) their push also ends the stream,
+        with no separate :meth:`finish` round trip."""
         data = self.carry + data
         usable = len(data) - len(data) % self.width
         self.carry = data[usable:]
         view = memoryview(data)[:usable]
+        spec = self.spec
+        ends = last and not self.carry and not spec.windows and not spec.padding
         out = []
         while len(view):
             h = self.handle or self._open()
             n = len(view) // self.width
-            if self.spec.windows:
+            if spec.windows:
                 n = min(n, N_SAMPLES - self.in_window)
             piece, view = view[: n * self.width], view[n * self.width :]
-            closes = self.spec.windows and self.in_window + n == N_SAMPLES
-            fb = self.calls.push(self.slot, h, piece, self.spec.fmt, final=closes)
+            closes = spec.windows and self.in_window + n == N_SAMPLES
+            final = closes or (ends and not len(view))
+            fb = self.calls.push(self.slot, h, piece, spec.fmt, final=final)
             self.in_window += n
             self.total_samples += n
             out.append(self._emit(fb))
-            if closes:
+            if final:  # the worker dropped the stream and freed its entry
                 self.handle = None
-                self.window += 1
-        return b"".join(out)
+                if closes:
+                    self.window += 1
+                else:
+                    self.done = True
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def oneshot(self, data: bytes) -> bytes:
         """The whole upload in one round trip (no stream entry): see AudioCalls.oneshot."""
@@ -213,28 +238,29 @@ class Upload:
         (and any 4xx) is known before the response starts."""
         spec = self.spec
         whole = body.content_length is not None and not spec.windows
-        if whole and body.content_length <= self.slot.capacity:
-            body.reader.block = max(body.reader.block, body.content_length)  # in one read
+        if body.content_length is not None:  # a read per push; all at once if it fits a slot
+            fits = whole and body.content_length <= self.slot.capacity
+            body.reader.block = body.content_length if fits else self.piece
         first = body.read()
         if whole and body.all_read() and not body.data_left \
                 and self.calls.fits_oneshot(len(first), spec.fmt, spec.n_mels, spec.padding):
             return self.oneshot(first)
-        head = self.feed(first) if first else self.finish()
+        head = self.feed(first, body.at_end()) if first else self.finish()
         if body.all_read() and not self.done:  # the whole body is here: finish now
             if body.data_left:
                 raise BadAudio("the WAV data chunk is shorter than its header says")
             head += self.finish()
         return head
 
-    def pump(self, read: Callable[[], bytes], stopping: Callable[[], bool]) -> Iterator[bytes]:
+    def pump(self, body: AudioBody, stopping: Callable[[], bool]) -> Iterator[bytes]:
         """Feed the rest, yielding output as it is made; when ``stopping()`` (the service
         is shutting down), end with a final message for what has arrived."""
         while not self.done:
             if stopping():
                 yield self.finish(reason="shutdown")
                 return
-            data = read()
-            chunk = self.feed(data) if data else self.finish()
+            data = body.read()
+            chunk = self.feed(data, body.at_end()) if data else self.finish()
             if chunk:
                 yield chunk
 
@@ -242,7 +268,7 @@ class Upload:
         """Feed the rest of the body with nothing to send meanwhile (whole-result formats)."""
         while not self.done:
             data = body.read()
-            self.feed(data) if data else self.finish()
+            self.feed(data, body.at_end()) if data else self.finish()
 
     def stream(self, head: bytes, body: AudioBody, media: str, stopping: Callable[[], bool],
                tail: Callable[[], bytes] | None = None,
@@ -254,7 +280,7 @@ class Upload:
         try:
             if head:
                 yield head
-            yield from self.pump(body.read, stopping)
+            yield from self.pump(body, stopping)
             if tail is not None:
                 yield tail()
         except Exception as exc:  # noqa: BLE001 - the response has started: report in-band

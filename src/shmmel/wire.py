@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import http_status
 from .mel import FrameBatch, final_floor
+from .mel.spec import DYNAMIC_RANGE
 
 NDJSON, JSON, BINARY, NPY = ("application/x-ndjson", "application/json",
                              "application/octet-stream", "application/x-npy")
@@ -69,6 +70,27 @@ def binary_record(window: int, offset: int, provisional: np.ndarray, running_max
     head = RECORD.pack(b"SMEL", F_FINAL if final else 0, window, offset, k, n_mels,
                        running_max, math.nan if final_max is None else final_max)
     return head + np.ascontiguousarray(provisional, "<f4").tobytes()
+
+
+_FOUR, _QUARTER = np.float32(4.0), np.float32(0.25)
+
+
+def batch_record(window: int, fb: FrameBatch) -> bytes:
+    """``fb`` as one binary record, its frames provisionally normalised straight into the
+    record's buffer: one allocation and one copy out instead of four temporaries. The same
+    float32 operations as :meth:`FrameBatch.provisional`, so the same bits (``* 0.25`` and
+    ``/ 4`` round the same real number, as 0.25 is exact)."""
+    k, n_mels = fb.log10.shape
+    final_max = math.nan if math.isinf(fb.running_max) else fb.running_max
+    buf = np.empty(RECORD.size + 4 * k * n_mels, np.uint8)  # private memory, not shared
+    RECORD.pack_into(buf, 0, b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k,
+                     n_mels, fb.running_max, final_max)
+    if k:
+        out = buf[RECORD.size:].view("<f4").reshape(k, n_mels)
+        np.maximum(fb.log10, np.float32(fb.running_max) - np.float32(DYNAMIC_RANGE), out=out)
+        out += _FOUR
+        out *= _QUARTER
+    return buf.tobytes()
 
 
 def error_record(media: str, exc: BaseException) -> bytes:
@@ -122,13 +144,12 @@ class StreamEncoder(Encoder):
     def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
         if not fb.final and fb.log10.shape[0] == 0:
             return b""
+        if self.media == BINARY:
+            return batch_record(window, fb)
         final_max = None if math.isinf(fb.running_max) else fb.running_max
-        prov = fb.provisional()
-        if self.media == NDJSON:
-            total = fb.start + fb.log10.shape[0]
-            return ndjson_line(window, fb.start, prov, fb.running_max, final_max, total,
-                               fb.final, reason if fb.final else None)
-        return binary_record(window, fb.start, prov, fb.running_max, final_max, fb.final)
+        total = fb.start + fb.log10.shape[0]
+        return ndjson_line(window, fb.start, fb.provisional(), fb.running_max, final_max,
+                           total, fb.final, reason if fb.final else None)
 
 
 class WholeEncoder(Encoder):

@@ -53,7 +53,7 @@ class AudioLoad:
     signal: str = "speech"
     n_mels: int = 80
     verify: bool = True
-    bare: bool = False            # the baseline answers 32 KB of zeros: do not parse
+    bare: bool = False            # the baseline answers zeros: do not parse
     phases: tuple[str, ...] = ("chunks", "files")
 
 
