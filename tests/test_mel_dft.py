@@ -56,3 +56,31 @@ def test_kernel_source_knobs() -> None:
     assert "s1_" not in _kernels.kernel_source(dft="direct")
     with pytest.raises(ValueError, match="dft"):
         _kernels.kernel_source(dft="fft")
+    assert "sincospif" in _kernels.kernel_source() and "window[" not in _kernels.kernel_source()
+    assert "window[" in _kernels.kernel_source(window="table")
+    assert _kernels.kernel_source(twiddle_step=1).count("twiddle[") == 1
+    with pytest.raises(ValueError, match="window"):
+        _kernels.kernel_source(window="hamming")
+    with pytest.raises(ValueError, match="twiddle_step"):
+        _kernels.kernel_source(twiddle_step=0)
+
+
+def test_generated_window_and_twiddles_match_their_definitions() -> None:
+    """The window expression of the "sincos" build and the twiddle recurrence, evaluated
+    in float32 as the kernel does, stay within a few ulps of the exact values."""
+    f = np.float32
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)
+    pairs = _kernels.twiddles().reshape(20, 20, 2)
+    for r in range(20):
+        sb, cb = f(np.sin(np.pi * r / 400)), f(np.cos(np.pi * r / 400))
+        for n1 in range(20):
+            w = sb if n1 == 0 else cb if n1 == 10 else f(f(np.sin(np.pi * n1 / 20)) * cb + f(f(np.cos(np.pi * n1 / 20)) * sb))
+            assert abs(f(w * w) - hann[20 * n1 + r]) < 3e-7
+        w1 = pairs[1, r]
+        tw = w1.copy()
+        for k1 in range(1, 20):
+            if (k1 - 1) % _kernels.TWIDDLE_STEP == 0:
+                tw = pairs[k1, r].copy()
+            else:
+                tw = np.array([f(tw[0] * w1[0] - f(tw[1] * w1[1])), f(tw[0] * w1[1] + f(tw[1] * w1[0]))], np.float32)
+            assert abs(complex(tw[0], tw[1]) - np.exp(-2j * np.pi * r * k1 / 400)) < 4e-7

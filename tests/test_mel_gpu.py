@@ -3,6 +3,7 @@ multi-stream batches equal offline bit for bit. Skipped where CuPy or a device i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import numpy as np
@@ -304,40 +305,50 @@ def test_gpu_batch_rejects_nan_found_on_the_device(engine: mel.CudaEngine) -> No
 
 def test_gpu_kernel_variants_and_driver_copies_give_the_same_bits(engine: mel.CudaEngine) -> None:
     """The frame-major mel sum several frames at a time (mel_ilp) gives the bits of one
-    chain at a time; staged and driver copies give the same batch."""
+    chain at a time, the conflict-free shared-memory layout those of the plain one;
+    staged and driver copies give the same batch."""
     clips = mixed_clips([48000, 16001, 777, 30000])
     want = mel.log_mel_batch(clips, 128, engine=engine)
     audio = make_signal("speech", 33333, seed=9)
     with mel.CudaEngine(0, mel_ilp=False) as chain:
         assert np.array_equal(mel.log10_mel(audio, engine=chain)[0], mel.log10_mel(audio, engine=engine)[0])
-    for kwargs in ({"mel_ilp": False}, {"pageable_direct_bytes": 0}):
+    for kwargs in ({"mel_ilp": False}, {"pageable_direct_bytes": 0}, {"conflict_free": False}):
         with mel.CudaEngine(0, **kwargs) as other:
             got = mel.log_mel_batch(clips, 128, engine=other)
             assert all(np.array_equal(g, w) for g, w in zip(got, want)), kwargs
 
 
-def test_gpu_fused_normalise_gives_the_bits_of_the_separate_pass(engine: mel.CudaEngine) -> None:
-    """The frames kernel normalising each clip in its last block (device batches) equals
+@pytest.mark.parametrize("kwargs", [None, {"norm_lag": 0}, {"norm_lag": 1}, {"norm_group": 1}, {"norm_group": 7}])
+def test_gpu_fused_normalise_gives_the_bits_of_the_separate_pass(engine: mel.CudaEngine,
+                                                                  kwargs: dict[str, int] | None) -> None:
+    """The frames kernel normalising each clip (device batches: spread over the blocks
+    after its tiles, by the default lag or the least, in groups of chunks of the default
+    size, 1 or 7, or in the clip's last block) equals
     the separate normalise launch (host batches, or fuse_normalise=False) bit for bit,
-    many clips of many tiles."""
+    many clips of many tiles, and again on the same buffers (counters zeroed per call)."""
     lengths = [480000, 16001, 777, 30000, 1, 0, 95999, 48000] * 5
     clips = mixed_clips(lengths)
-    with mel.CudaEngine(0, fuse_normalise=False) as separate:
+    with mel.CudaEngine(0, fuse_normalise=False) as separate, \
+            (mel.CudaEngine(0, **kwargs) if kwargs is not None else contextlib.nullcontext(engine)) as fused:
         for n_mels in (80, 128):
             want = mel.log_mel_batch(clips, n_mels, engine=separate)
-            got = mel.log_mel_batch(clips, n_mels, engine=engine)
-            assert all(np.array_equal(g, w) for g, w in zip(got, want))
-            on_device = mel.log_mel_batch([cp.asarray(c) for c in clips], n_mels, engine=engine)
+            on_device = mel.log_mel_batch([cp.asarray(c) for c in clips], n_mels, engine=fused)
             assert all(np.array_equal(cp.asnumpy(g), w) for g, w in zip(on_device, want))
         batch = cp.asarray((make_signal("speech", 64000, seed=4) * 20000).astype(np.int16)[None].repeat(33, 0))
         want = cp.asnumpy(mel.log_mel_batch(batch, engine=separate))
-        assert np.array_equal(cp.asnumpy(mel.log_mel_batch(batch, engine=engine)), want)
+        out = cp.empty_like(cp.asarray(want))
+        for _ in range(3):  # the first call uploads, the others reuse descriptors kept on the device
+            out.fill(cp.nan)
+            mel.log_mel_batch(batch, engine=fused, out=out)
+            assert np.array_equal(cp.asnumpy(out), want)
 
 
-def test_gpu_direct_dft_build_within_bounds() -> None:
-    """The folded direct DFT-20 build (the generated prime-factor one is the default) is
-    accurate too, and streams bit for bit like offline on its own build."""
-    with mel.CudaEngine(0, dft="direct") as direct:
+@pytest.mark.parametrize("build", [{"dft": "direct"}, {"window": "table", "twiddle_step": 1}])
+def test_gpu_other_builds_within_bounds(build: dict[str, object]) -> None:
+    """The folded direct DFT-20 build (the generated prime-factor one is the default), and
+    the build with the window and every twiddle loaded, are accurate too, and stream bit
+    for bit like offline on their own build."""
+    with mel.CudaEngine(0, **build) as direct:
         worst, p9999 = accuracy(direct)
         assert worst <= 1e-3 and p9999 <= 2e-4
         assert_stream_equals_offline(direct, make_signal("chirp", 41000, seed=3), seed=4)

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
+import numpy as np
+
 Real: TypeAlias = "float | str"  # a literal constant (0.0 is "nothing") or a variable's name
 
 
@@ -211,3 +213,35 @@ def operation_count(lines: list[str]) -> int:
     """Arithmetic instructions of a generated program (one per statement with an
     operator; output copies are free)."""
     return sum(1 for line in lines if line.startswith("const float"))
+
+
+def window_code(mode: str) -> str:
+    """Stage 1's windowed samples: the Hann window loaded (``"table"``), or computed as
+    sin^2(pi n / 400) = (sin(pi n1 / 20) cos(pi r / 400) + cos(pi n1 / 20) sin(pi r / 400))^2
+    for n = 20 n1 + r, literals times two per-thread values (``"sincos"``: no loads)."""
+    if mode == "table":
+        return ("#pragma unroll\n        for (int n1 = 0; n1 < 20; ++n1)\n"
+                "            xr[n1] = sm[f1 * SST + 20 * n1 + SPAD * (n1 / 8) + r1] * window[20 * n1 + r1];")
+    lines = ["        float sb, cb;", "        sincospif((float)r1 / 400.0f, &sb, &cb);"]
+    for n1 in range(20):
+        sa, ca = float(np.float32(np.sin(np.pi * n1 / 20))), float(np.float32(np.cos(np.pi * n1 / 20)))
+        if n1 == 0:
+            w = "sb"
+        elif n1 == 10:
+            w = "cb"
+        else:
+            w = f"fmaf({sa!r}f, cb, {ca!r}f * sb)"
+        lines.append(f"        {{ const float w = {w}; xr[{n1}] = sm[f1 * SST + {20 * n1} + SPAD * {n1 // 8} + r1] * (w * w); }}")
+    return "\n".join(lines)
+
+
+def twiddle_code(step: int) -> tuple[str, str]:
+    """(setup, per-k1 load) of stage 1's twiddles e^(-2 pi i r k1 / 400): each loaded
+    (step 1), or loaded at k1 = 1, 1 + step, ... and multiplied by the k1 = 1 twiddle in
+    between (fewer loads, a few ulps more rounding)."""
+    if step <= 1:
+        return "", "            const float2 tw = twiddle[k1 * 20 + r1];"
+    setup = "        const float2 w1 = twiddle[20 + r1];\n        float2 tw = w1;"
+    load = (f"            if ((k1 - 1) % {step} == 0) tw = twiddle[k1 * 20 + r1];\n"
+            "            else tw = make_float2(fmaf(tw.x, w1.x, -(tw.y * w1.y)), fmaf(tw.x, w1.y, tw.y * w1.x));")
+    return setup, load

@@ -46,7 +46,8 @@ class CudaEngine(Engine):
         self, device: int = 0, *, timing: bool = False, frames_per_block: int = K.FRAMES_PER_BLOCK,
         min_blocks: int = K.MIN_BLOCKS, mel_ilp: bool = True, copy_threads: int | None = None,
         pageable_direct_bytes: int = 16 << 20, dft: str = K.DFT, fuse_normalise: bool = True,
-        clip_graphs: bool = True,
+        clip_graphs: bool = True, norm_lag: int = K.NORM_LAG, window: str = K.WINDOW,
+        twiddle_step: int = K.TWIDDLE_STEP, conflict_free: bool = K.CONFLICT_FREE, norm_group: int = K.NORM_GROUP,
     ) -> None:
         import cupy as cp  # here, never at module import: the supervisor must not touch CUDA
 
@@ -57,6 +58,10 @@ class CudaEngine(Engine):
         # batches: the frames kernel normalises each clip itself (its last block), or a
         # second launch does (the same bits either way)
         self.fuse_normalise = bool(fuse_normalise)
+        # fused normalisation: spread over the blocks that follow a clip's tiles by at
+        # least this many (and by at least the clip's own tile count); 0: the clip's
+        # last block normalises all of it
+        self.norm_lag = int(norm_lag)
         self.copy_threads = copy_threads  # host copies of large batches (None: up to 8)
         # batches whose pageable input/output is at most this many bytes are copied by
         # the driver (cudaMemcpyAsync on pageable memory) instead of through staging
@@ -69,7 +74,9 @@ class CudaEngine(Engine):
             self._stream = cp.cuda.Stream(non_blocking=True)
             self._copy_stream = cp.cuda.Stream(non_blocking=True)  # batch uploads
             self._d2h_stream = cp.cuda.Stream(non_blocking=True)  # batch downloads
-            source = K.kernel_source(self.frames_per_block, min_blocks, mel_ilp, dft)
+            source = K.kernel_source(
+                self.frames_per_block, min_blocks, mel_ilp, dft, window, twiddle_step, conflict_free, norm_group
+            )
             module = cp.RawModule(code=source, options=("-std=c++17",))
             self._frames_kernel = module.get_function("shmmel_mel_frames")
             self._normalise_items_kernel = module.get_function("shmmel_normalise_items")
@@ -88,6 +95,7 @@ class CudaEngine(Engine):
         self._host_in = self._host_out = None  # numpy uint8 views of it
         self._dev_in = self._dev_out = None  # CuPy uint8 arrays (memory pool)
         self._last_launch: tuple[Any, ...] | None = None
+        self._last_done: tuple[int, int] | None = None  # the last launch's tile counters
         self._registered: list[tuple[int, int, int, np.ndarray]] = []  # host lo, hi, device lo
         self._batches: Any = None  # cuda_batch.HostBatches, made on first use
         self._clip: Any = None  # cuda_clip.OneClip, made on first use
@@ -117,30 +125,46 @@ class CudaEngine(Engine):
 
     # -- the launch ----------------------------------------------------------------
 
+    def norm_lag_for(self, tile_starts: np.ndarray) -> int:
+        """The lag (in blocks) of the spread normalisation for a launch with these tile
+        starts: at least every item's tile count (so a block only waits for tiles of
+        lower index) and ``norm_lag`` where there are that many tiles; 0 (the last
+        block normalises) where ``norm_lag`` is 0."""
+        n_tiles = int(tile_starts[-1])
+        if self.norm_lag <= 0 or n_tiles == 0:
+            return 0
+        return max(int(np.diff(tile_starts).max()), min(self.norm_lag, n_tiles))
+
     def _launch(
         self, desc: Any, tile_starts: Any, n_items: int, n_tiles: int, item_max: Any, bad: Any = None,
-        done: Any = None,
+        done: Any = None, lag: int = 0,
     ) -> None:
         """The frames kernel on the current stream; ``bad`` (n uint32, or None): set to 1
         for an item whose float samples hold a NaN or Inf; ``done`` (n zeroed uint32, or
-        None): count each item's finished tiles and normalise the item in its last one."""
+        None): count each item's finished tiles and normalise the items, spread over
+        ``lag`` more blocks (see ``norm_lag_for``; 0: each item in its last block)."""
         tables = self._tables
         args = (
             desc, tile_starts, np.int32(n_items), self._window, self._twiddle,
             tables[80][0], tables[80][1], tables[128][0], tables[128][1], item_max,
             bad if bad is not None else np.uint64(0), done if done is not None else np.uint64(0),
         )
-        self._last_launch = ((n_tiles,), (20 * self.frames_per_block,), args)
+        grid = n_tiles + (lag if done is not None else 0)
+        self._last_launch = ((grid,), (20 * self.frames_per_block,), args)
+        self._last_done = (done.data.ptr, 4 * n_items) if done is not None else None
         self._frames_kernel(*self._last_launch)
 
     def replay_last_launch(self, times: int) -> float:
         """Benchmark aid: launch the last kernel again ``times`` times back to back on the
-        engine's stream (it rewrites the same values) and return the mean GPU time of one
-        launch in ms, free of the host's launch latency."""
+        engine's stream (it rewrites the same values; a normalising launch's tile counters
+        are zeroed before each) and return the mean GPU time of one launch in ms, free of
+        the host's launch latency."""
         start, end = self._events[1], self._events[2]
         with self._device, self._stream:
             start.record(self._stream)
             for _ in range(times):
+                if self._last_done is not None:
+                    self._cp.cuda.runtime.memsetAsync(self._last_done[0], 0, self._last_done[1], self._stream.ptr)
                 self._frames_kernel(*self._last_launch)
             end.record(self._stream)
             end.synchronize()

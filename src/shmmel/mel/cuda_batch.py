@@ -127,10 +127,11 @@ class _SmallUploads:
         self.ring = [_Slot(cp) for _ in range(size)]
         self.next = 0
         # descriptors kept on the device by key (a 2-D batch's addresses and shapes fully
-        # determine them, so a hit is always current): key -> (desc, tiles, bits, done, tiles)
-        self.cached: dict[Any, tuple[Any, Any, Any, Any, int]] = {}
+        # determine them, so a hit is always current): key -> (desc, tiles, bits, done, tiles, lag)
+        self.cached: dict[Any, tuple[Any, Any, Any, Any, int, int]] = {}
 
-    def keep(self, key: Any, stream: Any, desc: np.ndarray, tiles: np.ndarray) -> tuple[Any, Any, Any, Any, int]:
+    def keep(self, key: Any, stream: Any, desc: np.ndarray, tiles: np.ndarray,
+             lag: int) -> tuple[Any, Any, Any, Any, int, int]:
         """A device copy of ``desc`` and ``tiles`` of its own (with room for the max bits
         and counters), kept under ``key``; the oldest of ``CACHED`` entries goes first."""
         cp = self.cp
@@ -139,7 +140,7 @@ class _SmallUploads:
         m = max(desc.shape[0], 1)
         with stream:
             words = cp.zeros(2 * m, cp.uint32)  # max bits, then tile counters
-            entry = (cp.asarray(desc), cp.asarray(tiles), words[:m], words[m:], int(tiles[-1]))
+            entry = (cp.asarray(desc), cp.asarray(tiles), words[:m], words[m:], int(tiles[-1]), lag)
         self.cached[key] = entry
         return entry
 

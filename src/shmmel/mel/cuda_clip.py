@@ -2,8 +2,8 @@
 
 ``log_mel_spectrogram(x, engine=CudaEngine)`` for a NumPy clip is one host-to-device
 copy (descriptor, tile starts, zeroed max/flag/counter words and the samples, laid out
-in one pinned buffer), one launch of the frames kernel (which also normalises the clip
-in its last block) and one device-to-host copy (the NaN flag and the frames), then a
+in one pinned buffer), one launch of the frames kernel (which also normalises the clip,
+in as many more blocks as it has tiles) and one device-to-host copy (the NaN flag and the frames), then a
 synchronize. The batch path does the same work with more Python around it (plans,
 groups, a memset, a second copy); the same kernel and descriptor give the same bits.
 
@@ -166,13 +166,15 @@ class OneClip:
                             stream.ptr)
 
     def _launch(self, words_off: int, n_tiles: int) -> None:
-        """The frames kernel (with normalisation) on the current stream."""
+        """The frames kernel (with normalisation) on the current stream: n_tiles blocks
+        of frames, then n_tiles blocks that each normalise a share once all are counted."""
         engine = self.engine
         tables = engine._tables
         dev_base = self.dev.data.ptr
         words = dev_base + words_off
+        lag = n_tiles if engine.norm_lag > 0 else 0  # spread normalisation (see the kernel)
         engine._frames_kernel(
-            (n_tiles,), (20 * engine.frames_per_block,),
+            (n_tiles + lag,), (20 * engine.frames_per_block,),
             (np.uint64(dev_base), np.uint64(dev_base + 8 * K.D_FIELDS), np.int32(1), engine._window,
              engine._twiddle, tables[80][0], tables[80][1], tables[128][0], tables[128][1],
              np.uint64(words), np.uint64(words + 4), np.uint64(words + 8)),

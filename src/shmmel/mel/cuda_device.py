@@ -1,8 +1,8 @@
 """Device batches on the CUDA engine: CuPy arrays, torch CUDA tensors and anything with
 ``__dlpack__`` / ``__cuda_array_interface__`` on the engine's device, read where they lie.
 
-One descriptor upload and one launch (each clip normalised by its last block in the
-frames kernel); the result is a new device array (CuPy, or torch for torch input) or the
+One descriptor upload and one launch (each clip normalised in the frames kernel, spread
+over the blocks that follow its tiles); the result is a new device array (CuPy, or torch for torch input) or the
 caller's ``out``. The engine's stream waits for the caller's stream first, and the
 caller's stream waits for the engine's work. A 2-D batch into an ``out`` keeps its
 descriptors on the device (``_SmallUploads.keep``): the same call again is one memset
@@ -107,15 +107,16 @@ def _describe(
 
 def _launch_all(
     engine: CudaEngine, desc: Any, tiles: Any, n: int, n_tiles: int, bits: Any, normalise: bool, bad: Any = None,
-    done: Any = None,
+    done: Any = None, lag: int = 0,
 ) -> None:
     """Frames and (optionally) per-clip normalisation on the current stream: in the frames
-    kernel where the engine fuses it and ``done`` (n zeroed uint32 counters) is given, else
-    a second launch."""
+    kernel where the engine fuses it and ``done`` (n zeroed uint32 counters) is given
+    (spread over ``lag`` more blocks, see ``CudaEngine.norm_lag_for``), else a second
+    launch."""
     if n_tiles == 0:
         return
     fused = normalise and engine.fuse_normalise and done is not None
-    engine._launch(desc, tiles, n, n_tiles, bits, bad, done if fused else None)
+    engine._launch(desc, tiles, n, n_tiles, bits, bad, done if fused else None, lag)
     if normalise and not fused:
         grid_y = min(n, 65535)
         grid_x = max(1, min(64, (132 * 8) // grid_y))
@@ -198,11 +199,12 @@ def device_batch(engine: CudaEngine, clips: Any, n_mels: int, padding: int, pad_
             flat = cp.empty(int(plan.offsets[-1]), cp.float32)
         desc, tiles = _describe(engine, plan, body, plan.int16(), flat.data.ptr + 4 * plan.offsets[:-1])
         engine._last_body_pointers = body
+        lag = engine.norm_lag_for(tiles)
         if key is not None and plan.two_d and batch.data.ptr == arrays.data.ptr:
-            _launch_cached(engine, small.keep(key, engine._stream, desc, tiles), n, after, caller)
+            _launch_cached(engine, small.keep(key, engine._stream, desc, tiles, lag), n, after, caller)
             return out
         d_desc, d_tiles, bits, done = small.upload(engine._stream, desc, tiles)
-        _launch_timed(engine, d_desc, d_tiles, n, int(tiles[-1]), bits, done)
+        _launch_timed(engine, d_desc, d_tiles, n, int(tiles[-1]), bits, done, lag)
         after.record(engine._stream)
         caller.wait_event(after)
         if out is not None:
@@ -214,22 +216,23 @@ def device_batch(engine: CudaEngine, clips: Any, n_mels: int, padding: int, pad_
         return shape_result(plan, flat)
 
 
-def _launch_cached(engine: CudaEngine, entry: tuple[Any, Any, Any, Any, int], n: int, after: Any,
+def _launch_cached(engine: CudaEngine, entry: tuple[Any, Any, Any, Any, int, int], n: int, after: Any,
                    caller: Any) -> None:
     """Launch a device batch from descriptors kept on the device (see _SmallUploads.keep)."""
-    d_desc, d_tiles, bits, done, n_tiles = entry
+    d_desc, d_tiles, bits, done, n_tiles, lag = entry
     with engine._device, engine._stream:
         engine._cp.cuda.runtime.memsetAsync(bits.data.ptr, 0, 8 * max(n, 1), engine._stream.ptr)  # bits, done
-        _launch_timed(engine, d_desc, d_tiles, n, n_tiles, bits, done)
+        _launch_timed(engine, d_desc, d_tiles, n, n_tiles, bits, done, lag)
         after.record(engine._stream)
         caller.wait_event(after)
 
 
-def _launch_timed(engine: CudaEngine, desc: Any, tiles: Any, n: int, n_tiles: int, bits: Any, done: Any) -> None:
+def _launch_timed(engine: CudaEngine, desc: Any, tiles: Any, n: int, n_tiles: int, bits: Any, done: Any,
+                  lag: int) -> None:
     """Frames and normalisation of a device batch; with ``engine.timing``, between the
     engine's ``batch_events`` (the GPU time of the launch itself, for the benchmark)."""
     if engine.timing:
         engine.batch_events[0].record(engine._stream)
-    _launch_all(engine, desc, tiles, n, n_tiles, bits, True, done=done)
+    _launch_all(engine, desc, tiles, n, n_tiles, bits, True, done=done, lag=lag)
     if engine.timing:
         engine.batch_events[1].record(engine._stream)
