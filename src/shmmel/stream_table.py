@@ -105,6 +105,13 @@ class StreamTable:
         live, reserved = _counts(self.t, self.shm.workers)
         return len(live) + reserved
 
+    def over_limit(self) -> bool:
+        """Whether more entries are in use than max_streams allows. The entries not FREE
+        bound that from above (one cheap pass); only past the limit are a dead worker's
+        stale entries told apart (the exact count)."""
+        return (np.count_nonzero(self.t["state"]) > self.limit
+                and self.in_use() > self.limit)
+
     def _take(self) -> int:
         """A FREE or stale entry of this partition, now RESERVED (under ``_lock``)."""
         t = self.t
@@ -141,7 +148,7 @@ class StreamTable:
         k, gen = choose(t)
         with self._lock:
             i = self._take()
-        if self.in_use() > self.limit:  # ours is counted: racing opens refuse each other
+        if self.over_limit():  # ours is counted: racing opens refuse each other
             t["state"][i] = L.ST_FREE
             self._idle.append(i)
             raise ServiceUnavailable(f"too many open streams (max {self.limit})")
