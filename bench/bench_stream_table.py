@@ -36,8 +36,13 @@ OLD_REV = "0f964eb"  # before issue 12's stream table: allocate and find under t
 
 
 def old_table_class(rev: str):
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/shmmel/stream_table.py"],
-                         capture_output=True, text=True, check=True).stdout
+    """The StreamTable class of ``rev`` (a git revision, or a file holding its source)."""
+    if Path(rev).is_file():  # where there is no git (a copy of the tree)
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show",
+                              f"{rev}:src/shmmel/stream_table.py"],
+                             capture_output=True, text=True, check=True).stdout
     mod = types.ModuleType("shmmel._old_stream_table")
     mod.__package__ = "shmmel"
     sys.modules[mod.__name__] = mod  # for its dataclass
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rev", default=OLD_REV)
+    ap.add_argument("--rev", default=OLD_REV,
+                    help="the old table: a git revision, or a file with its stream_table.py")
     a = ap.parse_args(argv)
     config = Config(instance=f"bst{uuid.uuid4().hex[:8]}", workers=2, slots=32,
                     slot_bytes=16 * 1024, max_streams=1024, http_workers=max(1, a.procs))
