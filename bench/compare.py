@@ -11,6 +11,8 @@ Items (``--items``, comma-separated; all by default):
 * ``balance``  accept balancing (``http_boot_wait``, ``http_accept_slack``) on and off:
   for the first of ``--configs``, ``--balance-trials`` fresh instances of each, alternating,
   ``--reps`` runs each from ``up``; each run's requests per HTTP process.
+* ``linger``   ``http_linger_ms`` on and off and the bare app, all up at once, ``--reps``
+  rounds rotating the order: /process at ``--conns`` and one sequential client.
 * ``alternate`` the first of ``--configs`` and the bare app both up, ``--reps`` rounds of
   one run each, alternating (for a shared machine whose other load drifts).
 * ``seq``      one sequential keep-alive client (wrk -t1 -c1) on /process: p50 each.
@@ -57,8 +59,19 @@ import urllib.request
 from pathlib import Path
 
 from compare_audio import item_audio, item_oneshot, item_streams
-from compare_lib import (BODY_256, HERE, Instance, bare, imbalance, log, per_run, process_wrk,
-                         summary_runs, wrk)
+from compare_lib import (
+    BODY_256,
+    HERE,
+    Instance,
+    bare,
+    imbalance,
+    log,
+    per_run,
+    process_wrk,
+    summary_runs,
+    wrk,
+)
+
 
 def item_process(a, out: Path) -> dict:
     res: dict = {"configs": []}
@@ -141,6 +154,41 @@ def item_alternate(a, out: Path) -> dict:
             "ratios_rps": [round(x["rps"] / y["rps"], 3) for x, y in zip(ours, theirs)],
             "ratio_rps": round(s["rps_mean"] / bs["rps_mean"], 3),
             "ratio_p99": round(s["p99_mean"] / bs["p99_mean"], 3), "health": inst.health}
+
+
+def item_linger(a, out: Path) -> dict:
+    """``http_linger_ms`` on (the default) and off (0), and the bare app, all three up at
+    once, ``--reps`` rounds of one run each, the order rotating every round; each shmmel run
+    as a ratio to the bare run of its round. Also one sequential client (wrk -t1 -c1)."""
+    http, workers = a.configs[0]
+    res: dict = {}
+    with Instance(out, http, a.threads, workers, a.kind) as on, \
+            Instance(out, http, a.threads, workers, a.kind,
+                     env={"SHMMEL_HTTP_LINGER_MS": "0"}, tag="l") as off, \
+            bare(out, http, a.threads) as b:
+        servers = [("linger", on.url), ("no_linger", off.url), ("bare", b.url)]
+        for who, url in servers:
+            process_wrk(url, a.conns, 1, f"linger {who} warm-up", out)
+        for conns, threads, key in ((a.conns, 4, "process"), (1, 1, "seq")):
+            runs: dict = {who: [] for who, _ in servers}
+            for i in range(a.reps):
+                k = i % len(servers)
+                for who, url in servers[k:] + servers[:k]:
+                    runs[who].append(process_wrk(url, conns, a.dur if key == "process" else
+                                                 a.seq_dur, f"{key} {who} #{i + 1}", out,
+                                                 threads=threads))
+            res[key] = {
+                who: {"rps": [r["rps"] for r in rs], "p50_ms": [r["p50_ms"] for r in rs],
+                      "p99_ms": [r["p99_ms"] for r in rs],
+                      "non_2xx": sum(r["non_2xx"] for r in rs),
+                      "timeouts": sum(r["timeouts"] for r in rs)} for who, rs in runs.items()}
+            for who in ("linger", "no_linger"):
+                res[key][who]["ratio_rps"] = [round(x["rps"] / y["rps"], 3) for x, y in
+                                              zip(runs[who], runs["bare"])]
+                res[key][who]["p50_over_bare_ms"] = [round(x["p50_ms"] - y["p50_ms"], 3)
+                                                     for x, y in zip(runs[who], runs["bare"])]
+    return {"http_workers": http, "workers": workers, "conns": a.conns, **res,
+            "health": {"linger": on.health, "no_linger": off.health}}
 
 
 def item_seq(a, out: Path) -> dict:
@@ -281,7 +329,8 @@ def item_flame(a, out: Path) -> dict:
     return res
 
 
-ITEMS = {"process": item_process, "balance": item_balance, "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
+ITEMS = {"process": item_process, "balance": item_balance, "linger": item_linger,
+         "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
          "flame": item_flame, "ipc": item_ipc, "oneshot": item_oneshot, "audio": item_audio,
          "streams": item_streams}
 

@@ -112,10 +112,12 @@ def test_new_connections_go_to_the_less_loaded_process_and_a_stopped_one_holds_n
         finally:
             os.kill(b, signal.SIGCONT)
         assert _served(before, _http_counts(d.instance)) == {a: 20, b: 0}
-        # a holds 20 kept-alive connections, b none: b takes the new ones until it is level
-        # (unbalanced, the kernel's wake-ups split them about evenly)
+        # a holds 20 kept-alive connections, b none: b takes new ones until it is level
+        # (unbalanced, the kernel's wake-ups split them about evenly). One at a time: a
+        # sibling descheduled past 50 ms on a loaded machine then costs one, not a burst.
         before = _http_counts(d.instance)
-        held += _burst(d.port, 20)
+        for _ in range(20):
+            held += _burst(d.port, 1)
         served = _served(before, _http_counts(d.instance))
         assert served[b] >= 16, served
     finally:

@@ -55,6 +55,7 @@ class Config:
     min_body_rate: int = 1024         # bytes/s a Content-Length body must keep up (0: off)
     http_boot_wait: float = 10.0      # an HTTP process accepts once all http_workers booted, or after this (0: at once)
     http_accept_slack: int = 2        # leave a new connection to a sibling holding this many fewer (0: off)
+    http_linger_ms: float = 1.0       # a pool thread waits this long for a kept-alive connection's next request (0: off)
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "
@@ -162,6 +163,7 @@ def _validate(c: Config) -> None:
     need(0 <= c.min_body_rate <= 1 << 30, "min_body_rate", "must be 0..2^30 bytes/s")
     need(0 <= c.http_boot_wait <= 600, "http_boot_wait", "must be 0..600 seconds (0: off)")
     need(0 <= c.http_accept_slack <= 100_000, "http_accept_slack", "must be 0..100000 (0: off)")
+    need(0 <= c.http_linger_ms <= 1000, "http_linger_ms", "must be 0..1000 ms (0: off)")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
     need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")

@@ -35,9 +35,15 @@ and keep-alive keeps it so). Each process publishes its open-connection count in
 :class:`AcceptBoard` (an anonymous shared mapping the arbiter makes before it forks them,
 a row per HTTP table row); a process holding ``http_accept_slack`` or more connections above
 the least-loaded live sibling leaves the listening socket alone for a few milliseconds, so
-that sibling takes the connection, but never for longer than ``ACCEPT_DEFER_MAX`` a burst
-(a stalled sibling cannot hold connections back). The counts are one aligned 8-byte store
-each; nothing is locked.
+that sibling takes the connection, but no longer than ``ACCEPT_DEFER_MAX`` after that
+sibling last accepted one (a stalled sibling cannot hold connections back). The counts are
+one aligned 8-byte store each; nothing is locked.
+
+After answering on a kept-alive connection, the pool thread waits ``http_linger_ms`` for the
+next request there and serves it itself (headers read non-blocking, as the poller would)
+while no other work is queued, instead of handing the connection back to the poller: the
+poller's round per request was the wall of an HTTP process under load. A request that does
+not come in time, or whose headers are incomplete, goes to the poller as before.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import io
 import json
 import mmap
 import os
+import select
 import selectors
 import socket
 import struct
@@ -175,12 +182,15 @@ class ShmmelThreadWorker(ThreadWorker):
         self._hold_until = 0.0
         self._defer_since = 0.0
         self._last_defer = 0.0
+        self._defer_peer: tuple[int, int] | None = None
 
     def init_process(self) -> None:
         util.write_error = write_json_error  # this process is ours: gunicorn's pages as JSON
         app_cfg = getattr(self.app, "config", None)
         self.header_timeout = float(getattr(app_cfg, "header_timeout", 10.0))
         self.min_body_rate = int(getattr(app_cfg, "min_body_rate", 1024))
+        self.linger_ms = float(getattr(app_cfg, "http_linger_ms", 0.0))
+        self._plain = not self.cfg.is_ssl  # constant; a property lookup on every read
         self.reading: dict[Any, float] = {}      # conn -> header deadline
         self.bodies: dict[Any, tuple[float, int, int]] = {}  # conn -> (start, need, bytes0)
         self._next_body_check = 0.0
@@ -239,12 +249,13 @@ class ShmmelThreadWorker(ThreadWorker):
         if least is None or self.nr_conns - least[1] < self.accept_slack:
             return False
         now = time.monotonic()
-        if now - self._last_defer > 4 * ACCEPT_HOLD:  # a new burst: its deferral starts now
-            self._defer_since = now
+        if least != self._defer_peer or now - self._last_defer > 4 * ACCEPT_HOLD:
+            self._defer_since = now  # a new burst, or the sibling accepted one meanwhile
         elif now - self._defer_since > ACCEPT_DEFER_MAX:
-            return False  # nobody took it meanwhile: take it
+            return False  # the sibling took none for this long: take it
         if not pid_alive(least[0]):
             return False
+        self._defer_peer = least
         self._last_defer = now
         self.set_accept_enabled(False)
         self._hold_until = now + ACCEPT_HOLD
@@ -314,7 +325,7 @@ class ShmmelThreadWorker(ThreadWorker):
     def _gather(self, conn: Any) -> bool:
         """Read what the socket holds into the connection's parser buffer (non-blocking);
         True once the headers are complete (or too long: the parser then answers 431)."""
-        if getattr(conn, "is_http2", False) or self.cfg.is_ssl:
+        if conn.is_http2 or not self._plain:
             return True  # not ours to buffer: gunicorn's own path
         buf = getattr(conn, "hbuf", None)
         if buf is None:
@@ -342,6 +353,39 @@ class ShmmelThreadWorker(ThreadWorker):
         unreader.buf.write(rest)
         conn.hbuf = None
         return True
+
+    # -- keep-alive: the next request in the same thread -------------------------------------
+    def handle(self, conn: Any) -> Any:
+        """Serve the request, then (``http_linger_ms``) the connection's next ones while
+        they arrive within the linger and no other work waits for a thread: each one so
+        served skips the poller's round (hand back, register, wake, unregister, read the
+        headers, submit), the wall of an HTTP process under load."""
+        keep = super().handle(conn)
+        work = getattr(self.tpool, "_work_queue", None)
+        while keep is True and self.linger_ms > 0 and self.alive and work is not None \
+                and work.empty():
+            ready = self._next_request(conn)
+            if ready is None:
+                return False  # the peer closed: finish_request closes it
+            if not ready:
+                break  # to the poller (with any partial headers in conn.hbuf)
+            keep = super().handle(conn)
+        return keep
+
+    def _next_request(self, conn: Any) -> bool | None:
+        """Wait up to ``linger_ms`` for the next request's headers (non-blocking reads):
+        True once they are whole, False if they are not (yet), None if the peer closed."""
+        if conn.is_http2 or not self._plain:
+            return False
+        if getattr(conn, "hbuf", None) is None and not conn.parser.unreader.buf.seek(0, 2):
+            poll = select.poll()
+            poll.register(conn.sock, select.POLLIN)
+            if not poll.poll(self.linger_ms):
+                return False
+        try:
+            return self._gather(conn)
+        except _Closed:
+            return None
 
     # -- the body: a minimum rate ---------------------------------------------------------------
     def handle_request(self, req: Any, conn: Any) -> bool:
