@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import falcon
 import numpy as np
 
 from shmmel import layout as L
@@ -114,7 +115,9 @@ def test_http_metrics_count_into_their_row(shm):
 
     class Req:  # what process_response reads of a falcon.Request
         uri_template = "/process"
-        context = {"t0": time.perf_counter() - 0.003}
+        context = falcon.Request.context_type()
+
+    Req.context.t0 = time.perf_counter() - 0.003
 
     class Resp:
         status_code = 404

@@ -332,6 +332,7 @@ class Producer:
     """
 
     DEPTH_TTL = 0.001  # seconds
+    READY_TTL = 0.01   # seconds: readiness and heartbeats (stalls are judged over a second)
 
     def __init__(self, shm: Shm, queue_depth: int, stall_timeout: float = 1.0,
                  row: int | None = None, reply_spin: float = REPLY_SPIN) -> None:
@@ -354,6 +355,7 @@ class Producer:
         self._depths = np.zeros(len(shm.workers), np.int64)
         self._depths_at = -1.0
         self._ready_cache: dict[tuple[int, ...] | None, list[tuple[int, int, int]]] = {}
+        self._ready_at = -1.0
         self._adopt()
 
     def next_seq(self) -> int:
@@ -409,30 +411,32 @@ class Producer:
         return L.queue_depths(self._states, len(self.shm.workers))
 
     def _cached_depths(self, fresh: bool = False) -> np.ndarray:
-        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh`` (the
-        ready workers cached by :meth:`_ready_cached` expire with them)."""
+        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh``."""
         now = time.monotonic()
         if fresh or now - self._depths_at > self.DEPTH_TTL:
             self._depths, self._depths_at = self.queue_depths(), now
-            self._ready_cache.clear()
         return self._depths
 
     def _ready_cached(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
-        """:meth:`_ready`, read anew at most every DEPTH_TTL (with the depths): a request's
-        worker choice reads no worker row. A worker that died or stalled meanwhile is caught
-        by the request's wait, which drops this cache before it raises."""
-        self._cached_depths()
+        """:meth:`_ready`, read anew at most every READY_TTL: a request's worker choice reads
+        no worker row. A worker that died or stalled meanwhile is caught by the request's
+        wait, which drops this cache before it raises (:meth:`forget_workers`); a worker
+        that became ready is seen within READY_TTL (at once when none was)."""
+        now = time.monotonic()
+        if now - self._ready_at > self.READY_TTL:
+            self._ready_cache.clear()
+            self._ready_at = now
         key = kinds if kinds is None or type(kinds) is tuple else tuple(kinds)
         ready = self._ready_cache.get(key)
         if ready is None:
             ready = self._ready(kinds)
-            if ready:  # a worker becoming ready is seen at once
+            if ready:
                 self._ready_cache[key] = ready
         return ready
 
     def forget_workers(self) -> None:
         """Read worker rows and depths anew on the next pick (a worker died or stalled)."""
-        self._depths_at = -1.0
+        self._depths_at = self._ready_at = -1.0
         self._ready_cache.clear()
 
     def _ready(self, kinds: Iterable[int] | None,

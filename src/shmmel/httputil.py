@@ -15,18 +15,19 @@ def require_media_type(req: falcon.Request, *types: str) -> str:
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
-    if req.content_length is not None and req.content_length > limit:
+    length = req.content_length  # parsed from the header on every access: read once
+    if length is not None and length > limit:
         raise falcon.HTTPContentTooLarge(title="Content Too Large",
-                                         description=f"body is {req.content_length} bytes; "
+                                         description=f"body is {length} bytes; "
                                                      f"the limit is {limit}")
     # Falcon's bounded_stream needs a Content-Length; a chunked body is read from the server's
     # input, which decodes the chunks and ends at the last one.
-    stream = req.bounded_stream if req.content_length is not None else req.env["wsgi.input"]
+    stream = req.bounded_stream if length is not None else req.env["wsgi.input"]
     data = stream.read(limit + 1)
-    if req.content_length is not None and len(data) < req.content_length:
+    if length is not None and len(data) < length:
         raise falcon.HTTPBadRequest(title="Bad Request",
                                     description=f"the body ended after {len(data)} of the "
-                                                f"{req.content_length} bytes its Content-Length "
+                                                f"{length} bytes its Content-Length "
                                                 "announced")
     if len(data) > limit:
         raise falcon.HTTPContentTooLarge(title="Content Too Large",

@@ -43,6 +43,7 @@ ROUTE_OF_TEMPLATE = {
 ROUTE_INDEX = {name: i for i, name in enumerate(L.ROUTES)}
 CODE_INDEX = {code: i for i, code in enumerate(L.CODES)}
 OTHER_CODE = CODE_INDEX[0]
+BUCKETS, N_CODES, N_BUCKETS = L.BUCKETS, len(L.CODES), len(L.BUCKETS) + 1
 
 
 class HttpMetrics:
@@ -68,15 +69,16 @@ class HttpMetrics:
                          req_succeeded: bool) -> None:
         if self.row < 0:
             return
-        elapsed = time.perf_counter() - req.context.get("t0", time.perf_counter())
+        now = time.perf_counter()
+        elapsed = now - getattr(req.context, "t0", now)
         r = ROUTE_INDEX[ROUTE_OF_TEMPLATE.get(req.uri_template or "", "other")]
         c = CODE_INDEX.get(resp.status_code, OTHER_CODE)
-        b = bisect.bisect_left(L.BUCKETS, elapsed)
-        u64, f64 = self.shm.u64, self.shm.f64
+        b = bisect.bisect_left(BUCKETS, elapsed)
+        u64 = self.shm.u64
         with self._lock:  # this process's threads; the row is written by this process only
-            u64[self._req + r * len(L.CODES) + c] += 1
-            u64[self._lat + r * (len(L.BUCKETS) + 1) + b] += 1
-            f64[self._sum + r] += elapsed
+            u64[self._req + r * N_CODES + c] += 1
+            u64[self._lat + r * N_BUCKETS + b] += 1
+            self.shm.f64[self._sum + r] += elapsed
             u64[self._total] += 1
 
 

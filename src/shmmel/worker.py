@@ -231,9 +231,12 @@ class Worker:
 
     def publish_counters(self) -> None:
         """Counters into the row, one aligned store each (status and /metrics read them)."""
-        values = (self.served, self.errors, self.batches, self.busy_s, self.samples)
-        for (view, i), v in zip(self._counter_words, values):
-            view[i] = v
+        (v0, i0), (v1, i1), (v2, i2), (v3, i3), (v4, i4) = self._counter_words
+        v0[i0] = self.served
+        v1[i1] = self.errors
+        v2[i2] = self.batches
+        v3[i3] = self.busy_s
+        v4[i4] = self.samples
 
     def collect_whisper_stats(self) -> None:
         """Add the decode thread's errors and compute time to this worker's counters."""
