@@ -137,6 +137,7 @@ def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
     status, _, raw = post(audio_inproc, "/audio/stream?format=npy&padding=480", x.tobytes(),
                           "audio/L16;rate=16000")
     assert status == 200, raw
+    wait_for(lambda: served() - before >= 1, timeout=5, what="the worker's served count")
     assert served() - before == 1  # the old path took 3: open, push, finish (zero padding)
     assert np.array_equal(np.load(io.BytesIO(raw)), mel.log_mel_spectrogram(x, padding=480))
     assert_clean(audio_inproc)
@@ -160,6 +161,8 @@ def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, k
     before = served()
     status, _, raw = post(audio_inproc, "/audio/stream?format=binary", body, ctype)
     assert status == 200, raw
+    # the worker counts a batch just after answering it: let the last count land
+    wait_for(lambda: served() - before >= trips, timeout=5, what="the worker's served count")
     assert served() - before == trips
     records = parse_records(raw)
     assert records[-1][0]["flags"] == wire.F_FINAL
