@@ -147,7 +147,8 @@ def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
 def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, kind):
     """10 s with Content-Length: read a push at a time, each push as large as a slot
     holds (s16le: ~4 s), the last one ending the stream: open + 3 round trips for s16le
-    (12 before), 6 for float32; bit-exact."""
+    (11 before: 64 KB reads, each split in two pushes, then a finish), 6 for float32;
+    bit-exact."""
     x = speechlike(10.0, seed=8)
     if kind == "f32":
         body, ctype, ref_in, trips = x.tobytes(), "audio/x-f32le;rate=16000", x, 1 + 6
