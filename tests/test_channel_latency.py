@@ -9,7 +9,9 @@ import time
 
 import falcon
 import numpy as np
+import pytest
 
+from shmmel import channel
 from shmmel import layout as L
 from shmmel.channel import Inbox, Producer
 from shmmel.config import Config
@@ -19,7 +21,13 @@ from shmmel.worker import Worker
 from .test_channel import start_workers
 
 
-def test_reply_caught_by_polling_leaves_no_post_behind(shm):
+@pytest.fixture
+def spare(monkeypatch):
+    """A host with cores to spare, whatever this one is (see channel.spare_cores)."""
+    monkeypatch.setattr(channel, "_spare", [True, float("inf")])
+
+
+def test_reply_caught_by_polling_leaves_no_post_behind(shm, spare):
     """A reply seen while polling leaves the worker's post on the reply semaphore; release
     takes it, so the slot's next request sleeps until its own answer (no early wake-up)."""
     start_workers(shm, 1)
@@ -44,7 +52,7 @@ def test_reply_caught_by_polling_leaves_no_post_behind(shm):
     assert shm.replies[index].value == 0
 
 
-def test_polling_only_while_alone_in_flight(shm):
+def test_polling_only_while_alone_in_flight(shm, spare):
     """While another request of the process awaits its reply, a wait sleeps at once (a
     poll would hold the GIL from the other thread): the answer still arrives."""
     start_workers(shm, 2, delay=0.2)
@@ -149,15 +157,16 @@ def test_pending_takes_the_oldest_first(shm):
         s.release()
 
 
-def test_spin_needs_spare_cores(shm, monkeypatch):
-    config = Config(instance=shm.instance, workers=3, worker_kind="cpu", whisper_workers=0)
-    w = Worker(config, shm, 0, 1, parent=0)
+def test_polling_needs_spare_cores(monkeypatch):
+    """The reply poll and the worker's spin run only on a host of 4 cores or more whose load
+    average is under half of them, read at most once a second."""
+    monkeypatch.setattr(channel, "_spare", [False, 0.0])
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
-    assert w.spare_cores(100.0)
+    assert channel.spare_cores(100.0)
     monkeypatch.setattr("os.getloadavg", lambda: (12.0, 3.0, 3.0))
-    assert w.spare_cores(100.5)  # read at most once a second
-    assert not w.spare_cores(101.0)
+    assert channel.spare_cores(100.5)  # read at most once a second
+    assert not channel.spare_cores(101.0)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert not w.spare_cores(102.0)  # a 2-core host never spins
+    assert not channel.spare_cores(102.0)  # a 2-core host never polls

@@ -15,7 +15,7 @@ import time
 from types import FrameType
 
 from . import layout as L
-from .channel import Inbox
+from .channel import Inbox, spare_cores
 from .config import Config
 from .osutil import set_parent_death_signal
 from .shm import Shm
@@ -56,7 +56,6 @@ class Worker:
         self.whisper = None  # WhisperJobs on a whisper row (index >= config.workers)
         self.kind = L.K_CPU
         self._next_gpu_sample = 0.0
-        self._spare, self._spare_at = False, 0.0  # see spare_cores
 
     # -- signals: record only ---------------------------------------------------------------
     def _record(self, signum: int, _frame: FrameType | None) -> None:
@@ -118,7 +117,7 @@ class Worker:
                 break
             if woke:
                 self.serve_pending()
-                if spin and self.spare_cores(now):
+                if spin and spare_cores(now):
                     self.spin(spin)
             if self.audio is not None:
                 self.audio.expire(now)
@@ -147,19 +146,6 @@ class Worker:
 
         return int(cupy.get_default_memory_pool().total_bytes())
 
-    def spare_cores(self, now: float) -> bool:
-        """Whether the host has cores to spare for a spin: at least 4, and a load average
-        under half of them (read at most once a second). A spin on a busy or small host
-        takes the CPU from the client and the HTTP processes it waits for."""
-        if now >= self._spare_at:
-            self._spare_at = now + 1.0
-            cores = os.cpu_count() or 1
-            try:
-                self._spare = cores >= 4 and os.getloadavg()[0] < cores / 2
-            except OSError:
-                self._spare = False
-        return self._spare
-
     def spin(self, seconds: float) -> None:
         """Poll for more work for a moment before going back to sleep on the doorbell.
 
@@ -169,10 +155,10 @@ class Worker:
         and the wake-up from an idle core. Only while nothing else is queued anywhere in the
         instance: under load the CPU is the HTTP processes', and a busy worker's doorbell is
         posted again before it sleeps anyway; and only on a host with cores to spare
-        (:meth:`spare_cores`). A producer's post to a worker that spins is no syscall (no
-        waiter), so the request path loses a futex wake on each side. The doorbell posts left
-        behind only cause an empty scan later. Costs at most ``worker_spin_us`` of CPU after
-        the last request.
+        (:func:`shmmel.channel.spare_cores`). A producer's post to a worker that spins is no
+        syscall (no waiter), so the request path loses a futex wake on each side. The doorbell
+        posts left behind only cause an empty scan later. Costs at most ``worker_spin_us`` of
+        CPU after the last request.
         """
         clock = time.perf_counter
         inbox = self.inbox
