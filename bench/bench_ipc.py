@@ -12,7 +12,7 @@ first, as the floor any design built on these semaphores can reach.
 ``--spin-us``: the workers' ``worker_spin_us`` (poll for more work after serving);
 ``--reply-spin-us``: the producers' poll for the reply before sleeping on its semaphore
 (``Producer(reply_spin=...)``, default ``channel.REPLY_SPIN``). Both poll only on a host
-with cores to spare (``channel.spare_cores``: 4 or more, load average under half), so on a
+with cores to spare (``channel.spare_cores``: 4 or more, runnable threads under half), so on a
 small or busy host every case runs without polling.
 """
 

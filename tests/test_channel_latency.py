@@ -158,15 +158,16 @@ def test_pending_takes_the_oldest_first(shm):
 
 
 def test_polling_needs_spare_cores(monkeypatch):
-    """The reply poll and the worker's spin run only on a host of 4 cores or more whose load
-    average is under half of them, read at most once a second."""
+    """The reply poll and the worker's spin run only on a host of 4 cores or more with fewer
+    threads runnable than half of them, looked at most once a second."""
+    assert channel._runnable() >= 1  # this test's own thread runs
     monkeypatch.setattr(channel, "_spare", [False, 0.0])
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(channel, "_runnable", lambda: 3.0)
     assert channel.spare_cores(100.0)
-    monkeypatch.setattr("os.getloadavg", lambda: (12.0, 3.0, 3.0))
-    assert channel.spare_cores(100.5)  # read at most once a second
+    monkeypatch.setattr(channel, "_runnable", lambda: 12.0)
+    assert channel.spare_cores(100.5)  # looked at most once a second
     assert not channel.spare_cores(101.0)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(channel, "_runnable", lambda: 0.0)
     assert not channel.spare_cores(102.0)  # a 2-core host never polls
