@@ -171,3 +171,19 @@ def test_polling_needs_spare_cores(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     monkeypatch.setattr(channel, "_runnable", lambda: 0.0)
     assert not channel.spare_cores(102.0)  # a 2-core host never polls
+
+
+def test_many_polled_requests_on_one_slot_leave_at_most_one_post(shm, spare):
+    """A stream's slot carries request after request without a release: each wait takes
+    the post of the reply before it caught by polling, so posts never pile up."""
+    start_workers(shm, 1)
+    prod = Producer(shm, queue_depth=8, reply_spin=1.0)
+    with prod.claim() as slot:
+        for i in range(50):
+            data = b"%d" % i
+            slot.view(len(data))[:] = data
+            slot.submit(0, 1, L.OP_PING, len(data), prod.next_seq())
+            slot.wait(5)
+            assert slot.reply().data == data[::-1] + b"|0"
+        time.sleep(0.05)
+        assert shm.replies[slot.index].value <= 1

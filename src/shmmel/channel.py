@@ -236,6 +236,8 @@ class Slot:
         since the live worker may still write into it.
         """
         shm, producer = self.shm, self.producer
+        if self._drain:  # this slot's previous reply was caught by polling (a stream's
+            self._take_post()  # slot carries many requests): its post goes first
         u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, self.seq
         waiting = producer._waiting
         waiting.append(self.index)  # list append/remove: atomic under the GIL
@@ -332,10 +334,13 @@ class Slot:
         if self._owned:
             self._owned = False
             if self._drain:  # the post of a reply caught by polling (see wait): take it
-                self._drain = False  # now, or the slot's next wait would wake at once
-                with contextlib.suppress(posix_ipc.BusyError):
-                    self.shm.replies[self.index].acquire(0)
+                self._take_post()  # now, or the slot's next wait would wake at once
             self.producer._give_back(self.index)
+
+    def _take_post(self) -> None:
+        self._drain = False
+        with contextlib.suppress(posix_ipc.BusyError):
+            self.shm.replies[self.index].acquire(0)
 
     def orphan(self) -> None:
         """Give the slot to the supervisor, which frees it once its worker is done with it."""
