@@ -28,10 +28,12 @@ Items (``--items``, comma-separated; all by default):
 * ``flame``    py-spy flame graphs (SVG) and raw stacks of one HTTP process and one
   compute worker under the /process load; ``--before DIR`` adds the same for an older
   checkout (DIR/src, DIR/cli).
-* ``streams``  1,000 real-time session streams (``bench audio --pace realtime``), then
-  1,200 with ``max_streams`` 1,000 while probes time the refusal of the extra ones.
+* ``streams``  1,000 real-time session streams (``bench audio --pace realtime``), then,
+  with ``max_streams`` 1,000, 1,000 streams held open (all opened first) while 200 more
+  clients try to open streams in the middle window: the refusals' latency and the admitted
+  streams' per-chunk p50/p99 before, during and after (``compare_audio.hold_streams``).
 
-Everything lands in ``--out`` (results.json after each item, summary.md, logs, SVGs).
+Everything lands in ``--out`` (results.json after each item, logs, SVGs; the streams item also writes streams_over.md).
 On the GPU host (results in $OUT/compare.tgz):
 
     source .device/setup && python3 bench/compare.py --out /tmp/cmp && tar czf $OUT/compare.tgz -C /tmp/cmp .
