@@ -163,12 +163,12 @@ def wait_for(pred, timeout: float, interval: float = 0.05, what: str = "conditio
 
 
 # -- shared memory without a daemon: real segments, children forked by the test ---------------
-@pytest.fixture
-def shm():
-    """A real instance's segments and semaphores (no daemon); children forked with
-    :func:`fork` are killed and reaped, and nothing is left in /dev/shm."""
-    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=3, slots=32,
-                    slot_bytes=16 * 1024)
+@contextlib.contextmanager
+def instance_segments(**settings):
+    """A real instance's segments and semaphores (no daemon) for these Config settings;
+    children forked with :func:`fork` are killed and reaped, and nothing is left in
+    /dev/shm."""
+    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", **settings)
     shm = Shm.create(config)
     children: list[int] = []
     shm.children = children  # type: ignore[attr-defined]
@@ -187,6 +187,13 @@ def shm():
         shm.close()
         shm.unlink()
         assert instance_names(config.instance) == []
+
+
+@pytest.fixture
+def shm():
+    """Three workers' rows, 32 slots of 16 KiB: see :func:`instance_segments`."""
+    with instance_segments(workers=3, slots=32, slot_bytes=16 * 1024) as segments:
+        yield segments
 
 
 def fork(shm, fn) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -22,10 +21,10 @@ from shmmel.channel import Inbox, Producer, claim_row
 from shmmel.config import Config
 from shmmel.errors import ServiceUnavailable, StreamBusy, StreamLost, UnknownStream
 from shmmel.mel import create_engine
-from shmmel.shm import Shm, instance_names
+from shmmel.shm import Shm
 from shmmel.stream_table import StreamTable
 
-from .conftest import fork
+from .conftest import fork, instance_segments
 from .test_shared_words import exit_code
 
 HAMMER_S = 3.0
@@ -34,29 +33,12 @@ HAMMER_S = 3.0
 @pytest.fixture
 def small():
     """An instance whose stream table has 3 entries per partition and max_streams 6."""
-    config = Config(instance=f"t{uuid.uuid4().hex[:10]}", workers=2, slots=32,
-                    slot_bytes=16 * 1024, max_streams=6, http_workers=8)
-    shm = Shm.create(config)
-    children: list[int] = []
-    shm.children = children  # type: ignore[attr-defined]  # conftest.fork adds to it
-    try:
+    with instance_segments(workers=2, slots=32, slot_bytes=16 * 1024, max_streams=6,
+                           http_workers=8) as shm:
         for k in range(2):
             shm.workers["gen"][k] = 1
             shm.workers["state"][k] = L.W_READY
-        yield shm, children
-    finally:
-        for pid in children:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        shm.close()
-        shm.unlink()
-        assert instance_names(config.instance) == []
+        yield shm, shm.children
 
 
 def on_worker(k: int, gen: int = 1):
