@@ -248,3 +248,27 @@ def test_detached_log_is_private_and_never_follows_a_symlink(tmp_path):
             del os.environ["XDG_RUNTIME_DIR"]
         else:
             os.environ["XDG_RUNTIME_DIR"] = old
+
+
+def test_kept_alive_connection_with_partial_next_headers_gets_408(daemon_factory):
+    """A kept-alive connection whose next request's headers arrive in part (here pipelined
+    behind the first request, so the thread lingering on it, http_linger_ms, reads them) is
+    answered 408 at header_timeout like any other, not closed silently at the keep-alive
+    timeout (5 s)."""
+    d = daemon_factory("--worker-kind", "cpu", "--workers", "1", "--http-workers", "1",
+                       extra_env={"SHMMEL_HEADER_TIMEOUT": "1.5", "SHMMEL_HTTP_LINGER_MS": "50"})
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+        t0 = time.monotonic()
+        answer = b""
+        while answer.count(b"HTTP/1.1 ") < 2 or not answer.endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        elapsed = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    second = answer[answer.index(b"HTTP/1.1 ", 1):]
+    assert second.startswith(b"HTTP/1.1 408"), answer[-300:]
+    assert json.loads(second.split(b"\r\n\r\n", 1)[1])["error"] == "Request Timeout"
+    assert elapsed < 4.5, elapsed

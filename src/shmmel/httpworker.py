@@ -372,6 +372,17 @@ class ShmmelThreadWorker(ThreadWorker):
             keep = super().handle(conn)
         return keep
 
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """A connection whose next request's headers the linger read in part goes to the
+        header reader (header_timeout, 408), not to the keep-alive list, where the poller
+        would wait for more bytes with no header deadline and close it silently at the
+        keep-alive timeout."""
+        if getattr(conn, "hbuf", None) and not fs.cancelled() and fs.exception() is None \
+                and fs.result() is True:
+            self.enqueue_req(conn)
+            return
+        super().finish_request(conn, fs)
+
     def _next_request(self, conn: Any) -> bool | None:
         """Wait up to ``linger_ms`` for the next request's headers (non-blocking reads):
         True once they are whole, False if they are not (yet), None if the peer closed."""
