@@ -187,3 +187,17 @@ def test_many_polled_requests_on_one_slot_leave_at_most_one_post(shm, spare):
             assert slot.reply().data == data[::-1] + b"|0"
         time.sleep(0.05)
         assert shm.replies[slot.index].value <= 1
+
+
+def test_pick_worker_takes_kinds_as_any_iterable(shm):
+    """``kinds`` is an Iterable: a generator names the same workers as a list (the ready
+    cache once turned it into its key and passed the spent generator on: no live worker)."""
+    for k in range(2):
+        shm.set_worker_word(k, "heartbeat", time.monotonic())
+        shm.workers["gen"][k] = 1
+        shm.workers["kind"][k] = L.K_CPU
+        shm.workers["state"][k] = L.W_READY
+    prod = Producer(shm, queue_depth=8)
+    assert prod.pick_worker(k for k in L.MEL_KINDS)[0] in (0, 1)
+    prod.forget_workers()
+    assert prod.pick_worker(iter([L.K_CPU]))[0] in (0, 1)

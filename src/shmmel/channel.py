@@ -464,7 +464,7 @@ class Producer:
         key = kinds if kinds is None or type(kinds) is tuple else tuple(kinds)
         ready = self._ready_cache.get(key)
         if ready is None:
-            ready = self._ready(kinds)
+            ready = self._ready(key)  # not kinds: an iterator is spent by tuple() above
             if ready:
                 self._ready_cache[key] = ready
         return ready
@@ -522,6 +522,8 @@ class Producer:
         of one per request). Raises ServiceUnavailable when no worker is ready or all are
         full.
         """
+        if kinds is not None and type(kinds) is not tuple:
+            kinds = tuple(kinds)  # read twice below (an iterator would be spent)
         ready = self._ready_cached(kinds)
         if not ready:
             raise ServiceUnavailable("no live worker")
