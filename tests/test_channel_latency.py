@@ -201,3 +201,26 @@ def test_pick_worker_takes_kinds_as_any_iterable(shm):
     assert prod.pick_worker(k for k in L.MEL_KINDS)[0] in (0, 1)
     prod.forget_workers()
     assert prod.pick_worker(iter([L.K_CPU]))[0] in (0, 1)
+
+
+def test_worker_spin_ends_despite_a_request_queued_on_a_dead_generation(shm):
+    """A slot still marked submitted to this worker index by a dead generation (its producer
+    has not cleared it yet) is never taken; the spin must not keep renewing its deadline on
+    it (it spun with no heartbeat until the slot was cleared)."""
+    config = Config(instance=shm.instance, workers=1, worker_kind="cpu", whisper_workers=0)
+    shm.workers["gen"][0] = 2
+    w = Worker(config, shm, 0, 2, parent=0)
+    w.audio = None
+    prod = Producer(shm, queue_depth=8, reply_spin=0.0)
+    stale = prod.claim()
+    stale.submit(0, 1, L.OP_PING, 0, prod.next_seq())  # generation 1: dead
+    spun = threading.Thread(target=w.spin, args=(0.05,))
+    try:
+        spun.start()
+        spun.join(timeout=2.0)
+        assert not spun.is_alive(), "the worker spun on a slot of a dead generation"
+        assert not stale._answered()
+    finally:
+        w.stop_signal = 15  # ends a runaway spin
+        spun.join(timeout=2.0)
+        stale.release()

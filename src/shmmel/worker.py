@@ -165,8 +165,10 @@ class Worker:
         deadline = clock() + seconds
         while clock() < deadline and self.stop_signal is None:
             if inbox.has_pending():
+                served = self.served
                 self.serve_pending()
-                deadline = clock() + seconds
+                if self.served != served:  # not a slot of a dead generation, never taken
+                    deadline = clock() + seconds
             elif inbox.queued_anywhere() and not inbox.has_pending():
                 return  # others are busy: leave the CPU to them
 
