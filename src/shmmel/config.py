@@ -163,7 +163,8 @@ def _validate(c: Config) -> None:
     need(0 <= c.min_body_rate <= 1 << 30, "min_body_rate", "must be 0..2^30 bytes/s")
     need(0 <= c.http_boot_wait <= 600, "http_boot_wait", "must be 0..600 seconds (0: off)")
     need(0 <= c.http_accept_slack <= 100_000, "http_accept_slack", "must be 0..100000 (0: off)")
-    need(0 <= c.http_linger_ms <= 1000, "http_linger_ms", "must be 0..1000 ms (0: off)")
+    need(0 <= c.http_linger_ms <= 50, "http_linger_ms",
+         "must be 0..50 ms (0: off); queued requests of the process wait up to this long")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
     need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")
