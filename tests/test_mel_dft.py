@@ -59,6 +59,9 @@ def test_kernel_source_knobs() -> None:
     assert "sincospif" in _kernels.kernel_source() and "window[" not in _kernels.kernel_source()
     assert "window[" in _kernels.kernel_source(window="table")
     assert _kernels.kernel_source(twiddle_step=1).count("twiddle[") == 1
+    # the spread normalisation's blocks take their logical index from a ticket, not blockIdx.x
+    assert "atomicAdd(done + n_items, 1u)" in _kernels.kernel_source()
+    assert "const int tile = blockIdx.x" not in _kernels.kernel_source()
     with pytest.raises(ValueError, match="window"):
         _kernels.kernel_source(window="hamming")
     with pytest.raises(ValueError, match="twiddle_step"):

@@ -343,6 +343,36 @@ def test_gpu_fused_normalise_gives_the_bits_of_the_separate_pass(engine: mel.Cud
             assert np.array_equal(cp.asnumpy(out), want)
 
 
+def test_gpu_spread_normalise_blocks_take_tickets(engine: mel.CudaEngine) -> None:
+    """With the spread normalisation a block's logical index is a ticket from the word
+    after the clips' tile counters (forward progress in any dispatch order), zeroed for
+    every launch: after each call (a device batch, again from descriptors kept on the
+    device, a replay, one host clip) every ticket was handed out once and every tile
+    counted once."""
+    from shmmel.mel import cuda_clip
+
+    n, tiles = 5, -(-300 // engine.frames_per_block)
+    batch = cp.asarray((make_signal("speech", 48000, seed=5) * 20000).astype(np.int16)[None].repeat(n, 0))
+    out = cp.empty((n, 80, 300), cp.float32)
+    for call in range(4):
+        if call < 3:
+            mel.log_mel_batch(batch, engine=engine, out=out)
+        else:
+            engine.replay_last_launch(2)
+        engine.synchronize()
+        (grid,), _, args = engine._last_launch
+        done = cp.asnumpy(args[-1])
+        assert grid == n * tiles + engine.norm_lag_for(np.arange(n + 1) * tiles) > n * tiles
+        assert done[:n].tolist() == [tiles] * n and int(done[n]) == grid, call
+    for samples in (32000, 48000):  # staged (the second call replays its graph); pageable
+        clip, tiles = make_signal("speech", samples, seed=6), -(-samples // 160 // engine.frames_per_block)
+        for _ in range(2):
+            mel.log_mel_spectrogram(clip, engine=engine)
+            words_off = cuda_clip._align(cuda_clip._HEAD + clip.nbytes)
+            words = engine._clip.host[words_off : words_off + 16].view(np.uint32)
+            assert words[2:].tolist() == [tiles, 2 * tiles], samples
+
+
 @pytest.mark.parametrize("build", [{"dft": "direct"}, {"window": "table", "twiddle_step": 1}])
 def test_gpu_other_builds_within_bounds(build: dict[str, object]) -> None:
     """The folded direct DFT-20 build (the generated prime-factor one is the default), and

@@ -160,18 +160,24 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
     __shared__ __align__(16) float sm[2 * FPB * BS];
     __shared__ long long sd[%(D_FIELDS)d];
     __shared__ long long nd[5];  /* spread normalisation: out, first and end float4, max index, tiles */
-    __shared__ int s_item, s_last, s_nitem, s_nready;
+    __shared__ int s_item, s_last, s_nitem, s_nready, s_tile;
     __shared__ float s_nlo;
     const int tid = threadIdx.x;
-    const int tile = blockIdx.x;
-    /* With ``done`` and a grid of n_tiles + lag blocks (lag >= every item's tile count),
-       block b computes tile b (if b < n_tiles) and then normalises chunk b - lag (if
-       b >= lag): one tile's share of one item's output, once all the item's tiles are
-       counted; blocks are dispatched in index order (CUB's single-pass scan makes the
-       same assumption), so the tiles it waits for are running or done. lag == 0: the
-       item's last block normalises all of it. */
+    /* With ``done`` (n_items + 1 zeroed words) and a grid of n_tiles + lag blocks
+       (lag >= every item's tile count), the block with logical index b computes tile b
+       (if b < n_tiles) and then normalises chunk b - lag (if b >= lag): one tile's share
+       of one item's output, once all the item's tiles are counted. lag == 0: the item's
+       last block normalises all of it (no block waits; b is blockIdx.x).
+       Forward progress: CUDA does not dispatch blocks in index order (MPS, preemption,
+       concurrent kernels), so with lag > 0 b is not blockIdx.x but a ticket from the
+       launch's counter done[n_items] (dynamic tile ids, as in Merrill & Garland's
+       single-pass scan): the tiles a block waits for have lower tickets, taken by
+       blocks already running, which count their tile before they wait on anything. */
     const int n_tiles = tile_starts[n_items];
     const int lag = done != nullptr ? (int)gridDim.x - n_tiles : 0;
+    if (tid == 0) s_tile = lag > 0 ? (int)atomicAdd(done + n_items, 1u) : (int)blockIdx.x;
+    __syncthreads();
+    const int tile = s_tile;
     const int chunk = lag > 0 ? tile - lag : -1;
 
     if (tid == 0 && tile < n_tiles) s_item = find_item(tile_starts, n_items, tile);
@@ -398,8 +404,8 @@ shmmel_mel_frames(const long long* __restrict__ desc, const int* __restrict__ ti
     }
     return;
     }  /* lag == 0 */
-    } else if (tid == NTHREADS - 1 && norm) {
-        chunk_prefetch(desc, tile_starts, s_nitem, chunk, item_max, done, nd, &s_nlo, &s_nready);
+    } else if (tid == NTHREADS - 1 && norm) {  /* chunk re-read: a register less over the tile */
+        chunk_prefetch(desc, tile_starts, s_nitem, s_tile - lag, item_max, done, nd, &s_nlo, &s_nready);
     }
     if (!norm) return;
 

@@ -20,9 +20,11 @@ between (``twiddle_step``): fewer cached loads, the L1/TEX pipe being the kernel
 Samples are read once per tile (int16 converted in the kernel) and each output value is
 written once. The per-item max is an atomicMax on order-preserving integer
 images of the floats (max is exact in any order, so this stays deterministic).
-With ``done`` (one zeroed counter per item) the kernel also normalises in place with
-Whisper's ``(max(v, max - 8) + 4) / 4``: on a grid of n_tiles + lag blocks, block b
-computes tile b and then normalises chunk b - lag (one tile's share of an item's
+With ``done`` (one zeroed counter per item, then one for the blocks' tickets) the kernel
+also normalises in place with Whisper's ``(max(v, max - 8) + 4) / 4``: on a grid of
+n_tiles + lag blocks, the block with ticket b (its logical index, taken from an atomic
+counter when it starts, so never waiting on a block that has not started) computes
+tile b and then normalises chunk b - lag (one tile's share of an item's
 output) once all that item's tiles are counted, so the work is spread over the blocks
 and done while the item is still in L2; with lag 0 the item's last block normalises
 all of it (``shmmel_normalise_items`` is the same expression as a separate launch).

@@ -95,7 +95,7 @@ class CudaEngine(Engine):
         self._host_in = self._host_out = None  # numpy uint8 views of it
         self._dev_in = self._dev_out = None  # CuPy uint8 arrays (memory pool)
         self._last_launch: tuple[Any, ...] | None = None
-        self._last_done: tuple[int, int] | None = None  # the last launch's tile counters
+        self._last_done: tuple[int, int] | None = None  # the last launch's tile counters and ticket
         self._registered: list[tuple[int, int, int, np.ndarray]] = []  # host lo, hi, device lo
         self._batches: Any = None  # cuda_batch.HostBatches, made on first use
         self._clip: Any = None  # cuda_clip.OneClip, made on first use
@@ -140,9 +140,10 @@ class CudaEngine(Engine):
         done: Any = None, lag: int = 0,
     ) -> None:
         """The frames kernel on the current stream; ``bad`` (n uint32, or None): set to 1
-        for an item whose float samples hold a NaN or Inf; ``done`` (n zeroed uint32, or
-        None): count each item's finished tiles and normalise the items, spread over
-        ``lag`` more blocks (see ``norm_lag_for``; 0: each item in its last block)."""
+        for an item whose float samples hold a NaN or Inf; ``done`` (n + 1 zeroed uint32,
+        or None): count each item's finished tiles (word D_MAX_INDEX) and normalise the
+        items, spread over ``lag`` more blocks (see ``norm_lag_for``; 0: each item in its
+        last block); with lag > 0 word n hands out the blocks' logical indexes."""
         tables = self._tables
         args = (
             desc, tile_starts, np.int32(n_items), self._window, self._twiddle,
@@ -151,13 +152,13 @@ class CudaEngine(Engine):
         )
         grid = n_tiles + (lag if done is not None else 0)
         self._last_launch = ((grid,), (20 * self.frames_per_block,), args)
-        self._last_done = (done.data.ptr, 4 * n_items) if done is not None else None
+        self._last_done = (done.data.ptr, 4 * (n_items + 1)) if done is not None else None
         self._frames_kernel(*self._last_launch)
 
     def replay_last_launch(self, times: int) -> float:
         """Benchmark aid: launch the last kernel again ``times`` times back to back on the
         engine's stream (it rewrites the same values; a normalising launch's tile counters
-        are zeroed before each) and return the mean GPU time of one launch in ms, free of
+        and block ticket are zeroed before each) and return the mean GPU time of one launch in ms, free of
         the host's launch latency."""
         start, end = self._events[1], self._events[2]
         with self._device, self._stream:

@@ -139,14 +139,14 @@ class _SmallUploads:
             self.cached.pop(next(iter(self.cached)))
         m = max(desc.shape[0], 1)
         with stream:
-            words = cp.zeros(2 * m, cp.uint32)  # max bits, then tile counters
+            words = cp.zeros(2 * m + 1, cp.uint32)  # max bits, then tile counters and the block ticket
             entry = (cp.asarray(desc), cp.asarray(tiles), words[:m], words[m:], int(tiles[-1]), lag)
         self.cached[key] = entry
         return entry
 
     def upload(self, stream: Any, desc: np.ndarray, tiles: np.ndarray) -> tuple[Any, Any, Any, Any]:
         """(device desc int64, tiles int32, zeroed max bits uint32, zeroed tile counters
-        uint32) queued on ``stream``."""
+        and block ticket uint32, n + 1) queued on ``stream``."""
         cp = self.cp
         runtime = cp.cuda.runtime
         slot = self.ring[self.next]
@@ -155,18 +155,18 @@ class _SmallUploads:
         n = desc.shape[0]
         tiles_off = desc.nbytes
         bits_off = _align(tiles_off + tiles.nbytes)
-        slot.reserve(bits_off + 8 * max(n, 1), 0)
+        m = max(n, 1)
+        slot.reserve(bits_off + 4 * (2 * m + 1), 0)
         host = slot.host_in
         host[:tiles_off].view(np.int64)[:] = desc.reshape(-1)
         host[tiles_off : tiles_off + tiles.nbytes].view(np.int32)[:] = tiles
         dev = slot.dev_in.data.ptr
         runtime.memcpyAsync(dev, host.ctypes.data, tiles_off + tiles.nbytes, runtime.memcpyHostToDevice, stream.ptr)
-        m = max(n, 1)
-        runtime.memsetAsync(dev + bits_off, 0, 8 * m, stream.ptr)
+        runtime.memsetAsync(dev + bits_off, 0, 4 * (2 * m + 1), stream.ptr)
         slot.h2d_done.record(stream)
         return (slot.dev_in[:tiles_off].view(cp.int64), slot.dev_in[tiles_off : tiles_off + tiles.nbytes].view(cp.int32),
                 slot.dev_in[bits_off : bits_off + 4 * m].view(cp.uint32),
-                slot.dev_in[bits_off + 4 * m : bits_off + 8 * m].view(cp.uint32))
+                slot.dev_in[bits_off + 4 * m : bits_off + 8 * m + 4].view(cp.uint32))
 
 
 class HostBatches:

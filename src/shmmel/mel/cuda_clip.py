@@ -1,7 +1,7 @@
 """One host clip on the CUDA engine, in as few steps as the work allows.
 
 ``log_mel_spectrogram(x, engine=CudaEngine)`` for a NumPy clip is one host-to-device
-copy (descriptor, tile starts, zeroed max/flag/counter words and the samples, laid out
+copy (descriptor, tile starts, zeroed max/flag/counter/ticket words and the samples, laid out
 in one pinned buffer), one launch of the frames kernel (which also normalises the clip,
 in as many more blocks as it has tiles) and one device-to-host copy (the NaN flag and the frames), then a
 synchronize. The batch path does the same work with more Python around it (plans,
@@ -10,7 +10,7 @@ groups, a memset, a second copy); the same kernel and descriptor give the same b
 Buffer layout (the device buffer mirrors the pinned one byte for byte):
 
     [descriptor: 16 int64][tile starts: 2 int32][pad to 256][samples][pad to 256]
-    [max bits, NaN flag, tile counter: 3 uint32][pad to 16][frames: n_mels x T float32]
+    [max bits, NaN flag, tile counter, block ticket: 4 uint32][frames: n_mels x T float32]
 
 The upload covers everything up to the counters (so they arrive zeroed); the download
 covers the counters and the frames. Clips of more than ``STAGE_BYTES`` (samples and
@@ -167,7 +167,8 @@ class OneClip:
 
     def _launch(self, words_off: int, n_tiles: int) -> None:
         """The frames kernel (with normalisation) on the current stream: n_tiles blocks
-        of frames, then n_tiles blocks that each normalise a share once all are counted."""
+        of frames, then n_tiles blocks that each normalise a share once all are counted
+        (``done`` is the tile counter and, after it, the blocks' ticket: both zeroed by the upload)."""
         engine = self.engine
         tables = engine._tables
         dev_base = self.dev.data.ptr

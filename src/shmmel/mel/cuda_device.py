@@ -110,7 +110,7 @@ def _launch_all(
     done: Any = None, lag: int = 0,
 ) -> None:
     """Frames and (optionally) per-clip normalisation on the current stream: in the frames
-    kernel where the engine fuses it and ``done`` (n zeroed uint32 counters) is given
+    kernel where the engine fuses it and ``done`` (n + 1 zeroed uint32: tile counters, block ticket) is given
     (spread over ``lag`` more blocks, see ``CudaEngine.norm_lag_for``), else a second
     launch."""
     if n_tiles == 0:
@@ -221,7 +221,8 @@ def _launch_cached(engine: CudaEngine, entry: tuple[Any, Any, Any, Any, int, int
     """Launch a device batch from descriptors kept on the device (see _SmallUploads.keep)."""
     d_desc, d_tiles, bits, done, n_tiles, lag = entry
     with engine._device, engine._stream:
-        engine._cp.cuda.runtime.memsetAsync(bits.data.ptr, 0, 8 * max(n, 1), engine._stream.ptr)  # bits, done
+        # bits, done (tile counters and the block ticket): 2 m + 1 words
+        engine._cp.cuda.runtime.memsetAsync(bits.data.ptr, 0, 4 * (2 * max(n, 1) + 1), engine._stream.ptr)
         _launch_timed(engine, d_desc, d_tiles, n, n_tiles, bits, done, lag)
         after.record(engine._stream)
         caller.wait_event(after)
