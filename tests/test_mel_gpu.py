@@ -346,16 +346,18 @@ def test_gpu_fused_normalise_gives_the_bits_of_the_separate_pass(engine: mel.Cud
 def test_gpu_spread_normalise_blocks_take_tickets(engine: mel.CudaEngine) -> None:
     """With the spread normalisation a block's logical index is a ticket from the word
     after the clips' tile counters (forward progress in any dispatch order), zeroed for
-    every launch: after each call (a device batch, again from descriptors kept on the
-    device, a replay, one host clip) every ticket was handed out once and every tile
+    every launch: after each call (device batches, with descriptors uploaded or kept on
+    the device, a replay, one host clip, staged or not) every ticket was handed out once and every tile
     counted once."""
     from shmmel.mel import cuda_clip
 
     n, tiles = 5, -(-300 // engine.frames_per_block)
     batch = cp.asarray((make_signal("speech", 48000, seed=5) * 20000).astype(np.int16)[None].repeat(n, 0))
     out = cp.empty((n, 80, 300), cp.float32)
-    for call in range(4):
-        if call < 3:
+    for call in range(5):
+        if call < 2:  # descriptors uploaded through the ring of small buffers
+            mel.log_mel_batch(list(batch), engine=engine)
+        elif call < 4:  # kept on the device, then reused
             mel.log_mel_batch(batch, engine=engine, out=out)
         else:
             engine.replay_last_launch(2)
