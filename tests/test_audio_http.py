@@ -146,17 +146,17 @@ def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
 @pytest.mark.parametrize("kind", ["s16", "wav16", "f32"])
 def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, kind):
     """10 s with Content-Length: read a push at a time, each push as large as a slot
-    holds (s16le: ~4 s), the last one ending the stream: open + 3 round trips for s16le
-    (11 before: 64 KB reads, each split in two pushes, then a finish), 6 for float32;
-    bit-exact."""
+    holds (s16le: ~4 s), the first one opening the stream, the last one ending it: 3
+    round trips for s16le (open + 3 before, and 11 before that: 64 KB reads, each split in
+    two pushes, then a finish), 6 for float32; no stream or slot left; bit-exact."""
     x = speechlike(10.0, seed=8)
     if kind == "f32":
-        body, ctype, ref_in, trips = x.tobytes(), "audio/x-f32le;rate=16000", x, 1 + 6
+        body, ctype, ref_in, trips = x.tobytes(), "audio/x-f32le;rate=16000", x, 6
     elif kind == "wav16":
-        body, ctype, ref_in, trips = wav_bytes(x), "audio/wav", as_i16(x), 1 + 3
+        body, ctype, ref_in, trips = wav_bytes(x), "audio/wav", as_i16(x), 3
     else:
         body, ctype, ref_in, trips = (as_i16(x).tobytes(), "audio/L16;rate=16000",
-                                      as_i16(x), 1 + 3)
+                                      as_i16(x), 3)
     served = lambda: sum(w["served"] for w in audio_inproc.status()["workers"]  # noqa: E731
                          if w["kind"] != "whisper")
     before = served()
@@ -171,6 +171,26 @@ def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, k
     floor = mel.final_floor(records[-1][0]["final_max"])
     assert np.array_equal(np.maximum(prov, floor).T, mel.log_mel_spectrogram(ref_in))
     assert_clean(audio_inproc)
+
+
+@pytest.mark.parametrize("at_s", [0.0, 6.0])
+def test_an_upload_refused_in_its_opening_push_or_later_leaves_nothing(audio_inproc, at_s):
+    """10 s of float32 with a NaN in the first push (which opens the stream: refused,
+    nothing more is sent) or in a later one (the stream is closed): 400, no stream, no slot
+    and no worker state left behind."""
+    x = speechlike(10.0, seed=11)
+    x[int(16000 * at_s) + 7] = math.nan
+    served = lambda: sum(w["served"] for w in audio_inproc.status()["workers"]  # noqa: E731
+                         if w["kind"] != "whisper")
+    before = served()
+    status, _, raw = post(audio_inproc, "/audio/stream?format=npy", x.tobytes(),
+                          "audio/x-f32le;rate=16000")
+    assert status == 400 and "NaN" in json.loads(raw)["detail"], raw
+    assert_clean(audio_inproc)
+    if at_s == 0.0:  # one round trip: the refused opening push (no open, no close)
+        wait_for(lambda: served() - before >= 1, timeout=5, what="the worker's served count")
+        time.sleep(0.2)  # a further round trip's count would land by now
+        assert served() - before == 1
 
 
 def test_a_padded_upload_larger_than_a_slot_equals_offline(audio_inproc):

@@ -341,3 +341,48 @@ def test_worker_refusals_become_409_and_404(shm, status, error):
             check_reply(slot, status)
         assert error(  # the status each maps to
             "x").http_status == {StreamBusy: 409, UnknownStream: 404}[error]
+
+
+def open_push(k: int, token: int, lease: int, n_mels: int = 80, fmt: int = L.FMT_S16LE,
+              last: bool = True, final: bool = False):
+    flags = (L.PUSH_OPEN | n_mels << L.PUSH_MELS_SHIFT | (L.PUSH_LAST_PIECE if last else 0)
+             | (L.PUSH_FINAL if final else 0))
+    return (L.OP_AUDIO_PUSH, k, fmt, flags, token, lease)
+
+
+def test_a_push_that_opens_its_stream(small):
+    """PUSH_OPEN: the worker makes the stream's state and takes its first samples in one
+    request. A refused opening push leaves no state and the entry as it was (the HTTP side
+    frees it, as after a refused OPEN); a state the entry's last stream left is replaced."""
+    shm, _ = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    x = (3000 * np.sin(np.arange(16000) * 0.01)).astype("<i2")
+    h = table.allocate(80, 0, on_worker(0), os.getpid())
+    assert w.serve(open_push(h.index, h.token, 1), audio=x[:8000].tobytes()) == [L.R_OK]
+    assert w.jobs.states[h.index][0] == h.token and int(shm.workers["streams"][0]) == 1
+    assert table.counts(h.index) == (int(shm.slots["r1"][0]), 8000)
+    # the next push of the stream (no OPEN), ending it: the entry is freed
+    assert w.serve(push(h.index, h.token, 2, final=True), audio=x[8000:].tobytes()) == [L.R_OK]
+    assert table.counts(h.index)[1] == 16000
+    assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states
+    # refused: a bad n_mels, then NaN float audio (after the state was made)
+    h = table.allocate(80, 0, on_worker(0), os.getpid())
+    assert w.serve(open_push(h.index, h.token, 3, n_mels=81), audio=x[:160].tobytes()) == [
+        L.R_BAD_INPUT]
+    nan = np.array([0.1, np.nan] * 80, "<f4").tobytes()
+    assert w.serve(open_push(h.index, h.token, 4, fmt=L.FMT_F32LE), audio=nan) == [
+        L.R_BAD_INPUT]
+    assert not w.jobs.states and not w.jobs.leases and int(shm.workers["streams"][0]) == 0
+    assert int(shm.streams["state"][h.index]) == L.ST_OPEN  # the HTTP side's to free
+    # an entry whose last stream's state (and a request's lease) the worker still holds:
+    # the opening push of the new token replaces both, and the old token is no stream
+    me = os.getpid() << 32
+    assert w.serve(open_push(h.index, 111, me | 5, last=False), audio=x[:160].tobytes()) == [
+        L.R_OK]
+    assert w.serve(open_push(h.index, h.token, me | 6), audio=x[:160].tobytes()) == [L.R_OK]
+    assert w.jobs.states[h.index][0] == h.token and not w.jobs.leases
+    assert w.serve(push(h.index, 111, me | 7), audio=x[:160].tobytes()) == [L.R_NO_STREAM]
+    assert w.serve(push(h.index, h.token, me | 8, final=True), audio=x[:160].tobytes()) == [
+        L.R_OK]
+    assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states

@@ -5,7 +5,8 @@ A stream is pinned to the worker that holds its state (chosen at open by device 
 in this process's partition of it when this process opened it. Every call on a stream carries
 its token (the worker refuses a stale one) and every push a lease, so the worker serves one
 request of a stream at a time. A whole upload that fits one slot skips the table altogether
-(:meth:`AudioCalls.oneshot`).
+(:meth:`AudioCalls.oneshot`); a larger one opens its stream with its first push
+(:meth:`AudioCalls.open_push`: no round trip of its own).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 
 from . import layout as L
-from .channel import Producer, Slot
+from .channel import Producer, Reply, Slot
 from .config import Config
 from .devices import pinned_streams
 from .errors import (BadRequest, ServiceUnavailable, ShmmelError, StreamBusy, UnknownStream,
@@ -64,19 +65,39 @@ class AudioCalls:
         ``padding`` is kept in the table and sent as zero samples by :meth:`finish`, in
         pieces whose frames fit a slot (a worker never answers more than one slot holds).
         """
-        if n_mels not in (80, 128):
-            raise BadRequest("n_mels must be 80 or 128")
-        w = self.shm.workers
-        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
-        h = self.table.allocate(n_mels, padding, lambda t: self.producer.least_loaded(
-            kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
+        h = self._allocate(n_mels, padding)
         try:
             self.call(slot, h, L.OP_AUDIO_OPEN, 0, (n_mels,))
         except BaseException as exc:
             self.drop_entry(h, exc)
             raise
         return h
+
+    def open_push(self, slot: Slot, n_mels: int, padding: int, data: memoryview | bytes,
+                  fmt: int, final: bool, copy: bool = True) -> tuple[Handle, FrameBatch]:
+        """Open a stream (as :meth:`open`) and push its first samples, one round trip:
+        the push carries the open (``PUSH_OPEN``). ``data`` is one piece (at most
+        :meth:`push_samples`). When the push fails the worker holds no state and the entry
+        goes as after a failed open (:meth:`drop_entry`); with ``final`` the worker drops
+        the stream and frees its entry after answering."""
+        if len(data) > self.push_samples(fmt, n_mels) * L.FMT_WIDTH[fmt]:
+            raise ValueError("an opening push takes one piece")
+        h = self._allocate(n_mels, padding)
+        try:
+            return h, self.push(slot, h, data, fmt, final, copy=copy, opens=True)
+        except BaseException as exc:
+            self.drop_entry(h, exc)
+            raise
+
+    def _allocate(self, n_mels: int, padding: int) -> Handle:
+        """A table entry on the least loaded (CUDA, where there is one) worker."""
+        if n_mels not in (80, 128):
+            raise BadRequest("n_mels must be 80 or 128")
+        w = self.shm.workers
+        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
+        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
+        return self.table.allocate(n_mels, padding, lambda t: self.producer.least_loaded(
+            kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
 
     def drop_entry(self, h: Handle, exc: BaseException) -> None:
         """After a failed open: free the entry when its worker answered (it holds no state)
@@ -111,16 +132,18 @@ class AudioCalls:
 
     # -- pushes ------------------------------------------------------------------------------
     def call(self, slot: Slot, h: Handle, op: int, nbytes: int, args: tuple[int, ...],
-             lease: int = 0) -> None:
+             lease: int = 0) -> Reply:
         """One round trip of ``op`` on the stream's worker through ``slot`` (``nbytes`` of
         payload already in it; ``args`` up to two, then the stream's token and ``lease``);
-        a refusal becomes BadRequest, StreamBusy or UnknownStream, any other failure an
-        error."""
+        its reply (without the payload bytes). A refusal becomes BadRequest, StreamBusy or
+        UnknownStream, any other failure an error."""
         a = (*args, 0, 0)[:2]
         slot.submit(h.worker, h.gen, op, nbytes, self.producer.next_seq(),
                     (a[0], a[1], h.token, lease), h.index)
         slot.wait(self.config.request_timeout)
-        check_reply(slot, slot.reply(copy=False).status)
+        r = slot.reply(copy=False)
+        check_reply(slot, r.status)
+        return r
 
     def fits_oneshot(self, nbytes: int, fmt: int, n_mels: int, padding: int) -> bool:
         """Whether a whole upload of ``nbytes`` goes to a worker as one message: its
@@ -130,9 +153,10 @@ class AudioCalls:
         return nbytes <= self.shm.slot_bytes and frames * n_mels * 4 <= self.shm.slot_bytes
 
     def oneshot(self, slot: Slot, data: memoryview | bytes, fmt: int, n_mels: int,
-                padding: int) -> FrameBatch:
+                padding: int, copy: bool = True) -> FrameBatch:
         """A whole upload in one round trip: no stream entry, padding sent as a count, every
-        frame back in the same slot (see :meth:`fits_oneshot`)."""
+        frame back in the same slot (see :meth:`fits_oneshot`); without ``copy`` the frames
+        are a view of the slot, valid until its next request or its release."""
         if n_mels not in (80, 128):
             raise BadRequest("n_mels must be 80 or 128")
         w = self.shm.workers
@@ -157,20 +181,24 @@ class AudioCalls:
         r = slot.reply(copy=False)
         check_reply(slot, r.status)
         frames = np.frombuffer(slot.view(r.r1 * n_mels * 4), "<f4").reshape(r.r1, n_mels)
-        return FrameBatch(r.r0, frames.copy(), r.f0, True)
+        return FrameBatch(r.r0, frames.copy() if copy else frames, r.f0, True)
 
-    def finish(self, slot: Slot, h: Handle, extra_padding: int = 0) -> FrameBatch:
+    def finish(self, slot: Slot, h: Handle, extra_padding: int = 0,
+               copy: bool = True) -> FrameBatch:
         """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames
         and the final max. The worker frees the table entry."""
         pad = self.table.padding(h.index) + extra_padding
-        return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True)
+        return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy)
 
     def push(self, slot: Slot, h: Handle, data: memoryview | bytes, fmt: int,
-             final: bool) -> FrameBatch:
+             final: bool, copy: bool = True, opens: bool = False) -> FrameBatch:
         """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
         return the frames it completed as one batch (raw log10, frame-major). The pieces
         share one lease (the first piece's seq): the worker refuses another request's
-        pieces on this stream (409) until the last one."""
+        pieces on this stream (409) until the last one. Without ``copy``, frames that came
+        in one piece are a view of the slot, valid until its next request or its release
+        (for a caller that encodes them at once). ``opens``: the first piece opens the
+        stream (see :meth:`open_push`)."""
         width = L.FMT_WIDTH[fmt]
         if len(data) % width:
             raise BadRequest(f"{len(data)} bytes is not a whole number of {width}-byte samples")
@@ -186,12 +214,16 @@ class AudioCalls:
             is_final = final and last
             slot.view(len(piece))[:] = piece
             flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0)
-            self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, flags), lease)
-            r = slot.reply(copy=False)
+            if opens:
+                flags |= L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT
+                opens = False
+            r = self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, flags), lease)
             k = r.r1
             if k:
                 frames = np.frombuffer(slot.view(k * h.n_mels * 4), "<f4").reshape(k, h.n_mels)
-                parts.append(frames.copy())
+                # the slot's next request would overwrite them: a copy, except for the
+                # last piece's frames when they are concatenated below or a view will do
+                parts.append(frames if last and (parts or not copy) else frames.copy())
                 if start < 0:
                     start = r.r0
             else:

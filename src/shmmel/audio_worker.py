@@ -64,7 +64,8 @@ class MelJobs:
         table = self.table
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
-        batch_slots: list[tuple[int, int, bool]] = []  # (slot, stream index or -1, final)
+        # (slot, stream index or -1, final, whether the push opened the stream)
+        batch_slots: list[tuple[int, int, bool, bool]] = []
         pushed: set[int] = set()  # streams with a push in this batch (one per stream)
         for j, (op, n, k, arg0, arg1, arg2, arg3) in taken:
             if op == L.OP_AUDIO_ONESHOT:  # no table entry: state made, used, dropped here
@@ -78,7 +79,7 @@ class MelJobs:
                     errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
                     continue
                 batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt), True))
-                batch_slots.append((j, -1, True))
+                batch_slots.append((j, -1, True, False))
                 continue
             if not 0 <= k < len(table):
                 errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
@@ -94,8 +95,9 @@ class MelJobs:
                 self.shm.workers["streams"][self.index] = len(self.states)
                 inbox.answer(j, L.R_OK, 0)
                 continue
-            entry = self.states.get(k)
-            if entry is None or entry[0] != token:
+            opens = op == L.OP_AUDIO_PUSH and bool(arg1 & L.PUSH_OPEN)
+            entry = None if opens else self.states.get(k)
+            if not opens and (entry is None or entry[0] != token):
                 errors += inbox.fail(j, L.R_NO_STREAM, "no such stream (expired or closed)")
                 continue
             if op == L.OP_AUDIO_CLOSE:
@@ -107,31 +109,48 @@ class MelJobs:
             if dt is None or n % dt.itemsize:
                 errors += inbox.fail(j, L.R_BAD_INPUT, "bad sample format or byte count")
                 continue
+            if opens:  # a push that opens its stream (a fresh entry: its token is the new one)
+                if k in pushed:
+                    errors += inbox.fail(j, L.R_BUSY, "another request is using this stream")
+                    continue
+                try:
+                    entry = (token, self.engine.new_stream(n_mels=arg1 >> L.PUSH_MELS_SHIFT))
+                except ValueError as exc:
+                    errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
+                    continue
+                self.leases.pop(k, None)  # a lease of the entry's last stream is void
+                self.states[k] = entry
+                self.shm.workers["streams"][self.index] = len(self.states)
             if k in pushed or not self._lease(k, arg3, bool(arg1 & L.PUSH_LAST_PIECE)):
                 errors += inbox.fail(j, L.R_BUSY, "another request is using this stream")
                 continue
+            assert entry is not None
             batch.append((entry[1], np.frombuffer(self.shm.payload[j, :n], dtype=dt), final))
-            batch_slots.append((j, k, final))
+            batch_slots.append((j, k, final, opens))
             pushed.add(k)
         if batch:
             errors += self._compute(batch, batch_slots, inbox)
         return errors
 
     def _compute(self, batch: list[tuple[Any, np.ndarray, bool]],
-                 batch_slots: list[tuple[int, int, bool]], inbox: Inbox) -> int:
+                 batch_slots: list[tuple[int, int, bool, bool]], inbox: Inbox) -> int:
         """One engine call for the batch; the engine checks the audio (once). A bad item
         (NaN in float audio, say) fails the whole call and changes no stream: then each item
-        goes alone, so only the bad ones are refused."""
-        outs = [self.out_views[j] for j, _k, _f in batch_slots]
+        goes alone, so only the bad ones are refused. A refused push that opened its stream
+        leaves no state (the HTTP side frees the entry, as after a refused OPEN)."""
+        outs = [self.out_views[s[0]] for s in batch_slots]
         try:
             results = self.engine.process(batch, out=outs)
         except ValueError as exc:
             if len(batch) > 1:
                 return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
-            self.leases.pop(batch_slots[0][1], None)  # its request ends here
+            j, k, _final, opened = batch_slots[0]
+            self.leases.pop(k, None)  # its request ends here
+            if opened and self.states.pop(k, None) is not None:
+                self.shm.workers["streams"][self.index] = len(self.states)
             return inbox.fail(batch_slots[0][0], L.R_BAD_INPUT,
                               re.sub(r"^item \d+: ", "", str(exc)))
-        for (j, k, final), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
+        for (j, k, final, _o), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
             frames = fb.log10.shape[0]
             self._samples += chunk.shape[0]
             if k >= 0:

@@ -101,6 +101,8 @@ OP_AUDIO_PUSH = 3    # push audio: arg0 = sample format, arg1 = PUSH_* flags, ar
 OP_AUDIO_CLOSE = 4   # drop a stream's state without output (client went away); arg2 = token
 PUSH_FINAL = 1       # the stream ends with this piece
 PUSH_LAST_PIECE = 2  # the last piece of one HTTP request: its lease on the stream ends
+PUSH_OPEN = 4        # the push opens its stream (an entry just allocated, arg2 its token):
+PUSH_MELS_SHIFT = 8  # n_mels in arg1 >> PUSH_MELS_SHIFT; no separate OPEN round trip
 # transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
 OP_WHISPER_OPEN = 5      # start a job: stream = table index
 OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the window

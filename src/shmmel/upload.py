@@ -136,6 +136,7 @@ class Upload:
         # sample bytes one push takes in one round trip: a declared-length body is read in
         # blocks of this size, so each read is one message each way
         self.piece = calls.push_samples(spec.fmt, spec.n_mels) * self.width
+        self.copy = sink.keeps_frames  # else the frames are views of the slot, encoded at once
         self.carry = b""          # a partial sample left by the last read
         self.window = 0
         self.in_window = 0        # samples pushed into the current window
@@ -146,6 +147,8 @@ class Upload:
 
     # -- samples in ------------------------------------------------------------------------
     def _open(self) -> Handle:
+        """A stream opened with no samples (its own round trip): only to end an upload
+        that pushed none; every other stream opens with its first push (see feed)."""
         spec = self.spec
         self.handle = self.calls.open(self.slot, spec.n_mels, 0 if spec.windows else spec.padding)
         self.in_window = 0
@@ -166,14 +169,23 @@ class Upload:
         ends = last and not self.carry and not spec.windows and not spec.padding
         out = []
         while len(view):
-            h = self.handle or self._open()
+            h = self.handle
+            if h is None:  # a new stream (or window): its first push opens it, one piece
+                self.in_window = 0
             n = len(view) // self.width
             if spec.windows:
                 n = min(n, N_SAMPLES - self.in_window)
+            if h is None:
+                n = min(n, self.piece // self.width)
             piece, view = view[: n * self.width], view[n * self.width :]
             closes = spec.windows and self.in_window + n == N_SAMPLES
             final = closes or (ends and not len(view))
-            fb = self.calls.push(self.slot, h, piece, spec.fmt, final=final)
+            if h is None:
+                self.handle, fb = self.calls.open_push(
+                    self.slot, spec.n_mels, 0 if spec.windows else spec.padding, piece,
+                    spec.fmt, final, self.copy)
+            else:
+                fb = self.calls.push(self.slot, h, piece, spec.fmt, final, self.copy)
             self.in_window += n
             self.total_samples += n
             out.append(self._emit(fb))
@@ -193,7 +205,8 @@ class Upload:
         if not data:
             raise BadAudio("the body holds no audio samples")
         spec = self.spec
-        fb = self.calls.oneshot(self.slot, data, spec.fmt, spec.n_mels, spec.padding)
+        fb = self.calls.oneshot(self.slot, data, spec.fmt, spec.n_mels, spec.padding,
+                                self.copy)
         self.total_samples = self.in_window = len(data) // self.width
         self.done = True
         return self._emit(fb)
@@ -213,7 +226,7 @@ class Upload:
         if self.handle is not None or not self.spec.windows:
             h = self.handle or self._open()
             extra = N_SAMPLES - self.in_window if self.spec.windows else 0
-            fb = self.calls.finish(self.slot, h, extra)
+            fb = self.calls.finish(self.slot, h, extra, self.copy)
             self.handle = None
             out = self._emit(fb)
         self.done = True

@@ -126,7 +126,10 @@ class Encoder:
 
     ``frames(window, fb, samples)`` gets each batch of frames (a FrameBatch; ``fb.final`` at
     the end of a window) and returns the bytes to send now; ``result()`` the bytes to send
-    at the end (the whole answer, for JSON and .npy)."""
+    at the end (the whole answer, for JSON and .npy). ``keeps_frames``: whether it keeps
+    ``fb.log10`` past the call (then it must be its own copy, not a view of a slot)."""
+
+    keeps_frames = True
 
     def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
         raise NotImplementedError
@@ -137,6 +140,8 @@ class Encoder:
 
 class StreamEncoder(Encoder):
     """NDJSON lines or binary records, provisionally normalised, as frames are computed."""
+
+    keeps_frames = False  # encodes each batch at once: the frames may be a view of a slot
 
     def __init__(self, media: str) -> None:
         self.media = media
