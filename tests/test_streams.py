@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from shmmel import layout as L
-from shmmel.audio_calls import check_reply
+from shmmel.audio_calls import AudioCalls, check_reply
 from shmmel.audio_worker import MelJobs
 from shmmel.channel import Inbox, Producer, claim_row
 from shmmel.config import Config
-from shmmel.errors import ServiceUnavailable, StreamBusy, StreamLost, UnknownStream
+from shmmel.errors import (BadRequest, RequestTimeout, ServiceUnavailable, StreamBusy,
+                           StreamLost, UnknownStream, WorkerDied, WorkerStalled)
 from shmmel.mel import create_engine
 from shmmel.shm import Shm
 from shmmel.stream_table import StreamTable
@@ -386,3 +387,23 @@ def test_a_push_that_opens_its_stream(small):
     assert w.serve(push(h.index, h.token, me | 8, final=True), audio=x[:160].tobytes()) == [
         L.R_OK]
     assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states
+
+
+@pytest.mark.parametrize("exc, freed", [
+    (BadRequest("refused"), True), (StreamBusy("refused"), True),
+    (UnknownStream("refused"), True), (RuntimeError("worker error"), True),
+    (WorkerDied("died"), True), (WorkerStalled("stalled"), False),
+    (RequestTimeout("timed out"), False)])
+def test_a_failed_open_or_opening_push_frees_its_entry_unless_the_state_may_come(
+        small, exc, freed):
+    """A refusal (the worker holds no state) or a dead worker: the entry is FREE at once.
+    A stalled or timed-out worker may still make the state: the entry stays OPEN, not busy,
+    for the worker's idle expiry (or its replacement) to free."""
+    shm, _ = small
+    calls = AudioCalls(Config(), Producer(shm, queue_depth=4))
+    h = calls.allocate(0, 1, 80, 0)
+    assert int(shm.streams["busy"][h.index]) == os.getpid()
+    calls.drop_entry(h, exc)
+    state = int(shm.streams["state"][h.index])
+    assert state == (L.ST_FREE if freed else L.ST_OPEN)
+    assert freed or int(shm.streams["busy"][h.index]) == 0

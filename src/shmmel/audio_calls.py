@@ -100,10 +100,12 @@ class AudioCalls:
             kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
 
     def drop_entry(self, h: Handle, exc: BaseException) -> None:
-        """After a failed open: free the entry when its worker answered (it holds no state)
-        or died; when it stalled or timed out it may still make the state, so the entry
-        stays, not busy, and goes when that idles out (or the worker is replaced)."""
-        if isinstance(exc, ShmmelError) and not isinstance(exc, (WorkerDied, BadRequest)):
+        """After a failed open (or opening push): free the entry when its worker answered
+        (a refusal: it holds no state) or died; when it stalled or timed out it may still
+        make the state, so the entry stays, not busy, and goes when that idles out (or the
+        worker is replaced)."""
+        if isinstance(exc, ShmmelError) and not isinstance(
+                exc, (WorkerDied, BadRequest, StreamBusy, UnknownStream)):
             self.release(h)
         else:
             self.table.free(h.index)
