@@ -52,11 +52,24 @@ _REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
 _R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
 _TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
-# r0, r1, f0, f1 and the three time stamps: one read for a reply (they are contiguous)
-_RESULTS_TIMES = struct.Struct("<qqddddd")
-assert _SO["t_done"] == _SO["r0"] + _RESULTS_TIMES.size - 8 and _SO["t_submit"] == _SO["r0"] + 32
 _TIMES = struct.Struct("<ddd")
 _QUEUED_MIN = np.uint32(L.S_QUEUED_MIN)
+# a whole reply in one read: resp_len, status, (stream and args skipped), r0, r1, f0, f1 and
+# the three time stamps
+_REPLY = struct.Struct(f"<II{_SO['r0'] - _SO['resp_len'] - 8}xqqddddd")
+assert _SO["status"] == _SO["resp_len"] + 4 and _SO["r0"] + 32 == _SO["t_submit"]
+assert _SO["resp_len"] + _REPLY.size == _SO["t_done"] + 8  # r0 .. t_done contiguous
+# a submitted request in one read, from op: op, (worker), gen, (seq, resp_seq, owner),
+# req_len, resp_len, status, stream, arg0..arg3
+_REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xIIIiqqqq")
+assert _SO["worker"] == _SO["op"] + 4 and _SO["gen"] == _SO["op"] + 8
+_SIZE = L.SLOT.itemsize
+_SO_RESP_LEN = _SO["resp_len"]
+_SO_OP = _SO["op"]
+_S_DONE, _S_CLAIMED, _S_PARKED, _S_SUBMITTED = L.S_DONE, L.S_CLAIMED, L.S_PARKED, L.S_SUBMITTED
+_ARGS0 = (0, 0, 0, 0)
+_tuple_new = tuple.__new__  # builds a Reply without the named tuple's Python __new__
+_monotonic = time.monotonic
 
 
 _spare = [False, 0.0]  # (answer, when to look again)
@@ -170,15 +183,15 @@ class Slot:
     """A claimed slot. Use as a context manager; ``release()`` is idempotent."""
 
     __slots__ = ("producer", "shm", "index", "off", "w4", "w8", "seq", "worker", "gen",
-                 "_owned", "_drain")
+                 "_owned", "_drain", "t_sub")
 
     def __init__(self, producer: Producer, index: int) -> None:
         self.producer, self.shm, self.index = producer, producer.shm, index
-        self.off = off = producer.slots_off + index * L.SLOT.itemsize
-        self.w4, self.w8 = off >> 2, off >> 3
-        self.seq = 0
+        # byte offset of the header, its 4- and 8-byte word indexes (computed once per slot)
+        self.off, self.w4, self.w8 = producer._where[index]
+        self.seq = self.gen = 0
+        self.t_sub = 0.0  # time.monotonic() at submit
         self.worker = -1
-        self.gen = 0
         self._owned = True
         self._drain = False  # a reply caught by polling left its post on the semaphore
 
@@ -205,22 +218,25 @@ class Slot:
         u32[w4 + _OP] = op
         u32[w4 + _WK] = worker
         u32[w4 + _GEN] = gen
-        shm.u64[w8 + _SEQ] = seq
-        shm.u64[w8 + _RSEQ] = 0
-        i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
         u32[w4 + _REQLEN] = req_len
-        u32[w4 + _RESPLEN] = 0
-        u32[w4 + _STATUS] = 0
         shm.i32[w4 + _STREAM] = stream
-        n, a = len(args), w8 + _ARG0
-        i64[a] = args[0] if n > 0 else 0
-        i64[a + 1] = args[1] if n > 1 else 0
-        i64[a + 2] = args[2] if n > 2 else 0
-        i64[a + 3] = args[3] if n > 3 else 0
-        shm.f64[w8 + _TSUB] = time.monotonic()
-        u32[w4 + _ST] = L.S_SUBMITTED | worker  # publish last; the post is a barrier
+        shm.u64[w8 + _SEQ] = seq
+        # resp_seq, resp_len and status are not cleared: they are read only once the state
+        # is DONE with resp_seq equal to this request's seq (unique), i.e. once the worker
+        # has written them for this request
+        i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
+        if not args:
+            args = _ARGS0
+        elif len(args) != 4:
+            args = (*args, *_ARGS0)[:4]
+
+        a = w8 + _ARG0
+        i64[a], i64[a + 1], i64[a + 2], i64[a + 3] = args  # four single stores
+        self.t_sub = now = _monotonic()
+        shm.f64[w8 + _TSUB] = now
+        u32[w4 + _ST] = _S_SUBMITTED | worker  # publish last; the post is a barrier
         self.seq, self.worker, self.gen = seq, worker, gen
-        self.shm.doorbells[worker].release()
+        shm.doorbells[worker].release()
 
     def _answered(self) -> bool:
         shm = self.shm
@@ -235,18 +251,23 @@ class Slot:
         RequestTimeout (504) after ``timeout``; in the last two cases the slot is orphaned,
         since the live worker may still write into it.
         """
-        shm, producer = self.shm, self.producer
+        producer = self.producer
         if self._drain:  # this slot's previous reply was caught by polling (a stream's
             self._take_post()  # slot carries many requests): its post goes first
-        u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, self.seq
         waiting = producer._waiting
         waiting.append(self.index)  # list append/remove: atomic under the GIL
         try:
-            if seen is None and len(waiting) == 1 and producer.reply_spin and \
-                    producer._depths[self.worker] == 0 and spare_cores(time.monotonic()):
-                # alone in flight, to a worker with nothing queued (as last counted, see
-                # pick_worker), on a host with cores to spare: poll for a reply that usually
-                # comes within microseconds (REPLY_SPIN); its post is drained at release
+            t = self.t_sub  # spare_cores(t), inline while its answer is current; first,
+            if (_spare[0] if t < _spare[1] else spare_cores(t)) and seen is None and \
+                    len(waiting) == 1 and producer.reply_spin and \
+                    producer._depth_list[self.worker] == 0:  # so a small host skips the rest
+                # on a host with cores to spare (as looked at submit), alone in flight, to a
+                # worker with nothing queued (as last counted, see pick_worker): poll for a
+                # reply that usually comes within microseconds (REPLY_SPIN); its post is
+                # drained at release
+                shm = self.shm
+                u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, \
+                    self.seq
                 clock = time.perf_counter
                 until = clock() + producer.reply_spin
                 while clock() < until:
@@ -258,19 +279,24 @@ class Slot:
             waiting.remove(self.index)
 
     def _sleep_until_answered(self, timeout: float, seen: int | None) -> None:
-        i64, r0 = self.shm.i64, self.w8 + _R0
-        sem = self.shm.replies[self.index]
-        ctl, f64 = self.shm.ctl_view, self.shm.f64
+        shm = self.shm
+        sem = shm.replies[self.index]
+        deadline = _monotonic() + timeout
+        u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, self.seq
+        try:
+            sem.acquire(WAIT_SLICE)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            pass
+        if u32[st] == _S_DONE and u64[rseq] == seq:  # the usual case: answered at once
+            return
+        i64, r0 = shm.i64, self.w8 + _R0
+        ctl, f64 = shm.ctl_view, shm.f64
         w_off = self.producer.workers_off + self.worker * L.WORKER.itemsize
         beat = (w_off + _WO["heartbeat"]) >> 3
         stall = self.producer.stall_timeout
-        deadline = time.monotonic() + timeout
         while True:
-            try:
-                sem.acquire(WAIT_SLICE)
-            except (posix_ipc.BusyError, posix_ipc.SignalError):
-                pass
-            if self._answered() or (seen is not None and i64[r0] > seen):
+            if (u32[st] == _S_DONE and u64[rseq] == seq) or (seen is not None
+                                                             and i64[r0] > seen):
                 return
             state, gen = _W_STATE_GEN.unpack_from(ctl, w_off + _WO["state"])
             if gen != self.gen or state == L.W_DEAD:
@@ -293,6 +319,10 @@ class Slot:
             if now >= deadline:
                 self.orphan()
                 raise RequestTimeout(f"no answer from worker {self.worker} within {timeout:g} s")
+            try:
+                sem.acquire(WAIT_SLICE)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass
 
     def parts(self, timeout: float) -> Iterator[bytes]:
         """The reply as the worker publishes it: each newly published run of bytes, until
@@ -316,15 +346,16 @@ class Slot:
                 return
 
     def reply(self, copy: bool = True) -> Reply:
-        ctl, off = self.shm.ctl_view, self.off
-        n, status = _LEN_STATUS.unpack_from(ctl, off + _SO["resp_len"])
-        r0, r1, f0, f1, t_sub, t_taken, t_done = _RESULTS_TIMES.unpack_from(ctl, off + _SO["r0"])
+        shm = self.shm
+        n, status, r0, r1, f0, f1, t_sub, t_taken, t_done = \
+            _REPLY.unpack_from(shm.ctl_view, self.off + _SO_RESP_LEN)
         if copy:
-            start = self.index * self.shm.slot_bytes
-            data = bytes(self.shm.data_view[start : start + n])
+            start = self.index * shm.slot_bytes
+            data = bytes(shm.data_view[start : start + n])
         else:
             data = b""
-        return Reply(status, data, r0, r1, f0, f1, (t_sub, t_taken, t_done, time.monotonic()))
+        return _tuple_new(Reply, (status, data, r0, r1, f0, f1,
+                                  (t_sub, t_taken, t_done, _monotonic())))
 
     def timings(self) -> tuple[float, float, float]:
         """(submitted, taken, done) as time.monotonic() stamps."""
@@ -335,7 +366,9 @@ class Slot:
             self._owned = False
             if self._drain:  # the post of a reply caught by polling (see wait): take it
                 self._take_post()  # now, or the slot's next wait would wake at once
-            self.producer._give_back(self.index)
+            self.shm.u32[self.w4 + _ST] = _S_PARKED  # Producer._give_back, inline
+            self.producer._idle.append(self.index)
+
 
     def _take_post(self) -> None:
         self._drain = False
@@ -388,14 +421,20 @@ class Producer:
         self._adopt_lock = threading.Lock()
         self._rr = 0
         self._depths = np.zeros(len(shm.workers), np.int64)
+        self._depth_list: list[int] = self._depths.tolist()  # the same, for item reads
         self._depths_at = -1.0
         self._ready_cache: dict[tuple[int, ...] | None, list[tuple[int, int, int]]] = {}
+        self._multi_device: dict[tuple[int, ...] | None, bool] = {}  # per ready list
         self._ready_at = -1.0
+        self._seq_high = (self.pid & 0xFFFFFFFF) << 32
+        # (header offset, its 4- and 8-byte word indexes) of every slot, for Slot()
+        self._where = [(o, o >> 2, o >> 3) for o in
+                       range(self.slots_off, self.slots_off + shm.layout.n_slots * _SIZE, _SIZE)]
         self._adopt()
 
     def next_seq(self) -> int:
         # itertools.count is atomic under the GIL; pid in the high half makes it unique
-        return ((self.pid & 0xFFFFFFFF) << 32) | (next(self._counter) & 0xFFFFFFFF)
+        return self._seq_high | (next(self._counter) & 0xFFFFFFFF)
 
     @property
     def capacity(self) -> int:
@@ -406,8 +445,9 @@ class Producer:
             j = self._idle.pop()
         except IndexError:
             j = self._adopt(need=True)
-        self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_CLAIMED
-        return Slot(self, j)
+        slot = Slot(self, j)
+        self.shm.u32[slot.w4 + _ST] = _S_CLAIMED
+        return slot
 
     def _adopt(self, need: bool = False) -> int:
         """Take the FREE slots of this partition into the deque (as PARKED); with ``need``,
@@ -450,6 +490,7 @@ class Producer:
         now = time.monotonic()
         if fresh or now - self._depths_at > self.DEPTH_TTL:
             self._depths, self._depths_at = self.queue_depths(), now
+            self._depth_list = self._depths.tolist()
         return self._depths
 
     def _ready_cached(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
@@ -465,6 +506,7 @@ class Producer:
         ready = self._ready_cache.get(key)
         if ready is None:
             ready = self._ready(key)  # not kinds: an iterator is spent by tuple() above
+            self._multi_device[key] = len({r[2] for r in ready}) > 1
             if ready:
                 self._ready_cache[key] = ready
         return ready
@@ -524,12 +566,15 @@ class Producer:
         """
         if kinds is not None and type(kinds) is not tuple:
             kinds = tuple(kinds)  # read twice below (an iterator would be spent)
-        ready = self._ready_cached(kinds)
-        if not ready:
-            raise ServiceUnavailable("no live worker")
+        now = _monotonic()
+        # the cached ready list, inline (see _ready_cached; it fills the cache)
+        ready = self._ready_cache.get(kinds) if now - self._ready_at <= self.READY_TTL else None
+        if ready is None:
+            ready = self._ready_cached(kinds)
+            if not ready:
+                raise ServiceUnavailable("no live worker")
         self._rr += 1
-        if ready[0][2] != ready[-1][2] or (  # several devices: balance them
-                len(ready) > 2 and any(r[2] != ready[0][2] for r in ready)):
+        if self._multi_device[kinds]:  # several devices: balance them
             for fresh in (False, True):
                 c = placement.place_request(self.candidates(kinds, fresh=fresh),
                                             self.queue_depth, self._rr)
@@ -539,9 +584,13 @@ class Producer:
         # No other request of this process awaits a reply: its home worker (one per producer
         # row), which a sequential client thus keeps busy and awake (a worker that spins,
         # worker_spin_us, takes the next request without a wake-up). Else round robin.
-        first = self.row if not self._waiting else self._rr
-        first %= len(ready)
+        first = (self.row if not self._waiting else self._rr) % len(ready)
+        if now - self._depths_at <= self.DEPTH_TTL:  # the usual case, inline: the first
+            k, gen, _ = ready[first]  # choice, its queue not full as last counted
+            if self._depth_list[k] < self.queue_depth:
+                return k, gen
         for fresh in (False, True):
+
             depths = self._cached_depths(fresh)
             for i in range(len(ready)):
                 k, gen, _ = ready[(first + i) % len(ready)]
@@ -571,21 +620,28 @@ class Producer:
         is sent once more to another worker: the op has no state on the worker, so running it
         again is safe. A pinned call (a stream's worker) raises instead.
         """
-        if len(payload) > self.shm.slot_bytes:
+        n, size = len(payload), self.shm.slot_bytes
+        if n > size:
             raise ValueError("payload larger than a slot")
-        deadline = time.monotonic() + timeout
         k, gen = worker if worker is not None else self.pick_worker(kinds)
+        left = timeout
         for attempt in (0, 1):
-            with self.claim() as slot:
-                slot.view(len(payload))[:] = payload
-                slot.submit(k, gen, op, len(payload), self.next_seq(), args, stream)
+            slot = self.claim()
+            try:
+                start = slot.index * size
+                self.shm.data_view[start : start + n] = payload
+                slot.submit(k, gen, op, n, self._seq_high | (next(self._counter) & 0xFFFFFFFF),
+                            args, stream)
                 try:
-                    slot.wait(max(0.0, deadline - time.monotonic()))
+                    slot.wait(left)
                     return slot.reply()
                 except (WorkerDied, WorkerStalled) as exc:
                     if worker is not None or attempt:
                         raise
                     lost = exc
+                    left = max(0.0, timeout - (_monotonic() - slot.t_sub))
+            finally:
+                slot.release()
             try:
                 k, gen = self.pick_worker(kinds)  # a stalled or dead worker is not picked
             except ServiceUnavailable:
@@ -619,6 +675,8 @@ class Inbox:
         self._match = np.empty(len(self._states), bool)  # the scan's result, reused
         self._taken = L.S_TAKEN | index
         self._slots_off = shm.layout.slots_off
+        self._u32, self._u64, self._i64, self._f64 = shm.u32, shm.u64, shm.i64, shm.f64
+        self._replies = shm.replies
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -642,24 +700,30 @@ class Inbox:
 
     def pending(self) -> list[int]:
         """Slots submitted to this worker generation, oldest first; marks them TAKEN."""
-        mine = self._scan().nonzero()[0]
-        if mine.size == 0:
+        return [j for j, _req in self.take(time.monotonic())]
+
+    def take(self, now: float) -> list[tuple[int, tuple[int, int, int, int, int, int, int]]]:
+        """:meth:`pending` with each request read (as :meth:`request` gives it) in the same
+        pass: [(slot, (op, req_len, stream, arg0..arg3))], oldest first; marks them TAKEN,
+        stamped ``now``."""
+        mine = np.equal(self._states, self._submitted_u32, out=self._match).nonzero()[0]
+        if not mine.size:
             return []
-        shm, size = self.shm, L.SLOT.itemsize
-        u32, f64 = shm.u32, shm.f64
-        now = time.monotonic()
+        ctl, u32, f64, gen, taken = self.shm.ctl_view, self._u32, self._f64, self.gen, self._taken
+        first = self._slots_off
         out = []
         for j in mine.tolist():
-            off = self._slots_off + j * size
-            w4 = off >> 2
-            if u32[w4 + _GEN] != self.gen:
+            off = first + j * _SIZE
+            op, g, req_len, _n, _s, stream, a0, a1, a2, a3 = _REQUEST.unpack_from(
+                ctl, off + _SO_OP)
+            if g != gen:
                 continue  # queued on a dead generation; its producer frees it
             f64[(off >> 3) + _TTAKEN] = now
-            u32[w4 + _ST] = self._taken
-            out.append(j)
+            u32[(off >> 2) + _ST] = taken
+            out.append((j, (op, req_len, stream, a0, a1, a2, a3)))
         if len(out) > 1:
-            first, w8_size = self._slots_off >> 3, size >> 3
-            out.sort(key=lambda j: f64[first + j * w8_size + _TSUB])
+            first, w8_size = first >> 3, _SIZE >> 3
+            out.sort(key=lambda t: f64[first + t[0] * w8_size + _TSUB])
         return out
 
     def request(self, j: int) -> tuple[int, int, int, int, int, int, int]:
@@ -688,17 +752,17 @@ class Inbox:
 
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:
-        shm = self.shm
-        off = self._slots_off + j * L.SLOT.itemsize
+        off = self._slots_off + j * _SIZE
         w4, w8 = off >> 2, off >> 3
-        u32, i64, f64 = shm.u32, shm.i64, shm.f64
+        u32, i64, f64, u64 = self._u32, self._i64, self._f64, self._u64
         u32[w4 + _RESPLEN] = resp_len
         u32[w4 + _STATUS] = status
         i64[w8 + _R0] = r0
         i64[w8 + _R1] = r1
         f64[w8 + _F0] = f0
         f64[w8 + _F1] = f1
-        shm.u64[w8 + _RSEQ] = shm.u64[w8 + _SEQ]
-        f64[w8 + _TDONE] = time.monotonic()
-        u32[w4 + _ST] = L.S_DONE
-        shm.replies[j].release()
+        u64[w8 + _RSEQ] = u64[w8 + _SEQ]
+        f64[w8 + _TDONE] = _monotonic()
+        u32[w4 + _ST] = _S_DONE
+        self._replies[j].release()
+

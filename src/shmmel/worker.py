@@ -14,6 +14,8 @@ import sys
 import time
 from types import FrameType
 
+import posix_ipc
+
 from . import layout as L
 from .channel import Inbox, spare_cores
 from .config import Config
@@ -21,6 +23,7 @@ from .osutil import set_parent_death_signal
 from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
+OP_TEXT, OP_PING, R_OK = L.OP_TEXT, L.OP_PING, L.R_OK
 
 
 EXIT_OK = 0
@@ -107,25 +110,32 @@ class Worker:
         spin = self.config.worker_spin_us / 1e6
         rec = self.rec
         f64, beat = self.shm.f64, self._beat
-        whisper = self.whisper
+        whisper, audio = self.whisper, self.audio
+        doorbell, getppid, parent = self.inbox.doorbell, os.getppid, self.parent
+        monotonic, serve_pending = time.monotonic, self.serve_pending
+        cuda = self.kind == L.K_CUDA
         while self.stop_signal is None:
-            woke = self.inbox.wait(interval if whisper is None else whisper.wait_time(interval))
-            now = time.monotonic()
+            try:  # Inbox.wait, inline
+                doorbell.acquire(interval if whisper is None else whisper.wait_time(interval))
+                woke = True
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                woke = False
+            now = monotonic()
             f64[beat] = now  # see beat()
-            if os.getppid() != self.parent:
+            if getppid() != parent:
                 log.error("worker %d: supervisor is gone, exiting", self.index)
                 break
             if woke:
-                self.serve_pending()
+                serve_pending()
                 if spin and spare_cores(now):
                     self.spin(spin)
-            if self.audio is not None:
-                self.audio.expire(now)
+            if audio is not None:
+                audio.expire(now)
             if whisper is not None:
                 whisper.tick(time.monotonic())
                 whisper.expire(now)
                 self.collect_whisper_stats()
-            if self.kind == L.K_CUDA and now >= self._next_gpu_sample:
+            if cuda and now >= self._next_gpu_sample:
                 self._next_gpu_sample = now + 1.0
                 self.shm.set_worker_word(self.index, "gpu_bytes", self.gpu_bytes())
         rec["state"] = L.W_STOPPING
@@ -182,40 +192,42 @@ class Worker:
 
     def serve_pending(self) -> None:
         inbox = self.inbox
-        taken = inbox.pending()
+        t0 = time.monotonic()  # the same clock as perf_counter on Linux, and the stamps'
+        taken = inbox.take(t0)  # each request decoded once, passed on
         if not taken:
             return
-        t0 = time.perf_counter()
         audio: list[tuple[int, tuple[int, ...]]] = []
         whisper: list[int] = []
         errors = 0
-        for j in taken:
-            req = inbox.request(j)  # decoded once, passed on
+        for j, req in taken:
             op = req[0]
-            if op == L.OP_TEXT:
-                errors += self.serve_text(j, req[1], req[3], parts=req[4] != 0)
-            elif op == L.OP_PING:
-                inbox.answer(j, L.R_OK, req[1])
+            if op == OP_TEXT:
+                errors += self.serve_text(j, req[1], req[3], req[4] != 0)
+            elif op == OP_PING:
+                inbox.answer(j, R_OK, req[1])
             elif op in L.AUDIO_OPS and self.audio:
                 audio.append((j, req))
             elif op in L.WHISPER_OPS and self.whisper:
                 whisper.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
-        self.shm.f64[self._beat] = time.monotonic()  # see beat()
+        self.shm.f64[self._beat] = now = time.monotonic()  # see beat()
         if audio:
-            errors += self.audio.serve(audio, self.inbox)
+            errors += self.audio.serve(audio, inbox)
+            self.samples += self.audio.take_samples()  # counted by serve alone
             self.beat()
+            now = time.monotonic()
         if whisper:
             errors += self.whisper.serve(whisper)
             self.beat()
+            now = time.monotonic()
         self.served += len(taken)
-        self.errors += errors
+        if errors:
+            self.errors += errors
         self.batches += 1
-        self.busy_s += time.perf_counter() - t0
-        if self.audio is not None:
-            self.samples += self.audio.take_samples()
+        self.busy_s += now - t0
         self.publish_counters()
+
 
     def publish_counters(self) -> None:
         """Counters into the row, one aligned store each (status and /metrics read them)."""
