@@ -407,3 +407,25 @@ def test_a_failed_open_or_opening_push_frees_its_entry_unless_the_state_may_come
     state = int(shm.streams["state"][h.index])
     assert state == (L.ST_FREE if freed else L.ST_OPEN)
     assert freed or int(shm.streams["busy"][h.index]) == 0
+
+
+def test_an_old_holder_never_frees_the_stream_that_reuses_its_entry(small):
+    """The HTTP side freed an entry whose open timed out (the worker may still make the
+    state); the entry is reused; the worker then drops its late state (idle expiry, close):
+    the new stream's entry must stay open. A free without the token check frees it."""
+    shm, _ = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    old = table.allocate(80, 0, on_worker(0), os.getpid())
+    assert w.serve((L.OP_AUDIO_OPEN, old.index, 80, 0, old.token, 0)) == [L.R_OK]
+    table.free(old.index, old.token)  # as AudioCalls.drop_entry after a refusal
+    opened = [table.allocate(80, 0, on_worker(1), os.getpid()) for _ in range(3)]
+    new = next(h for h in opened if h.index == old.index)  # the partition's 3 entries
+    assert new.token != old.token
+    w.jobs._drop(old.index)  # the old state goes (its idle expiry, a close, a shutdown)
+    assert int(shm.streams["state"][new.index]) == L.ST_OPEN
+    assert table.find(new.stream_id, 60).index == new.index
+    table.free(new.index, old.token)  # a stale free by token: a no-op
+    assert int(shm.streams["state"][new.index]) == L.ST_OPEN
+    table.free(new.index, new.token)
+    assert int(shm.streams["state"][new.index]) == L.ST_FREE

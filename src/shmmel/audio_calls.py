@@ -108,7 +108,7 @@ class AudioCalls:
                 exc, (WorkerDied, BadRequest, StreamBusy, UnknownStream)):
             self.release(h)
         else:
-            self.table.free(h.index)
+            self.table.free(h.index, h.token)
 
     def allocate(self, k: int, gen: int, n_mels: int, padding: int) -> Handle:
         """A table entry for worker ``k`` (generation ``gen``), busy with this process."""

@@ -53,8 +53,9 @@ class MelJobs:
 
     def _drop(self, k: int) -> None:
         self.leases.pop(k, None)
-        if self.states.pop(k, None) is not None:
-            self.table.free(k)
+        entry = self.states.pop(k, None)
+        if entry is not None:
+            self.table.free(k, entry[0])
             self.shm.workers["streams"][self.index] = len(self.states)
 
     def serve(self, taken: list[tuple[int, tuple[int, ...]]], inbox: Inbox) -> int:

@@ -55,8 +55,9 @@ import struct
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 4  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
-             # 4: stream-table partitions per producer row, stream tokens in requests
+VERSION = 5  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
+             # 4: stream-table partitions per producer row, stream tokens in requests;
+             # 5: a push may open its stream (PUSH_OPEN): an older worker would refuse it
 MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
                # benchmarks and tools that talk to the workers directly
 SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools

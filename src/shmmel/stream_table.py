@@ -219,9 +219,13 @@ class StreamTable:
         return (busy == 0 or not pid_alive(busy)) and now - float(self.t["last_used"][i]) > limit
 
     # -- anyone ---------------------------------------------------------------------------
-    def free(self, i: int) -> None:
-        """The entry is free again (its state was dropped, or never made)."""
-        self.t["state"][i] = L.ST_FREE
+    def free(self, i: int, token: int | None = None) -> None:
+        """The entry is free again (its state was dropped, or never made). With ``token``,
+        only while the entry still holds that stream: once it was freed and reused, the
+        old stream's holder must not free the new one's (check, then store: safe, because
+        only a FREE entry is ever taken again)."""
+        if token is None or int(self.t["token"][i]) == token:
+            self.t["state"][i] = L.ST_FREE
 
     def open_count(self) -> int:
         """Open streams on live workers (what max_streams limits, less reservations)."""

@@ -74,7 +74,7 @@ class WhisperJob:
             self.slot.view(len(opts))[:] = opts
             self.calls.call(self.slot, h, L.OP_WHISPER_OPEN, len(opts), ())
         except BaseException:
-            self.calls.table.free(h.index)  # the worker holds nothing
+            self.calls.table.free(h.index, h.token)  # the worker holds nothing
             raise
         self.handle = h
 

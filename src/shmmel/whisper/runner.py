@@ -103,8 +103,9 @@ class WhisperJobs:
         return self.inbox.fail(j, status, message)
 
     def _drop(self, k: int) -> None:
-        if self.jobs.pop(k, None) is not None:
-            self.table.free(k)
+        job = self.jobs.pop(k, None)
+        if job is not None:
+            self.table.free(k, job.token)
             self.shm.workers["streams"][self.index] = len(self.jobs)
 
     def serve(self, taken: list[int]) -> int:
