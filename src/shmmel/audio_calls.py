@@ -48,13 +48,11 @@ class AudioCalls:
         self.config, self.producer, self.shm = config, producer, producer.shm
         self.table = StreamTable(self.shm, producer.row)
         self.pid = os.getpid()
-        # samples per push: float32 in, at most ~3.2 output bytes per sample for 128 mels
-        self.max_samples = (self.shm.slot_bytes - OUT_MARGIN) // 4
 
     def push_samples(self, fmt: int, n_mels: int) -> int:
         """Samples one push of ``fmt`` takes: they and the frames they complete (a few
         beyond their own, from the stream's carry and its end) fit one slot. For s16le at
-        80 mels that is ~4 s, twice :attr:`max_samples` (the bound for any format)."""
+        80 mels that is ~4 s; float32 at 128 mels, a quarter of the slot's bytes."""
         room = self.shm.slot_bytes - OUT_MARGIN
         return min(room // L.FMT_WIDTH[fmt], room // (4 * n_mels) * HOP_LENGTH)
 

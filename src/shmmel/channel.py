@@ -45,14 +45,13 @@ REPLY_SPIN = 50e-6
 # the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
 _SO, _WO = L.SLOT_OFF, L.WORKER_OFF
 _REQ_B, _U32, _I32, _U64, _F64 = L.REQ_TAIL, L.U32, L.I32, L.U64, L.F64
-_LEN_STATUS, _RESULTS, _W_STATE_GEN = L.LEN_STATUS, L.RESULTS, L.W_STATE_GEN
+_LEN_STATUS, _W_STATE_GEN = L.LEN_STATUS, L.W_STATE_GEN
 I4, I8 = L.SLOT_W4, L.SLOT_W8
 _ST, _OP, _WK, _GEN = I4["state"], I4["op"], I4["worker"], I4["gen"]
 _REQLEN, _RESPLEN, _STATUS, _STREAM = I4["req_len"], I4["resp_len"], I4["status"], I4["stream"]
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
 _R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
 _TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
-_TIMES = struct.Struct("<ddd")
 _QUEUED_MIN = np.uint32(L.S_QUEUED_MIN)
 # a whole reply in one read: resp_len, status, (stream and args skipped), r0, r1, f0, f1 and
 # the three time stamps
@@ -356,10 +355,6 @@ class Slot:
             data = b""
         return _tuple_new(Reply, (status, data, r0, r1, f0, f1,
                                   (t_sub, t_taken, t_done, _monotonic())))
-
-    def timings(self) -> tuple[float, float, float]:
-        """(submitted, taken, done) as time.monotonic() stamps."""
-        return _TIMES.unpack_from(self.shm.ctl_view, self.off + _SO["t_submit"])
 
     def release(self) -> None:
         if self._owned:

@@ -245,7 +245,6 @@ WORKER_OFF = {name: WORKER.fields[name][1] for name in WORKER.names}
 REQ_TAIL = struct.Struct("<IIIiqqqq")   # req_len, resp_len, status, stream, arg0..arg3
 U32, I32, U64, F64 = (struct.Struct(f) for f in ("<I", "<i", "<Q", "<d"))
 LEN_STATUS = struct.Struct("<II")       # resp_len, status
-RESULTS = struct.Struct("<qqdd")        # r0, r1, f0, f1
 W_STATE_GEN = struct.Struct("<II")      # worker state, gen
 COUNTERS = struct.Struct("<QQQdQ")      # served, errors, batches, busy_s, audio_samples
 assert SLOT_OFF["req_len"] + REQ_TAIL.size == SLOT_OFF["r0"]

@@ -64,14 +64,6 @@ def ndjson_line(window: int, offset: int, provisional: np.ndarray, running_max: 
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
 
 
-def binary_record(window: int, offset: int, provisional: np.ndarray, running_max: float,
-                  final_max: float | None = None, final: bool = False) -> bytes:
-    k, n_mels = provisional.shape
-    head = RECORD.pack(b"SMEL", F_FINAL if final else 0, window, offset, k, n_mels,
-                       running_max, math.nan if final_max is None else final_max)
-    return head + np.ascontiguousarray(provisional, "<f4").tobytes()
-
-
 _FOUR, _QUARTER = np.float32(4.0), np.float32(0.25)
 
 
