@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from shmmel import layout as L
-from shmmel.channel import Inbox, Producer, Slot, reclaim_slots
+from shmmel.channel import Producer, Slot, reclaim_slots
+from shmmel.inbox import Inbox
 from shmmel.errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from shmmel.shm import Shm
 

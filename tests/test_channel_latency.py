@@ -13,7 +13,8 @@ import pytest
 
 from shmmel import channel
 from shmmel import layout as L
-from shmmel.channel import Inbox, Producer
+from shmmel.channel import Producer
+from shmmel.inbox import Inbox
 from shmmel.config import Config
 from shmmel.metrics import HttpMetrics
 from shmmel.worker import Worker

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from shmmel import layout as L
-from shmmel.channel import Inbox, Producer
+from shmmel.channel import Producer
+from shmmel.inbox import Inbox
 from shmmel.errors import RequestTimeout, ServiceUnavailable
 from shmmel.shm import Shm
 

@@ -17,7 +17,8 @@ import pytest
 from shmmel import layout as L
 from shmmel.audio_calls import AudioCalls, check_reply
 from shmmel.audio_worker import MelJobs
-from shmmel.channel import Inbox, Producer, claim_row
+from shmmel.channel import Producer, claim_row
+from shmmel.inbox import Inbox
 from shmmel.config import Config
 from shmmel.errors import (BadRequest, RequestTimeout, ServiceUnavailable, StreamBusy,
                            StreamLost, UnknownStream, WorkerDied, WorkerStalled)

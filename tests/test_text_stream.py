@@ -11,7 +11,8 @@ import uuid
 import pytest
 
 from shmmel import layout as L
-from shmmel.channel import Inbox, Producer, ReplyError, call_parts
+from shmmel.channel import Producer, ReplyError, call_parts
+from shmmel.inbox import Inbox
 from shmmel.config import Config
 from shmmel.shm import Shm, instance_names
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import layout as L
-from .channel import Inbox
+from .inbox import Inbox
 from .config import Config
 from .osutil import pid_alive
 from .shm import Shm

@@ -17,7 +17,8 @@ from types import FrameType
 import posix_ipc
 
 from . import layout as L
-from .channel import Inbox, spare_cores
+from .channel import spare_cores
+from .inbox import Inbox
 from .config import Config
 from .osutil import set_parent_death_signal
 from .shm import Shm

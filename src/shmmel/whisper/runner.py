@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import layout as L
-from ..channel import Inbox
+from ..inbox import Inbox
 from ..stream_table import StreamTable
 from ..config import Config
 from ..shm import Shm
