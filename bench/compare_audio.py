@@ -159,13 +159,7 @@ def _hold_proc(url: str, ks: list[int], n: int, chunk_s: float, end_rel: float,
         sid = None
         try:
             try:
-                conn.request("POST", "/audio/streams", body=b"",
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                body = resp.read()
-                status = resp.status
-                if status == 201:
-                    sid = json.loads(body)["stream_id"]
+                status, sid = _open_stream(conn)
             except (OSError, http.client.HTTPException) as exc:
                 status = type(exc).__name__
             with lock:
@@ -213,6 +207,14 @@ def _hold_proc(url: str, ks: list[int], n: int, chunk_s: float, end_rel: float,
     res_q.put(chunks)
 
 
+def _open_stream(conn: http.client.HTTPConnection) -> tuple[int, str | None]:
+    """``POST /audio/streams`` on ``conn``: (status, the stream id when it was opened)."""
+    conn.request("POST", "/audio/streams", body=b"", headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = resp.read()
+    return resp.status, (json.loads(body)["stream_id"] if resp.status == 201 else None)
+
+
 def _attempt(url: str, until: float, out: list, lock: threading.Lock, pause: float) -> None:
     """Open streams until ``until`` (monotonic), one at a time, ``pause`` apart: each as
     (time, status, latency ms); an admitted one is finished at once (and counted)."""
@@ -222,19 +224,14 @@ def _attempt(url: str, until: float, out: list, lock: threading.Lock, pause: flo
         while True:
             t = time.monotonic()
             try:
-                conn.request("POST", "/audio/streams", body=b"",
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                body = resp.read()
-                st = resp.status
+                st, sid = _open_stream(conn)
             except (OSError, http.client.HTTPException):
                 conn.close()
-                body, st = b"", 0
+                st, sid = 0, None
             ms = (time.monotonic() - t) * 1e3
             with lock:
                 out.append((t, st, ms))
-            if st == 201:
-                sid = json.loads(body)["stream_id"]
+            if sid is not None:
                 conn.request("DELETE", f"/audio/streams/{sid}")
                 conn.getresponse().read()
             if time.monotonic() + pause >= until:
