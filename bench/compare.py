@@ -33,6 +33,9 @@ Items (``--items``, comma-separated; all by default):
   clients try to open streams in the middle window: the refusals' latency and the admitted
   streams' per-chunk p50/p99 before, during and after (``compare_audio.hold_streams``).
 
+The bare app runs with Python's stock GIL switch interval (5 ms) unless ``BARE_SWITCH_US`` is
+set in the environment (e.g. 200, shmmel's ``http_switch_interval_us`` default).
+
 Everything lands in ``--out`` (results.json after each item, logs, SVGs; the streams item also writes streams_over.md).
 On the GPU host (results in $OUT/compare.tgz):
 

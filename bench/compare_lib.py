@@ -17,6 +17,9 @@ from shmmel.loadgen import targets
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# The bare app's GIL switch interval in µs (0: Python's stock 5 ms); BARE_SWITCH_US=200
+# compares against shmmel's http_switch_interval_us on both sides.
+BARE_SWITCH_US = int(os.environ.get("BARE_SWITCH_US") or 0)
 BODY_256 = json.dumps({"message": "x" * 256, "op": "reverse"})
 
 
@@ -196,7 +199,8 @@ def bare(out: Path, http: int, threads: int):
     """The bare app, once all its processes accept: a stock gunicorn answers as soon as its
     first process boots, and keep-alive keeps a run's connections on the early ones, so its
     first run would measure its boot, not its speed."""
-    with targets.baseline(http, threads, log_file=str(out / "bare.log")) as b:
+    with targets.baseline(http, threads, log_file=str(out / "bare.log"),
+                          switch_interval_us=BARE_SWITCH_US) as b:
         masters = [k for k in _children(os.getpid()) if b"baseline_app" in _cmdline(k)]
         waited = max((wait_accepting(m, http) for m in masters), default=0.0)
         log(f"  bare app at {b.url}: all {http} processes accepting {waited:.2f} s after ready")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tomllib
 from pathlib import Path
 
@@ -65,3 +66,18 @@ def test_bad_types_and_unknown_settings_are_rejected(tmp_path):
 def test_config_round_trips_through_json():
     c = resolve({"port": 1234, "prefix": "» "}, None, {})
     assert Config.from_json(c.to_json()) == c
+
+
+def test_http_switch_interval_is_validated_and_applied_by_the_http_process():
+    from shmmel.httpworker import set_switch_interval
+
+    with pytest.raises(ConfigError, match="http_switch_interval_us"):
+        Config(http_switch_interval_us=10)
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval(Config(http_switch_interval_us=300))
+        assert sys.getswitchinterval() == pytest.approx(300e-6)
+        set_switch_interval(Config(http_switch_interval_us=0))  # 0: left as it is
+        assert sys.getswitchinterval() == pytest.approx(300e-6)
+    finally:
+        sys.setswitchinterval(before)

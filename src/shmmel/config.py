@@ -56,6 +56,7 @@ class Config:
     http_boot_wait: float = 10.0      # an HTTP process accepts once all http_workers booted, or after this (0: at once)
     http_accept_slack: int = 2        # leave a new connection to a sibling holding this many fewer (0: off)
     http_linger_ms: float = 1.0       # a pool thread waits this long for a kept-alive connection's next request (0: off)
+    http_switch_interval_us: int = 200  # the HTTP processes' GIL switch interval (sys.setswitchinterval; 0: Python's 5 ms)
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "
@@ -165,6 +166,8 @@ def _validate(c: Config) -> None:
     need(0 <= c.http_accept_slack <= 100_000, "http_accept_slack", "must be 0..100000 (0: off)")
     need(0 <= c.http_linger_ms <= 50, "http_linger_ms",
          "must be 0..50 ms (0: off); queued requests of the process wait up to this long")
+    need(c.http_switch_interval_us == 0 or 50 <= c.http_switch_interval_us <= 100_000,
+         "http_switch_interval_us", "must be 0 (Python's default) or 50..100000")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
     need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")

@@ -8,16 +8,24 @@ figure divided by this one is the cost of shmmel above plain gunicorn + Falcon:
   answers for s16le audio at 80 mels (100 frames x 80 float32 = 32,000 bytes a second of
   audio, as many as 16 kHz s16le), so a 1 s chunk moves 32 KB and a 10 s file 320 KB each
   way in both (``/audio/streams`` makes an id; a DELETE, with no body, answers none).
+
+``SHMMEL_BASELINE_SWITCH_US`` (set by :func:`shmmel.loadgen.targets.baseline`): the GIL switch
+interval of the bare processes, when a comparison wants shmmel's ``http_switch_interval_us``
+on both sides; unset or 0 keeps Python's stock 5 ms.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 
 import falcon
 
 _ids = itertools.count(1)
+if _switch_us := int(os.environ.get("SHMMEL_BASELINE_SWITCH_US") or 0):
+    sys.setswitchinterval(_switch_us / 1e6)
 
 
 class Process:

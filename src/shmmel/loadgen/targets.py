@@ -136,9 +136,11 @@ def wait_ready(host: str, port: int, timeout: float, proc: subprocess.Popen | No
 
 @contextlib.contextmanager
 def baseline(http_workers: int, http_threads: int, host: str = "127.0.0.1",
-             log_file: str | None = None) -> Iterator[Target]:
+             log_file: str | None = None, switch_interval_us: int = 0) -> Iterator[Target]:
     """gunicorn (gthread, same processes, threads and keep-alive as shmmel's) serving
-    ``shmmel.loadgen.baseline_app:app`` on a free port, passed to it as a descriptor."""
+    ``shmmel.loadgen.baseline_app:app`` on a free port, passed to it as a descriptor.
+    ``switch_interval_us``: the bare processes' GIL switch interval (0: Python's stock 5 ms),
+    to compare against shmmel's ``http_switch_interval_us`` setting for setting."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
@@ -151,8 +153,10 @@ def baseline(http_workers: int, http_threads: int, host: str = "127.0.0.1",
            "--log-level", "warning", "--no-control-socket",
            "shmmel.loadgen.baseline_app:app"]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    env = {**os.environ, "SHMMEL_BASELINE_SWITCH_US": str(int(switch_interval_us))}
     proc = subprocess.Popen(cmd, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
     sock.close()
     try:
         wait_ready(host, port, 30, proc)
