@@ -11,6 +11,7 @@ and one launch. ``_describe`` and ``_launch_all`` also serve the host batches.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,13 +71,27 @@ def _caller_stream(engine: CudaEngine, like: Any) -> Any:
     if _is_torch(like):
         import torch
 
-        handle = torch.cuda.current_stream(like.device).cuda_stream
+        current = torch.cuda.current_stream(like.device)
+        handle = current.cuda_stream
         stream = engine._external.get(handle)
         if stream is None:
-            stream = engine._external[handle] = cp.cuda.ExternalStream(handle)
+            stream = engine._external[handle] = _wrap_stream(cp, current, handle,
+                                                             like.device.index)
         return stream
     with engine._device:
         return cp.cuda.get_current_stream()
+
+
+def _wrap_stream(cp: Any, current: Any, handle: int, device: int | None) -> Any:
+    """A CuPy stream for torch's ``current`` stream. CuPy 14 deprecates ``ExternalStream``
+    for ``Stream.from_external`` (the CUDA stream protocol, ``__cuda_stream__``, which torch
+    streams carry); older CuPy has only the former, given the device so CuPy can check it."""
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    if from_external is not None and hasattr(current, "__cuda_stream__"):
+        return from_external(current)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "ExternalStream is deprecated", DeprecationWarning)
+        return cp.cuda.ExternalStream(handle, -1 if device is None else device)
 
 
 def _describe(
