@@ -2,7 +2,8 @@
 
 Producer side (HTTP processes, benchmarks): claim a slot, write the payload straight into it,
 submit it to a worker, wait on the slot's reply semaphore, read the reply in place, release.
-The worker side is :class:`shmmel.inbox.Inbox`.
+The worker side is :class:`shmmel.inbox.Inbox`; the choice of worker is
+:class:`shmmel.routing.Routing`, the producer's base class.
 
 Each producer process owns a partition of the slots (its row of the HTTP table), so a claim
 is a deque pop and a release a deque append: no lock, Python's or the kernel's, on the
@@ -27,9 +28,9 @@ import numpy as np
 import posix_ipc
 
 from . import layout as L
-from . import placement
 from .osutil import pid_alive
 from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
+from .routing import Routing
 from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
@@ -43,7 +44,6 @@ REPLY_SPIN = 50e-6
 
 # the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
 _SO, _WO = L.SLOT_OFF, L.WORKER_OFF
-_U32, _I32, _F64 = L.U32, L.I32, L.F64
 _W_STATE_GEN = L.W_STATE_GEN
 I4, I8 = L.SLOT_W4, L.SLOT_W8
 _ST, _OP, _WK, _GEN = I4["state"], I4["op"], I4["worker"], I4["gen"]
@@ -375,7 +375,7 @@ class Slot:
         self.release()
 
 
-class Producer:
+class Producer(Routing):
     """The HTTP side of the channel (one per process; thread safe, and lock free per request).
 
     A producer owns one row of the HTTP table and with it a partition of the slots
@@ -383,36 +383,21 @@ class Producer:
     and a release a ``deque.append`` (both atomic under the GIL), with no lock of any kind.
     Only when the deque runs dry does the producer adopt the FREE slots of its partition
     (slots the supervisor freed after an orphaning, or never used yet), under a thread lock
-    held across no syscall.
+    held across no syscall. Its choice of worker (``pick_worker``, ``least_loaded``,
+    ``candidates``) is its base class's, :class:`shmmel.routing.Routing`.
     """
-
-    DEPTH_TTL = 0.001  # seconds
-    READY_TTL = 0.01   # seconds: readiness and heartbeats (stalls are judged over a second)
 
     def __init__(self, shm: Shm, queue_depth: int, stall_timeout: float = 1.0,
                  row: int | None = None, reply_spin: float = REPLY_SPIN) -> None:
-        self.shm = shm
-        self.queue_depth = queue_depth
-        self.stall_timeout = stall_timeout
+        super().__init__(shm, queue_depth, stall_timeout, claim_row(shm) if row is None else row)
         self.reply_spin = reply_spin
-        self._waiting: list[int] = []  # slots whose reply a thread of this process awaits
         self.pid = os.getpid()
-        self.row = claim_row(shm) if row is None else row
         part = L.partition_range(self.row, shm.layout.n_slots, shm.partitions)
         self.first, self.stop = part.start, part.stop
         self.slots_off = shm.layout.slots_off
-        self.workers_off = shm.layout.workers_off
-        self._states = shm.slots["state"]
         self._counter = itertools.count(1)
         self._idle: collections.deque[int] = collections.deque()
         self._adopt_lock = threading.Lock()
-        self._rr = 0
-        self._depths = np.zeros(len(shm.workers), np.int64)
-        self._depth_list: list[int] = self._depths.tolist()  # the same, for item reads
-        self._depths_at = -1.0
-        self._ready_cache: dict[tuple[int, ...] | None, list[tuple[int, int, int]]] = {}
-        self._multi_device: dict[tuple[int, ...] | None, bool] = {}  # per ready list
-        self._ready_at = -1.0
         self._seq_high = (self.pid & 0xFFFFFFFF) << 32
         # (header offset, its 4- and 8-byte word indexes) of every slot, for Slot()
         self._where = [(o, o >> 2, o >> 3) for o in
@@ -468,134 +453,6 @@ class Producer:
     def _give_back(self, j: int) -> None:
         self.shm.u32[(self.slots_off + j * L.SLOT.itemsize) >> 2] = L.S_PARKED
         self._idle.append(j)
-
-    def queue_depths(self) -> np.ndarray:
-        return L.queue_depths(self._states, len(self.shm.workers))
-
-    def _cached_depths(self, fresh: bool = False) -> np.ndarray:
-        """Queue depths, recomputed at most every DEPTH_TTL seconds unless ``fresh``."""
-        now = time.monotonic()
-        if fresh or now - self._depths_at > self.DEPTH_TTL:
-            self._depths, self._depths_at = self.queue_depths(), now
-            self._depth_list = self._depths.tolist()
-        return self._depths
-
-    def _ready_cached(self, kinds: Iterable[int] | None) -> list[tuple[int, int, int]]:
-        """:meth:`_ready`, read anew at most every READY_TTL: a request's worker choice reads
-        no worker row. A worker that died or stalled meanwhile is caught by the request's
-        wait, which drops this cache before it raises (:meth:`forget_workers`); a worker
-        that became ready is seen within READY_TTL (at once when none was)."""
-        now = time.monotonic()
-        if now - self._ready_at > self.READY_TTL:
-            self._ready_cache.clear()
-            self._ready_at = now
-        key = kinds if kinds is None or type(kinds) is tuple else tuple(kinds)
-        ready = self._ready_cache.get(key)
-        if ready is None:
-            ready = self._ready(key)  # not kinds: an iterator is spent by tuple() above
-            self._multi_device[key] = len({r[2] for r in ready}) > 1
-            if ready:
-                self._ready_cache[key] = ready
-        return ready
-
-    def forget_workers(self) -> None:
-        """Read worker rows and depths anew on the next pick (a worker died or stalled)."""
-        self._depths_at = self._ready_at = -1.0
-        self._ready_cache.clear()
-
-    def _ready(self, kinds: Iterable[int] | None,
-               exclude: int = -1) -> list[tuple[int, int, int]]:
-        """(index, generation, device) of every ready, beating worker (of ``kinds``). When
-        none beats but some are ready, those: every worker silent at once means a starved
-        host far more often than every worker stopped, and waiting beats a 503 then."""
-        ctl, off, size = self.shm.ctl_view, self.workers_off, L.WORKER.itemsize
-        kind_set = None if kinds is None else set(kinds)
-        oldest = time.monotonic() - self.stall_timeout
-        beating, silent = [], []
-        for k in range(len(self.shm.workers)):
-            base = off + k * size
-            state, gen = _W_STATE_GEN.unpack_from(ctl, base + _WO["state"])
-            if state != L.W_READY or k == exclude or (
-                    kind_set is not None
-                    and _U32.unpack_from(ctl, base + _WO["kind"])[0] not in kind_set):
-                continue
-            row = (k, gen, _I32.unpack_from(ctl, base + _WO["device"])[0])
-            fresh = _F64.unpack_from(ctl, base + _WO["heartbeat"])[0] >= oldest
-            (beating if fresh else silent).append(row)
-        return beating or silent
-
-    def others_beating(self, worker: int) -> bool:
-        """Whether a ready worker other than ``worker`` beats (of any mel or whisper kind
-        like it): the host is not starved, so ``worker``'s silence is its own."""
-        kind = int(self.shm.workers["kind"][worker])
-        oldest = time.monotonic() - self.stall_timeout
-        return any(self.shm.worker_word(k, "heartbeat") >= oldest
-                   for k, _g, _d in self._ready([kind], exclude=worker))
-
-    def candidates(self, kinds: Iterable[int] | None = None, streams: np.ndarray | None = None,
-                   fresh: bool = True) -> list[placement.Candidate]:
-        """The ready workers (of ``kinds``) with their device and load, for
-        :mod:`shmmel.placement`. ``streams``: streams per worker row (default: the workers'
-        own counts; the stream table's, under its lock, counts opens not yet served)."""
-        depths = self._cached_depths(fresh)
-        held = self.shm.workers["streams"] if streams is None else streams
-        return [placement.Candidate(k, gen, dev, int(held[k]), int(depths[k]))
-                for k, gen, dev in self._ready(kinds)]
-
-    def pick_worker(self, kinds: Iterable[int] | None = None) -> tuple[int, int]:
-        """A ready worker (of ``kinds``) for one request, as (index, generation).
-
-        Round robin over ready workers (or this process's home worker when no other
-        request of it is in flight), skipping any whose queue holds ``queue_depth`` requests
-        (workers and depths are cached for DEPTH_TTL: one bincount per millisecond instead
-        of one per request). Raises ServiceUnavailable when no worker is ready or all are
-        full.
-        """
-        if kinds is not None and type(kinds) is not tuple:
-            kinds = tuple(kinds)  # read twice below (an iterator would be spent)
-        now = _monotonic()
-        # the cached ready list, inline (see _ready_cached; it fills the cache)
-        ready = self._ready_cache.get(kinds) if now - self._ready_at <= self.READY_TTL else None
-        if ready is None:
-            ready = self._ready_cached(kinds)
-            if not ready:
-                raise ServiceUnavailable("no live worker")
-        self._rr += 1
-        if self._multi_device[kinds]:  # several devices: balance them
-            for fresh in (False, True):
-                c = placement.place_request(self.candidates(kinds, fresh=fresh),
-                                            self.queue_depth, self._rr)
-                if c is not None:
-                    return c.worker, c.gen
-            raise ServiceUnavailable("all worker queues are full")
-        # No other request of this process awaits a reply: its home worker (one per producer
-        # row), which a sequential client thus keeps busy and awake (a worker that spins,
-        # worker_spin_us, takes the next request without a wake-up). Else round robin.
-        first = (self.row if not self._waiting else self._rr) % len(ready)
-        if now - self._depths_at <= self.DEPTH_TTL:  # the usual case, inline: the first
-            k, gen, _ = ready[first]  # choice, its queue not full as last counted
-            if self._depth_list[k] < self.queue_depth:
-                return k, gen
-        for fresh in (False, True):
-
-            depths = self._cached_depths(fresh)
-            for i in range(len(ready)):
-                k, gen, _ = ready[(first + i) % len(ready)]
-                if depths[k] < self.queue_depth:
-                    return k, gen
-        raise ServiceUnavailable("all worker queues are full")
-
-    def least_loaded(self, kinds: Iterable[int] | None = None,
-                     streams: np.ndarray | None = None) -> tuple[int, int]:
-        """The worker (of ``kinds``) for a new stream: on the least loaded device, the one
-        holding the fewest streams (:func:`shmmel.placement.place_stream`)."""
-        cands = self.candidates(kinds, streams)
-        if not cands:
-            raise ServiceUnavailable("no live worker")
-        c = placement.place_stream(cands, self.queue_depth)
-        if c is None:
-            raise ServiceUnavailable("all worker queues are full")
-        return c.worker, c.gen
 
     def call(self, op: int, payload: bytes, *, args: tuple[int, ...] = (), timeout: float,
              worker: tuple[int, int] | None = None, stream: int = -1,
