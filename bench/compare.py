@@ -28,6 +28,9 @@ Items (``--items``, comma-separated; all by default):
 * ``flame``    py-spy flame graphs (SVG) and raw stacks of one HTTP process and one
   compute worker under the /process load; ``--before DIR`` adds the same for an older
   checkout (DIR/src, DIR/cli).
+* ``switch``   the HTTP processes' GIL switch interval (``http_switch_interval_us``) and
+  Python's stock 5 ms, on shmmel and on the bare app, four servers up at once, rotating
+  (bench/compare_knobs.py).
 * ``streams``  1,000 real-time session streams (``bench audio --pace realtime``), then,
   with ``max_streams`` 1,000, 1,000 streams held open (all opened first) while 200 more
   clients try to open streams in the middle window: the refusals' latency and the admitted
@@ -64,6 +67,7 @@ import urllib.request
 from pathlib import Path
 
 from compare_audio import item_audio, item_oneshot, item_streams
+from compare_knobs import item_switch
 from compare_lib import (
     BODY_256,
     HERE,
@@ -337,7 +341,7 @@ def item_flame(a, out: Path) -> dict:
 ITEMS = {"process": item_process, "balance": item_balance, "linger": item_linger,
          "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
          "flame": item_flame, "ipc": item_ipc, "oneshot": item_oneshot, "audio": item_audio,
-         "streams": item_streams}
+         "streams": item_streams, "switch": item_switch}
 
 
 def pairs(text: str) -> list[tuple[int, int]]:

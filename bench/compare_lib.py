@@ -195,12 +195,13 @@ def wait_accepting(master: int, n: int, timeout: float = 30.0) -> float:
 
 
 @contextlib.contextmanager
-def bare(out: Path, http: int, threads: int):
+def bare(out: Path, http: int, threads: int, switch_us: int | None = None):
     """The bare app, once all its processes accept: a stock gunicorn answers as soon as its
     first process boots, and keep-alive keeps a run's connections on the early ones, so its
     first run would measure its boot, not its speed."""
     with targets.baseline(http, threads, log_file=str(out / "bare.log"),
-                          switch_interval_us=BARE_SWITCH_US) as b:
+                          switch_interval_us=BARE_SWITCH_US if switch_us is None
+                          else switch_us) as b:
         masters = [k for k in _children(os.getpid()) if b"baseline_app" in _cmdline(k)]
         waited = max((wait_accepting(m, http) for m in masters), default=0.0)
         log(f"  bare app at {b.url}: all {http} processes accepting {waited:.2f} s after ready")
