@@ -71,14 +71,16 @@ class AudioCalls:
             raise
         return h
 
-    def open_push(self, slot: Slot, n_mels: int, padding: int, data: memoryview | bytes,
+    def open_push(self, slot: Slot, n_mels: int, padding: int, data: memoryview | bytes | int,
                   fmt: int, final: bool, copy: bool = True) -> tuple[Handle, FrameBatch]:
         """Open a stream (as :meth:`open`) and push its first samples, one round trip:
         the push carries the open (``PUSH_OPEN``). ``data`` is one piece (at most
-        :meth:`push_samples`). When the push fails the worker holds no state and the entry
-        goes as after a failed open (:meth:`drop_entry`); with ``final`` the worker drops
-        the stream and frees its entry after answering."""
-        if len(data) > self.push_samples(fmt, n_mels) * L.FMT_WIDTH[fmt]:
+        :meth:`push_samples`; an int: that many bytes already in the slot). When the push
+        fails the worker holds no state and the entry goes as after a failed open
+        (:meth:`drop_entry`); with ``final`` the worker drops the stream and frees its
+        entry after answering."""
+        if (data if type(data) is int else len(data)) > \
+                self.push_samples(fmt, n_mels) * L.FMT_WIDTH[fmt]:
             raise ValueError("an opening push takes one piece")
         h = self._allocate(n_mels, padding)
         try:
@@ -190,7 +192,7 @@ class AudioCalls:
         pad = self.table.padding(h.index) + extra_padding
         return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy)
 
-    def push(self, slot: Slot, h: Handle, data: memoryview | bytes, fmt: int,
+    def push(self, slot: Slot, h: Handle, data: memoryview | bytes | int, fmt: int,
              final: bool, copy: bool = True, opens: bool = False) -> FrameBatch:
         """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
         return the frames it completed as one batch (raw log10, frame-major). The pieces
@@ -198,26 +200,35 @@ class AudioCalls:
         pieces on this stream (409) until the last one. Without ``copy``, frames that came
         in one piece are a view of the slot, valid until its next request or its release
         (for a caller that encodes them at once). ``opens``: the first piece opens the
-        stream (see :meth:`open_push`)."""
+        stream (see :meth:`open_push`). ``data`` an int: that many bytes already in the
+        slot (read there by the caller), one piece."""
         width = L.FMT_WIDTH[fmt]
-        if len(data) % width:
-            raise BadRequest(f"{len(data)} bytes is not a whole number of {width}-byte samples")
+        in_slot = type(data) is int
+        size = data if in_slot else len(data)
+        if size % width:
+            raise BadRequest(f"{size} bytes is not a whole number of {width}-byte samples")
         step = self.push_samples(fmt, h.n_mels) * width
-        view = memoryview(data)
+        if in_slot and size > step:
+            raise ValueError("samples already in the slot go as one piece")
+        view = None if in_slot else memoryview(data)
         parts: list[np.ndarray] = []
         start, running_max, pos = -1, float("-inf"), 0
         lease = self.producer.next_seq()
         while True:
-            piece = view[pos : pos + step]
-            pos += len(piece)
-            last = pos >= len(view)
+            if view is None:
+                n = pos = size
+            else:
+                piece = view[pos : pos + step]
+                n = len(piece)
+                pos += n
+                slot.view(n)[:] = piece
+            last = pos >= size
             is_final = final and last
-            slot.view(len(piece))[:] = piece
             flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0)
             if opens:
                 flags |= L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT
                 opens = False
-            r = self.call(slot, h, L.OP_AUDIO_PUSH, len(piece), (fmt, flags), lease)
+            r = self.call(slot, h, L.OP_AUDIO_PUSH, n, (fmt, flags), lease)
             k = r.r1
             if k:
                 frames = np.frombuffer(slot.view(k * h.n_mels * 4), "<f4").reshape(k, h.n_mels)

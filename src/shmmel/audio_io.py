@@ -170,6 +170,80 @@ class BodyReader:
             data, self.pending = data[:n], data[n:]
         return data
 
+    def readinto(self, out: memoryview) -> int:
+        """Fill ``out`` (a slot's payload, say) from the body: fewer bytes only at its end.
+
+        Under gunicorn a body with a Content-Length is received straight into ``out``
+        (``recv_into``, after any bytes its parser already holds), where :meth:`read` makes
+        gunicorn copy each block four times on the way to a bytes object, and the caller
+        once more into the slot; other servers, and chunked bodies, go through :meth:`read`.
+        """
+        n, got = len(out), 0
+        if self.pending:
+            got = min(n, len(self.pending))
+            out[:got] = self.pending[:got]
+            self.pending = self.pending[got:]
+        direct = self._direct()
+        while got < n:
+            if direct is not None:
+                k = self._recv_into(direct, out[got:])
+                self.total += k
+            else:
+                data = self._read_some(n - got)
+                self.total += len(data)
+                k = min(len(data), n - got)
+                if k < len(data):  # a chunked reader's piece beyond what fits: kept
+                    self.pending = data[k:]
+                out[got : got + k] = data[:k]
+            if self.total > self.limit:
+                raise BodyTooLarge(f"body exceeds {self.limit} bytes")
+            if not k:
+                break
+            got += k
+        return got
+
+    def _direct(self):
+        """gunicorn's body object (``Body`` > ``LengthReader`` > ``SocketUnreader``) when
+        its socket may be read directly; else None."""
+        s = self.stream
+        reader = getattr(s, "reader", None)
+        if (type(s).__name__ != "Body" or type(reader).__name__ != "LengthReader"
+                or type(getattr(reader, "unreader", None)).__name__ != "SocketUnreader"):
+            return None
+        return s
+
+    @staticmethod
+    def _take(holder, out: memoryview) -> int:
+        """Move up to ``len(out)`` bytes from ``holder.buf`` (a BytesIO) into ``out``."""
+        buf = holder.buf
+        buf.seek(0, 2)
+        if not buf.tell() or not len(out):
+            return 0
+        data = buf.getvalue()
+        k = min(len(out), len(data))
+        out[:k] = data[:k]
+        holder.buf = type(buf)()
+        holder.buf.write(data[k:])
+        return k
+
+    @classmethod
+    def _recv_into(cls, body, out: memoryview) -> int:
+        """Up to ``len(out)`` body bytes into ``out`` through gunicorn's body: what its
+        buffers hold first (the body's own, then the bytes read with the headers), then
+        the socket. The ``LengthReader``'s ``length`` goes down by what it gave, as its
+        own ``read`` does, so gunicorn finds the body read."""
+        k = cls._take(body, out)  # already counted off the reader's length
+        if k:
+            return k
+        reader = body.reader
+        want = min(len(out), reader.length)
+        if want <= 0:
+            return 0
+        un = reader.unreader
+        k = cls._take(un, out[:want]) or un.sock.recv_into(out, want)
+        reader.length -= k
+        return k
+
     def drain(self, seconds: float = 2.0, max_bytes: int = 64 << 20) -> None:
         """Read and drop what the client is still sending, within bounds.
 

@@ -62,6 +62,8 @@ class AudioBody:
         if size is not None and size % width:
             raise BadRequest(f"{size} bytes of audio is not a whole number of {width}-byte "
                              "samples")
+        # a declared length and a known count of whole samples: read straight into slots
+        self.exact = req.content_length is not None and size is not None
 
     def read(self) -> bytes:
         reader, left = self.reader, self.data_left
@@ -79,6 +81,25 @@ class AudioBody:
             if not data:
                 raise BadAudio("the WAV data chunk is shorter than its header says")
         return data
+
+    def readinto(self, out: memoryview) -> int:
+        """Sample bytes into ``out`` (a slot's payload), as many as fit: fewer only at the
+        end of the audio (a body of known size, see ``exact``). Raises as :meth:`read`."""
+        left = self.data_left
+        if left is not None:
+            if left <= 0:
+                return 0
+            out = out[:left]
+        n = self.reader.readinto(out)
+        if n < len(out):
+            if self.content_length is not None and self.reader.total < self.content_length:
+                raise BadAudio(f"the body ended after {self.reader.total} of the "
+                               f"{self.content_length} bytes its Content-Length announced")
+            if left is not None:
+                raise BadAudio("the WAV data chunk is shorter than its header says")
+        if left is not None:
+            self.data_left = left - n
+        return n
 
     def all_read(self) -> bool:
         """A plain upload whose whole declared body has been read."""
@@ -144,6 +165,7 @@ class Upload:
         self.done = False
         self.total_samples = 0
         self.reason: str | None = None
+        self.direct = False       # pushes read straight into the slot (see _feed_slot)
 
     # -- samples in ------------------------------------------------------------------------
     def _open(self) -> Handle:
@@ -253,6 +275,9 @@ class Upload:
         whole = body.content_length is not None and not spec.windows
         if body.content_length is not None:  # a read per push; all at once if it fits a slot
             fits = whole and body.content_length <= self.slot.capacity
+            if whole and not fits and body.exact:  # each push read straight into the slot
+                self.direct = True
+                return self._next(body)
             body.reader.block = body.content_length if fits else self.piece
         first = body.read()
         if whole and body.all_read() and not body.data_left \
@@ -272,16 +297,47 @@ class Upload:
             if stopping():
                 yield self.finish(reason="shutdown")
                 return
-            data = body.read()
-            chunk = self.feed(data, body.at_end()) if data else self.finish()
+            chunk = self._next(body)
             if chunk:
                 yield chunk
 
     def to_end(self, body: AudioBody) -> None:
         """Feed the rest of the body with nothing to send meanwhile (whole-result formats)."""
         while not self.done:
-            data = body.read()
-            self.feed(data, body.at_end()) if data else self.finish()
+            self._next(body)
+
+    def _next(self, body: AudioBody) -> bytes:
+        """The next read of the body and its push (the finish once it has ended)."""
+        if self.direct:
+            return self._feed_slot(body)
+        data = body.read()
+        return self.feed(data, body.at_end()) if data else self.finish()
+
+    def _feed_slot(self, body: AudioBody) -> bytes:
+        """A body of known size (not cut into windows), a push at a time: the next piece
+        is received straight into the slot and pushed from there, no copy on the way; the
+        piece that ends the body ends the stream (or :meth:`finish` sends the padding)."""
+        n = body.readinto(self.slot.view(self.piece))
+        if not n:
+            return self.finish()
+        spec = self.spec
+        last = body.at_end()
+        final = last and not spec.padding
+        if self.handle is None:
+            self.in_window = 0
+            self.handle, fb = self.calls.open_push(self.slot, spec.n_mels, spec.padding, n,
+                                                   spec.fmt, final, self.copy)
+        else:
+            fb = self.calls.push(self.slot, self.handle, n, spec.fmt, final, self.copy)
+        self.in_window += n // self.width
+        self.total_samples += n // self.width
+        out = self._emit(fb)
+        if final:  # the worker dropped the stream and freed its entry
+            self.handle = None
+            self.done = True
+        elif last:
+            out += self.finish()
+        return out
 
     def stream(self, head: bytes, body: AudioBody, media: str, stopping: Callable[[], bool],
                tail: Callable[[], bytes] | None = None,
