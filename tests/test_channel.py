@@ -229,13 +229,14 @@ def test_producers_own_disjoint_partitions_and_adopt_freed_slots(shm):
 def test_a_reused_slot_is_not_answered_by_its_previous_reply(shm):
     """submit leaves resp_seq, resp_len and status as the last reply wrote them: a slot
     reused for a new request must not pass for answered until the worker answers that one,
-    and the worker reads the new request's words (take decodes them in one read)."""
+    and the worker reads the new request's words (take decodes them in one read). r0..f1
+    it zeroes, so a plain answer (which skips them) reads zeros, not the last reply's."""
     prod = Producer(shm, queue_depth=8, reply_spin=0.0)
     inbox = Inbox(shm, 0, 1)
     with prod.claim() as slot:
         slot.view(2)[:] = b"ab"
         slot.submit(0, 1, L.OP_PING, 2, prod.next_seq(), (7,))
-        [(j, req)] = inbox.take(time.monotonic())
+        [(_t, j, req)] = inbox.take(time.monotonic())
         assert j == slot.index and req == (L.OP_PING, 2, -1, 7, 0, 0, 0)
         inbox.answer(j, L.R_BAD_INPUT, 2, r0=5, r1=6, f0=1.5)
         slot.wait(1)
@@ -246,15 +247,16 @@ def test_a_reused_slot_is_not_answered_by_its_previous_reply(shm):
         slot.submit(0, 1, L.OP_TEXT, 1, prod.next_seq(), (1, 2, 3, 4), stream=3)
         assert int(shm.slots["status"][slot.index]) == L.R_BAD_INPUT
         assert not slot._answered()
-        [(j, req)] = inbox.take(time.monotonic())
+        [(_t, j, req)] = inbox.take(time.monotonic())
         assert req == (L.OP_TEXT, 1, 3, 1, 2, 3, 4)
         assert not slot._answered()
         inbox.answer(j, L.R_OK, 1)
         slot.wait(1)
         r = slot.reply()
-        assert (r.status, r.data, r.r0, r.r1, r.f0) == (L.R_OK, b"a", 0, 0, 0.0)
+        # r0..f1 as submit zeroed them: the worker writes them only when one is not zero
+        assert (r.status, r.data, r.r0, r.r1, r.f0, r.f1) == (L.R_OK, b"a", 0, 0, 0.0, 0.0)
         # a request of fewer args clears the ones it does not give
         slot.submit(0, 1, L.OP_PING, 0, prod.next_seq())
-        assert inbox.take(time.monotonic())[0][1] == (L.OP_PING, 0, -1, 0, 0, 0, 0)
+        assert inbox.take(time.monotonic())[0][2] == (L.OP_PING, 0, -1, 0, 0, 0, 0)
         inbox.answer(j, L.R_OK, 0)
         slot.wait(1)

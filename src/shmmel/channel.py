@@ -34,12 +34,13 @@ from .routing import Routing
 from .shm import Shm
 
 WAIT_SLICE = 0.05  # seconds between liveness checks while waiting for a reply
-# A producer alone in flight in its process, sending to a worker with an empty queue, on a
-# host with cores to spare (spare_cores), polls the slot this long for the reply before
-# sleeping on the reply semaphore: such a reply usually comes within tens of microseconds,
-# and a futex sleep and wake-up costs as much again (more from an idle core). The poll
-# holds the GIL, so it only runs when no other request of this process awaits a reply (see
-# Slot.wait), and lasts at most this much.
+# A producer alone in flight in its process, on a host with cores to spare (spare_cores),
+# polls the slot this long for the reply before sleeping on the reply semaphore: a short
+# request's reply usually comes within tens of microseconds, even behind a few others, and
+# a futex sleep and wake-up costs as much again (more from an idle core); and the worker's
+# post to a producer that is not asleep is no syscall, which shortens every request behind
+# it. The poll holds the GIL, so it only runs when no other request of this process awaits
+# a reply (see Slot.wait), and lasts at most this much.
 REPLY_SPIN = 50e-6
 
 # the codecs and word indexes live beside the dtypes, in layout (reads only: see there)
@@ -49,7 +50,7 @@ I4, I8 = L.SLOT_W4, L.SLOT_W8
 _ST, _OP, _WK, _GEN = I4["state"], I4["op"], I4["worker"], I4["gen"]
 _REQLEN, _STREAM = I4["req_len"], I4["stream"]
 _SEQ, _RSEQ, _OWNER, _ARG0 = I8["seq"], I8["resp_seq"], I8["owner"], I8["arg0"]
-_R0, _TSUB = I8["r0"], I8["t_submit"]
+_R0, _R1, _F0, _F1, _TSUB = I8["r0"], I8["r1"], I8["f0"], I8["f1"], I8["t_submit"]
 # a whole reply in one read: resp_len, status, (stream and args skipped), r0, r1, f0, f1 and
 # the three time stamps
 _REPLY = struct.Struct(f"<II{_SO['r0'] - _SO['resp_len'] - 8}xqqddddd")
@@ -78,15 +79,19 @@ def _runnable() -> float:
 
 def spare_cores(now: float) -> bool:
     """Whether this host has cores to spare for polling instead of sleeping: at least 4, and
-    fewer threads runnable than half of them (looked at most once a second; the instant
-    count, not the load average, which lags a finished load by a minute). A poll on a busy
-    or small host takes the CPU from the process it waits for (on the 2-core machine a
-    worker's 500 us spin took a sequential client's p50 from 0.44-0.8 ms to 1.2-1.4 ms)."""
+    fewer threads runnable than three quarters of them, the pollers themselves included
+    (looked at most once a second; the instant count, not the load average, which lags a
+    finished load by a minute). A quarter of the cores idle leaves room for whatever else
+    becomes runnable before the next look, while 8 polling producers and 2 workers on 16
+    cores still count as spare (at half, their own polls turned them off every other
+    second). A poll on a busy or small host takes the CPU from the process it waits for (on
+    the 2-core machine a worker's 500 us spin took a sequential client's p50 from 0.44-0.8
+    ms to 1.2-1.4 ms)."""
     if now >= _spare[1]:
         _spare[1] = now + 1.0
         cores = os.cpu_count() or 1
         try:
-            _spare[0] = cores >= 4 and _runnable() < cores / 2
+            _spare[0] = cores >= 4 and _runnable() < cores * 0.75
         except OSError:
             _spare[0] = False
     return _spare[0]
@@ -214,8 +219,12 @@ class Slot:
         shm.u64[w8 + _SEQ] = seq
         # resp_seq, resp_len and status are not cleared: they are read only once the state
         # is DONE with resp_seq equal to this request's seq (unique), i.e. once the worker
-        # has written them for this request
-        i64[w8 + _R0] = 0  # the progress word of a partial reply (see parts)
+        # has written them for this request. r0..f1 are: the worker writes them only when
+        # one is not zero (Inbox.answer), and r0 is the progress word of a partial reply
+        i64[w8 + _R0] = 0
+        i64[w8 + _R1] = 0
+        i64[w8 + _F0] = 0  # 0.0 (all bits zero), through the same view
+        i64[w8 + _F1] = 0
         if not args:
             args = _ARGS0
         elif len(args) != 4:
@@ -250,11 +259,11 @@ class Slot:
         try:
             t = self.t_sub  # spare_cores(t), inline while its answer is current; first,
             if (_spare[0] if t < _spare[1] else spare_cores(t)) and seen is None and \
-                    len(waiting) == 1 and producer.reply_spin and \
-                    producer._depth_list[self.worker] == 0:  # so a small host skips the rest
-                # on a host with cores to spare (as looked at submit), alone in flight, to a
-                # worker with nothing queued (as last counted, see pick_worker): poll for a
-                # reply that usually comes within microseconds (REPLY_SPIN); its post is
+                    len(waiting) == 1 and producer.reply_spin:  # so a small host skips the rest
+                # on a host with cores to spare (as looked at submit), alone in flight: poll
+                # for a reply that usually comes within microseconds (REPLY_SPIN), whatever
+                # the worker's queue (a few short requests ahead still answer within it, and
+                # a long one costs the poll, on a core nobody else wanted); its post is
                 # drained at release
                 shm = self.shm
                 u32, u64, st, rseq, seq = shm.u32, shm.u64, self.w4 + _ST, self.w8 + _RSEQ, \
@@ -262,7 +271,7 @@ class Slot:
                 clock = time.perf_counter
                 until = clock() + producer.reply_spin
                 while clock() < until:
-                    if u32[st] == L.S_DONE and u64[rseq] == seq:
+                    if u32[st] == _S_DONE and u64[rseq] == seq:
                         self._drain = True
                         return
             self._sleep_until_answered(timeout, seen)

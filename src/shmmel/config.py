@@ -46,7 +46,7 @@ class Config:
     request_timeout: float = 30.0
     client_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
-    worker_spin_us: int = 0
+    worker_spin_us: int = 50         # doorbell poll after a batch, on spare-core hosts only
     heartbeat_interval: float = 0.2
     heartbeat_timeout: float = 30.0
     stall_timeout: float = 1.0        # no heartbeat for this long: no new work, queued work 503/re-routed

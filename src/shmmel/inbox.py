@@ -25,15 +25,16 @@ I4, I8 = L.SLOT_W4, L.SLOT_W8
 _ST, _RESPLEN, _STATUS = I4["state"], I4["resp_len"], I4["status"]
 _SEQ, _RSEQ = I8["seq"], I8["resp_seq"]
 _R0, _R1, _F0, _F1 = I8["r0"], I8["r1"], I8["f0"], I8["f1"]
-_TSUB, _TTAKEN, _TDONE = I8["t_submit"], I8["t_taken"], I8["t_done"]
-_QUEUED_MIN = np.uint32(L.S_QUEUED_MIN)
+_TTAKEN, _TDONE = I8["t_taken"], I8["t_done"]
 _S_DONE = L.S_DONE
 _SIZE = L.SLOT.itemsize
 _SO_OP = _SO["op"]
 # a submitted request in one read, from op: op, (worker), gen, (seq, resp_seq, owner),
-# req_len, resp_len, status, stream, arg0..arg3
-_REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xIIIiqqqq")
+# req_len, resp_len, status, stream, arg0..arg3, (r0, r1, f0, f1), t_submit
+_REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xIIIiqqqq"
+                         f"{_SO['t_submit'] - _SO['r0']}xd")
 assert _SO["worker"] == _SO["op"] + 4 and _SO["gen"] == _SO["op"] + 8
+assert _SO["r0"] == _SO["arg3"] + 8 and _SO["t_submit"] + 8 - _SO["op"] == _REQUEST.size
 _monotonic = time.monotonic
 
 
@@ -51,6 +52,10 @@ class Inbox:
         self._slots_off = shm.layout.slots_off
         self._u32, self._u64, self._i64, self._f64 = shm.u32, shm.u64, shm.i64, shm.f64
         self._replies = shm.replies
+        # (4-byte, 8-byte) word index of every slot's header, for the single stores
+        first = self._slots_off
+        self._words = [((first + j * _SIZE) >> 2, (first + j * _SIZE) >> 3)
+                       for j in range(len(self._states))]
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -59,45 +64,30 @@ class Inbox:
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             return False
 
-    def _scan(self) -> np.ndarray:
-        """The slot states equal to "submitted to this worker" (into a buffer kept for it)."""
-        return np.equal(self._states, self._submitted_u32, out=self._match)
-
-    def has_pending(self) -> bool:
-        return bool(np.count_nonzero(self._scan()))
-
-    def queued_anywhere(self) -> int:
-        """Slots submitted to or taken by any worker (this one's included): 0 when the whole
-        instance is idle."""
-        return int(np.count_nonzero(np.greater_equal(self._states, _QUEUED_MIN,
-                                                     out=self._match)))
-
     def pending(self) -> list[int]:
         """Slots submitted to this worker generation, oldest first; marks them TAKEN."""
-        return [j for j, _req in self.take(time.monotonic())]
+        return [j for _t, j, _req in self.take(time.monotonic())]
 
-    def take(self, now: float) -> list[tuple[int, tuple[int, int, int, int, int, int, int]]]:
+    def take(self, now: float) -> list[tuple[float, int, tuple[int, ...]]]:
         """:meth:`pending` with each request read (as :meth:`request` gives it) in the same
-        pass: [(slot, (op, req_len, stream, arg0..arg3))], oldest first; marks them TAKEN,
-        stamped ``now``."""
+        pass: [(t_submit, slot, (op, req_len, stream, arg0..arg3))], oldest first; marks
+        them TAKEN, stamped ``now``."""
         mine = np.equal(self._states, self._submitted_u32, out=self._match).nonzero()[0]
         if not mine.size:
             return []
         ctl, u32, f64, gen, taken = self.shm.ctl_view, self._u32, self._f64, self.gen, self._taken
-        first = self._slots_off
+        first, words, unpack = self._slots_off + _SO_OP, self._words, _REQUEST.unpack_from
         out = []
         for j in mine.tolist():
-            off = first + j * _SIZE
-            op, g, req_len, _n, _s, stream, a0, a1, a2, a3 = _REQUEST.unpack_from(
-                ctl, off + _SO_OP)
+            op, g, req_len, _n, _s, stream, a0, a1, a2, a3, t_sub = unpack(ctl, first + j * _SIZE)
             if g != gen:
                 continue  # queued on a dead generation; its producer frees it
-            f64[(off >> 3) + _TTAKEN] = now
-            u32[(off >> 2) + _ST] = taken
-            out.append((j, (op, req_len, stream, a0, a1, a2, a3)))
+            w4, w8 = words[j]
+            f64[w8 + _TTAKEN] = now
+            u32[w4 + _ST] = taken
+            out.append((t_sub, j, (op, req_len, stream, a0, a1, a2, a3)))
         if len(out) > 1:
-            first, w8_size = first >> 3, _SIZE >> 3
-            out.sort(key=lambda t: f64[first + t[0] * w8_size + _TSUB])
+            out.sort()  # by t_submit (slots are unique, so a tie compares slot numbers)
         return out
 
     def request(self, j: int) -> tuple[int, int, int, int, int, int, int]:
@@ -112,7 +102,7 @@ class Inbox:
         aligned store of the progress word, then a post); returns the new end."""
         end = pos + len(data)
         self.shm.payload[j, pos:end] = memoryview(data)
-        self.shm.i64[((self._slots_off + j * L.SLOT.itemsize) >> 3) + _R0] = end
+        self.shm.i64[self._words[j][1] + _R0] = end
         self.shm.replies[j].release()
         return end
 
@@ -126,17 +116,21 @@ class Inbox:
 
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:
-        off = self._slots_off + j * _SIZE
-        w4, w8 = off >> 2, off >> 3
-        u32, i64, f64, u64 = self._u32, self._i64, self._f64, self._u64
+        """Answer slot ``j``: the reply's words, then DONE, then its post. ``r0``..``f1``
+        are written only when one of them is not zero: the producer zeroes them at submit
+        (Slot.submit), so a plain answer is five stores."""
+        w4, w8 = self._words[j]
+        u32, u64 = self._u32, self._u64
         u32[w4 + _RESPLEN] = resp_len
         u32[w4 + _STATUS] = status
-        i64[w8 + _R0] = r0
-        i64[w8 + _R1] = r1
-        f64[w8 + _F0] = f0
-        f64[w8 + _F1] = f1
+        if r0 or r1 or f0 or f1:
+            i64, f64 = self._i64, self._f64
+            i64[w8 + _R0] = r0
+            i64[w8 + _R1] = r1
+            f64[w8 + _F0] = f0
+            f64[w8 + _F1] = f1
         u64[w8 + _RSEQ] = u64[w8 + _SEQ]
-        f64[w8 + _TDONE] = _monotonic()
+        self._f64[w8 + _TDONE] = _monotonic()
         u32[w4 + _ST] = _S_DONE
         self._replies[j].release()
 

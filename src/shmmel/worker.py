@@ -24,6 +24,7 @@ from .osutil import set_parent_death_signal
 from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
+_monotonic = time.monotonic
 OP_TEXT, OP_PING, R_OK = L.OP_TEXT, L.OP_PING, L.R_OK
 
 
@@ -115,6 +116,8 @@ class Worker:
         doorbell, getppid, parent = self.inbox.doorbell, os.getppid, self.parent
         monotonic, serve_pending = time.monotonic, self.serve_pending
         cuda = self.kind == L.K_CUDA
+        every = min(interval, 1.0)
+        chores = 0.0  # when the chores below (a syscall, a look at the streams) are due next
         while self.stop_signal is None:
             try:  # Inbox.wait, inline
                 doorbell.acquire(interval if whisper is None else whisper.wait_time(interval))
@@ -123,22 +126,30 @@ class Worker:
                 woke = False
             now = monotonic()
             f64[beat] = now  # see beat()
-            if getppid() != parent:
-                log.error("worker %d: supervisor is gone, exiting", self.index)
-                break
+            if now >= chores:  # once an interval (or a second), not once a wake-up
+                chores = now + every
+                if getppid() != parent:
+                    log.error("worker %d: supervisor is gone, exiting", self.index)
+                    break
+                if audio is not None:
+                    audio.expire(now)  # itself looks about once a second
+                if cuda and now >= self._next_gpu_sample:
+                    self._next_gpu_sample = now + 1.0
+                    self.shm.set_worker_word(self.index, "gpu_bytes", self.gpu_bytes())
             if woke:
+                # The posts already made are taken now, before the scan: each was made
+                # after its slot's SUBMITTED store, so the scan below sees those slots,
+                # and one scan serves them all (instead of one empty scan per post left
+                # behind). A post made after this waits for the next acquire.
+                for _ in range(doorbell.value):
+                    doorbell.acquire(0)  # no syscall: the count is above zero
                 serve_pending()
                 if spin and spare_cores(now):
                     self.spin(spin)
-            if audio is not None:
-                audio.expire(now)
             if whisper is not None:
                 whisper.tick(time.monotonic())
                 whisper.expire(now)
                 self.collect_whisper_stats()
-            if cuda and now >= self._next_gpu_sample:
-                self._next_gpu_sample = now + 1.0
-                self.shm.set_worker_word(self.index, "gpu_bytes", self.gpu_bytes())
         rec["state"] = L.W_STOPPING
         self.serve_pending()  # answer what was already submitted
         if self.audio is not None:
@@ -158,30 +169,26 @@ class Worker:
         return int(cupy.get_default_memory_pool().total_bytes())
 
     def spin(self, seconds: float) -> None:
-        """Poll for more work for a moment before going back to sleep on the doorbell.
+        """Poll the doorbell for a moment before going back to sleep on it; return as soon
+        as it is posted (the loop's next acquire then takes the post without a syscall) or
+        after ``seconds``.
 
-        A sequential client's next request comes within a few hundred microseconds of the
-        last answer, and (routed to its HTTP process's home worker, see
-        Producer.pick_worker) to this worker again: catching it here skips the futex sleep
-        and the wake-up from an idle core. Only while nothing else is queued anywhere in the
-        instance: under load the CPU is the HTTP processes', and a busy worker's doorbell is
-        posted again before it sleeps anyway; and only on a host with cores to spare
-        (:func:`shmmel.channel.spare_cores`). A producer's post to a worker that spins is no
-        syscall (no waiter), so the request path loses a futex wake on each side. The doorbell
-        posts left behind only cause an empty scan later. Costs at most ``worker_spin_us`` of
-        CPU after the last request.
+        A client's next request comes within microseconds to a few hundred of the last
+        answer, and (routed to its HTTP process's home worker, see Routing.pick_worker) to
+        this worker again: catching it here skips the futex sleep and the wake-up from an
+        idle core, and a producer's post to a worker that is not asleep is no syscall
+        either, so the request path loses a futex wake on each side. The loop calls this
+        only on a host with cores to spare (:func:`shmmel.channel.spare_cores`), where the
+        poll takes a core nobody else wants; one look is one read of the semaphore's count
+        (no scan of the slots), so under load, when the doorbell is posted again before the
+        batch is answered, the spin costs one read. Costs at most ``worker_spin_us`` of CPU
+        after the last request.
         """
-        clock = time.perf_counter
-        inbox = self.inbox
+        clock, doorbell = time.perf_counter, self.inbox.doorbell
         deadline = clock() + seconds
-        while clock() < deadline and self.stop_signal is None:
-            if inbox.has_pending():
-                served = self.served
-                self.serve_pending()
-                if self.served != served:  # not a slot of a dead generation, never taken
-                    deadline = clock() + seconds
-            elif inbox.queued_anywhere() and not inbox.has_pending():
-                return  # others are busy: leave the CPU to them
+        while not doorbell.value:
+            if clock() >= deadline or self.stop_signal is not None:
+                return
 
     def beat(self) -> None:
         """Stamp the heartbeat: one aligned store (the supervisor never reads a torn beat).
@@ -193,14 +200,14 @@ class Worker:
 
     def serve_pending(self) -> None:
         inbox = self.inbox
-        t0 = time.monotonic()  # the same clock as perf_counter on Linux, and the stamps'
+        t0 = _monotonic()  # the same clock as perf_counter on Linux, and the stamps'
         taken = inbox.take(t0)  # each request decoded once, passed on
         if not taken:
             return
         audio: list[tuple[int, tuple[int, ...]]] = []
         whisper: list[int] = []
         errors = 0
-        for j, req in taken:
+        for _t, j, req in taken:
             op = req[0]
             if op == OP_TEXT:
                 errors += self.serve_text(j, req[1], req[3], req[4] != 0)
@@ -212,26 +219,34 @@ class Worker:
                 whisper.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
-        self.shm.f64[self._beat] = now = time.monotonic()  # see beat()
-        if audio:
-            errors += self.audio.serve(audio, inbox)
-            self.samples += self.audio.take_samples()  # counted by serve alone
-            self.beat()
-            now = time.monotonic()
-        if whisper:
-            errors += self.whisper.serve(whisper)
-            self.beat()
-            now = time.monotonic()
-        self.served += len(taken)
+        self.shm.f64[self._beat] = now = _monotonic()  # see beat()
+        if audio or whisper:
+            if audio:
+                errors += self.audio.serve(audio, inbox)
+                self.samples += self.audio.take_samples()  # counted by serve alone
+                self.beat()
+            if whisper:
+                errors += self.whisper.serve(whisper)
+                self.beat()
+            now = _monotonic()
+            self.publish_counters(errors, len(taken), now - t0)
+            return
+        # publish_counters, inline for the short requests (samples unchanged)
+        (v0, i0), (v1, i1), (v2, i2), (v3, i3), _ = self._counter_words
+        v0[i0] = self.served = self.served + len(taken)
         if errors:
-            self.errors += errors
-        self.batches += 1
-        self.busy_s += now - t0
-        self.publish_counters()
+            v1[i1] = self.errors = self.errors + errors
+        v2[i2] = self.batches = self.batches + 1
+        v3[i3] = self.busy_s = self.busy_s + (now - t0)
 
-
-    def publish_counters(self) -> None:
-        """Counters into the row, one aligned store each (status and /metrics read them)."""
+    def publish_counters(self, errors: int = 0, served: int = 0, busy: float = 0.0) -> None:
+        """Add to the counters (a batch: ``served`` > 0) and put them into the row, one
+        aligned store each (status and /metrics read them)."""
+        self.errors += errors
+        if served:
+            self.served += served
+            self.batches += 1
+        self.busy_s += busy
         (v0, i0), (v1, i1), (v2, i2), (v3, i3), (v4, i4) = self._counter_words
         v0[i0] = self.served
         v1[i1] = self.errors
@@ -243,9 +258,7 @@ class Worker:
         """Add the decode thread's errors and compute time to this worker's counters."""
         errors, busy = self.whisper.take_stats()
         if errors or busy:
-            self.errors += errors
-            self.busy_s += busy
-            self.publish_counters()
+            self.publish_counters(errors, busy=busy)
 
     def fail(self, j: int, status: int, message: str) -> int:
         return self.inbox.fail(j, status, message)
