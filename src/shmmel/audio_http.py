@@ -21,7 +21,7 @@ from falcon import mediatypes
 
 from . import layout as L
 from . import wire
-from .audio_io import Media, parse_media
+from .audio_io import BodyReader, Media, parse_media
 from .channel import Producer
 from .httputil import read_body
 from .config import Config
@@ -168,20 +168,38 @@ class StreamResource:
         self.config, self.producer, self.calls = config, producer, calls
 
     def _reply(self, req: falcon.Request, resp: falcon.Response, stream_id: str,
-               data: bytes | None, fmt: int = L.FMT_S16LE) -> None:
-        """Push ``data`` (None: finish the stream) and answer with the frames it made."""
+               fmt: int | None = None) -> None:
+        """Push the request's body (``fmt`` None: finish the stream instead) and answer
+        with the frames it made. The body is read first, so a bad one is refused before
+        the stream is looked up; one that fits a push is received straight into the slot."""
         out = output_media(req, wire.JSON, self.OUTPUTS)
-        h = self.calls.find(stream_id)
-        try:
-            with self.producer.claim() as slot:
+        with self.producer.claim() as slot:
+            data = None if fmt is None else self._body(req, slot, fmt)
+            h = self.calls.find(stream_id)
+            try:
                 if data is None:
                     fb = self.calls.finish(slot, h)
                 else:
                     fb = self.calls.push(slot, h, data, fmt, final=False)
-        finally:
-            self.calls.release(h)  # after finish the entry is free: release checks the token
+            finally:
+                self.calls.release(h)  # after finish the entry is free: release checks the token
         resp.content_type = out
         resp.data = session_reply(out, fb)
+
+    def _body(self, req: falcon.Request, slot, fmt: int) -> bytes | int:
+        """The chunk: a declared length that one push takes (at either n_mels) is received
+        into ``slot`` (its byte count returned); any other body is read as bytes."""
+        limit = min(self.config.max_body_bytes, 16 << 20)
+        length = req.content_length
+        if not length or length > min(limit, self.calls.push_samples(fmt, 128) * L.FMT_WIDTH[fmt]):
+            return read_body(req, limit)
+        n = BodyReader(req.env["wsgi.input"], limit, length).readinto(slot.view(length))
+        if n < length:
+            raise falcon.HTTPBadRequest(title="Bad Request",
+                                        description=f"the body ended after {n} of the "
+                                                    f"{length} bytes its Content-Length "
+                                                    "announced")
+        return n
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
         media = media_of(req)
@@ -190,11 +208,10 @@ class StreamResource:
                 title="Unsupported Media Type",
                 description="session chunks are raw PCM: audio/L16;rate=16000, "
                             "application/octet-stream or audio/x-f32le;rate=16000")
-        data = read_body(req, min(self.config.max_body_bytes, 16 << 20))
-        self._reply(req, resp, stream_id, data, media.fmt)
+        self._reply(req, resp, stream_id, media.fmt)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
-        self._reply(req, resp, stream_id, None)
+        self._reply(req, resp, stream_id)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, stream_id: str) -> None:
         h = self.calls.find(stream_id)
