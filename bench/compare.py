@@ -31,13 +31,17 @@ Items (``--items``, comma-separated; all by default):
 * ``switch``   the HTTP processes' GIL switch interval (``http_switch_interval_us``) and
   Python's stock 5 ms, on shmmel and on the bare app, four servers up at once, rotating
   (bench/compare_knobs.py).
+* ``cpu``      CPU per request of each process group (HTTP processes, compute workers, wrk,
+  the bare app's processes) and context switches, several servers up at once, rotating
+  (``--cpu-servers``; bench/compare_cpu.py).
 * ``streams``  1,000 real-time session streams (``bench audio --pace realtime``), then,
   with ``max_streams`` 1,000, 1,000 streams held open (all opened first) while 200 more
   clients try to open streams in the middle window: the refusals' latency and the admitted
   streams' per-chunk p50/p99 before, during and after (``compare_audio.hold_streams``).
 
 The bare app runs with Python's stock GIL switch interval (5 ms) unless ``BARE_SWITCH_US`` is
-set in the environment (e.g. 200, shmmel's ``http_switch_interval_us`` default).
+set in the environment (e.g. 200, shmmel's ``http_switch_interval_us`` default on a host of
+4 or more cores; on a smaller one shmmel's default is Python's too).
 
 Everything lands in ``--out`` (results.json after each item, logs, SVGs; the streams item also writes streams_over.md).
 On the GPU host (results in $OUT/compare.tgz):
@@ -67,6 +71,7 @@ import urllib.request
 from pathlib import Path
 
 from compare_audio import item_audio, item_oneshot, item_streams
+from compare_cpu import item_cpu
 from compare_knobs import item_switch
 from compare_lib import (
     BODY_256,
@@ -341,7 +346,7 @@ def item_flame(a, out: Path) -> dict:
 ITEMS = {"process": item_process, "balance": item_balance, "linger": item_linger,
          "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
          "flame": item_flame, "ipc": item_ipc, "oneshot": item_oneshot, "audio": item_audio,
-         "streams": item_streams, "switch": item_switch}
+         "streams": item_streams, "switch": item_switch, "cpu": item_cpu}
 
 
 def pairs(text: str) -> list[tuple[int, int]]:
@@ -407,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams-threads", type=int, default=128)
     ap.add_argument("--streams-dur", type=float, default=6)
     ap.add_argument("--streams-warmup", type=float, default=3)
+    ap.add_argument("--cpu-servers", default="shmmel;bare",
+                    help="item cpu: servers up at once, name[:k=v,...];... (compare_cpu.py)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """The ``switch`` item of bench/compare.py: the HTTP processes' GIL switch interval
 (``http_switch_interval_us``) against Python's stock 5 ms, on shmmel and on the bare app.
 
-Four servers up at once (shmmel at the default interval, shmmel at 0 = Python's 5 ms, the
-bare app stock, the bare app at shmmel's default interval), ``--reps`` rounds of one
+Four servers up at once (shmmel at 200 µs, the default on a host of 4 or more cores;
+shmmel at 0 = Python's 5 ms, the default on a smaller one; the bare app stock and at 200 µs), ``--reps`` rounds of one
 ``/process`` run each at ``--conns``, the order rotating every round, for each of
 ``--configs``; each shmmel run as a ratio to both bare runs of its round.
 """
@@ -15,14 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_lib import Instance, bare, process_wrk  # noqa: E402
 
-from shmmel.config import Config  # noqa: E402
+from shmmel.config import SPARE_CORES_MIN, default_switch_interval_us  # noqa: E402
 
 
 def item_switch(a, out: Path) -> dict:
-    us = Config.http_switch_interval_us
+    us = default_switch_interval_us(SPARE_CORES_MIN)  # the short interval, set on both
     res: dict = {"interval_us": us, "configs": []}
     for http, workers in a.configs:
-        with Instance(out, http, a.threads, workers, a.kind) as short, \
+        with Instance(out, http, a.threads, workers, a.kind,
+                      env={"SHMMEL_HTTP_SWITCH_INTERVAL_US": str(us)}) as short, \
                 Instance(out, http, a.threads, workers, a.kind,
                          env={"SHMMEL_HTTP_SWITCH_INTERVAL_US": "0"}, tag="w") as stock, \
                 bare(out, http, a.threads, switch_us=0) as b0, \

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -16,9 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_toml_matches_the_code_defaults():
-    data = tomllib.loads((ROOT / "config" / "shmmel.toml").read_text())["shmmel"]
-    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "sources"}
+    text = (ROOT / "config" / "shmmel.toml").read_text()
+    data = tomllib.loads(text)["shmmel"]
+    fields = [f for f in dataclasses.fields(Config) if f.name != "sources"]
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     assert data == defaults
+    # a default that depends on the host is listed commented out: set, it would be pinned
+    for f in fields:
+        if f.default is dataclasses.MISSING:
+            assert re.search(rf"^# {f.name} = ", text, re.M), f.name
 
 
 def test_precedence_flags_over_file_over_env(tmp_path):
@@ -66,6 +74,27 @@ def test_bad_types_and_unknown_settings_are_rejected(tmp_path):
 def test_config_round_trips_through_json():
     c = resolve({"port": 1234, "prefix": "» "}, None, {})
     assert Config.from_json(c.to_json()) == c
+
+
+def test_http_switch_interval_default_depends_on_the_host_cores(monkeypatch):
+    """200 µs where the host has cores to spare, Python's 5 ms (0) on a small host, where
+    the GIL waiters' wake-ups take the CPU the request path needs; a set value is kept."""
+    from shmmel import config as config_module
+
+    assert config_module.host_cores() == len(os.sched_getaffinity(0))
+    assert config_module.default_switch_interval_us(2) == 0
+    assert config_module.default_switch_interval_us(config_module.SPARE_CORES_MIN - 1) == 0
+    assert config_module.default_switch_interval_us(config_module.SPARE_CORES_MIN) == 200
+    monkeypatch.setattr(config_module, "host_cores", lambda: 16)
+    assert Config().http_switch_interval_us == 200
+    assert resolve({}, None, {}).http_switch_interval_us == 200
+    monkeypatch.setattr(config_module, "host_cores", lambda: 2)
+    assert Config().http_switch_interval_us == 0
+    c = resolve({}, None, {})
+    assert c.http_switch_interval_us == 0 and c.sources["http_switch_interval_us"] == "default"
+    assert Config.from_json(Config(http_switch_interval_us=200).to_json()).http_switch_interval_us == 200
+    c = resolve({}, None, {"SHMMEL_HTTP_SWITCH_INTERVAL_US": "200"})
+    assert c.http_switch_interval_us == 200 and c.sources["http_switch_interval_us"] == "env"
 
 
 def test_http_switch_interval_is_validated_and_applied_by_the_http_process():

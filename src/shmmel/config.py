@@ -25,6 +25,31 @@ WhisperDevice = Literal["cpu", "cuda"]
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 ENV_PREFIX = "SHMMEL_"
 MAX_MESSAGE_BYTES = 4096  # the /process contract: 4 KiB of UTF-8, counted in bytes
+SPARE_CORES_MIN = 4  # a host with fewer cores has none to spare for the HTTP processes
+
+
+def host_cores() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or taskset's share of
+    the host), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_switch_interval_us(cores: int | None = None) -> int:
+    """``http_switch_interval_us`` when not set: 200 µs on a host of SPARE_CORES_MIN cores or
+    more, 0 (Python's 5 ms) on a smaller one.
+
+    A thread waiting for the GIL wakes every switch interval to ask the holder to let go,
+    and the holder then sleeps until a waiter has taken it: with many pool threads in
+    requests at once (each awaits its reply mid-request), a short interval means many more
+    wake-ups and context switches. On a host with cores to spare they run beside the
+    process, and 200 µs cut the p99 at c100 by a third on the 16-core host at an unchanged
+    throughput; on 2 cores they take the CPU the HTTP processes, the workers and the clients
+    need: /process at c32 lost about a third of its throughput (futex calls per request
+    ~7 -> ~17, HTTP-side CPU per request +25 %; docs/PERFORMANCE.md, issue 12)."""
+    return 200 if (host_cores() if cores is None else cores) >= SPARE_CORES_MIN else 0
 
 
 @dataclass(frozen=True)
@@ -56,7 +81,9 @@ class Config:
     http_boot_wait: float = 10.0      # an HTTP process accepts once all http_workers booted, or after this (0: at once)
     http_accept_slack: int = 2        # leave a new connection to a sibling holding this many fewer (0: off)
     http_linger_ms: float = 1.0       # a pool thread waits this long for a kept-alive connection's next request (0: off)
-    http_switch_interval_us: int = 200  # the HTTP processes' GIL switch interval (sys.setswitchinterval; 0: Python's 5 ms)
+    # the HTTP processes' GIL switch interval (sys.setswitchinterval; 0: Python's 5 ms); by
+    # default 200 µs with 4 or more cores, 0 on fewer (default_switch_interval_us)
+    http_switch_interval_us: int = field(default_factory=default_switch_interval_us)
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "

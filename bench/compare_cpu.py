@@ -1,0 +1,180 @@
+"""The ``cpu`` item of bench/compare.py: where the CPU of a ``/process`` request goes, on
+shmmel and on the bare app, from each process's own counters.
+
+Several servers up at once (``--cpu-servers``, see :func:`parse_servers`), ``--reps``
+rounds of one ``/process`` run each at ``--conns``, the order rotating every round. Around
+each run, the CPU time (``/proc/PID/stat`` utime + stime) and the context switches
+(``/proc/PID/task/*/status``, voluntary and not) of every process of the server under load,
+grouped (shmmel: ``http``, ``workers``, ``supervisor`` = the supervisor and gunicorn's
+arbiter; bare: ``http``, ``arbiter``), and wrk's own CPU (``RUSAGE_CHILDREN``), each
+divided by the run's requests; also the whole host's busy CPU per request (``/proc/stat``),
+whose excess over the groups is other load (this machine is shared). Each shmmel run is also
+a ratio to the first bare server's run of its round.
+
+CPU per request moves far less with other load than requests per second do (a busy host
+slows both servers alike in wall time, but a request still costs what it costs), so it
+tells the two sides apart on a noisy 2-core machine where throughput ratios spread by 2x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_lib import Instance, _children, _cmdline, bare, log, process_wrk  # noqa: E402
+
+_TCK = os.sysconf("SC_CLK_TCK")
+_CS = re.compile(rb"^(voluntary|nonvoluntary)_ctxt_switches:\s*(\d+)", re.M)
+
+
+def proc_times(pid: int) -> tuple[float, float, int, int]:
+    """(user s, system s, voluntary, involuntary context switches) of a process, all its
+    threads together; zeros for a process that is gone."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        user, system = int(f[11]) / _TCK, int(f[12]) / _TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0, 0, 0
+    cs = {b"voluntary": 0, b"nonvoluntary": 0}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for kind, n in _CS.findall(Path(f"/proc/{pid}/task/{tid}/status").read_bytes()):
+                    cs[kind] += int(n)
+    return user, system, cs[b"voluntary"], cs[b"nonvoluntary"]
+
+
+def group_times(pids: list[int]) -> list[float]:
+    tot = [0.0, 0.0, 0.0, 0.0]
+    for pid in pids:
+        for i, x in enumerate(proc_times(pid)):
+            tot[i] += x
+    return tot
+
+
+def host_busy() -> float:
+    """Seconds of CPU the host has spent busy (all CPUs, /proc/stat), so far."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _TCK  # all but idle and iowait (guest is in user)
+
+
+def shmmel_groups(inst: Instance) -> dict[str, list[int]]:
+    st = inst.status()
+    http = [int(r["pid"]) for r in st.get("http", []) if r.get("pid")]
+    workers = [int(r["pid"]) for r in st.get("workers", []) if r.get("pid")]
+    sup = int(st.get("pid") or 0)
+    arbiter = int(st.get("gunicorn_pid") or 0)
+    return {"http": http, "workers": workers, "supervisor": [p for p in (sup, arbiter) if p]}
+
+
+def bare_groups(masters: list[int]) -> dict[str, list[int]]:
+    return {"http": [k for m in masters for k in _children(m)], "arbiter": masters}
+
+
+def _baseline_masters() -> set[int]:
+    return {k for k in _children(os.getpid()) if b"baseline_app" in _cmdline(k)}
+
+
+def measured_run(url: str, conns: int, dur: float, groups: dict[str, list[int]], label: str,
+                 out: Path) -> dict:
+    """One /process run with the CPU of each group, wrk's and the host's per request."""
+    before = {g: group_times(p) for g, p in groups.items()}
+    kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = host_busy()
+    r = process_wrk(url, conns, dur, label, out)
+    busy = host_busy() - busy0
+    kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    n = max(1, r["requests"])
+    cpu: dict = {}
+    for g, pids in groups.items():
+        d = [a - b for a, b in zip(group_times(pids), before[g])]
+        cpu[g] = {"us": round((d[0] + d[1]) / n * 1e6, 1), "user_us": round(d[0] / n * 1e6, 1),
+                  "sys_us": round(d[1] / n * 1e6, 1), "vcs": round(d[2] / n, 2),
+                  "ivcs": round(d[3] / n, 2)}
+    wrk_s = (kids1.ru_utime - kids0.ru_utime) + (kids1.ru_stime - kids0.ru_stime)
+    cpu["wrk"] = {"us": round(wrk_s / n * 1e6, 1)}
+    ours = sum(v["us"] for v in cpu.values())
+    cpu["host_us"] = round(busy / n * 1e6, 1)
+    cpu["other_us"] = round(cpu["host_us"] - ours, 1)  # other load on the machine
+    r["cpu"] = cpu
+    log("    cpu us/request: " + ", ".join(
+        f"{g} {v['us']:.0f}" + (f" (sys {v['sys_us']:.0f}, vcs {v['vcs']:.1f})"
+                                if "vcs" in v else "")
+        for g, v in cpu.items() if isinstance(v, dict)) + f"; other load {cpu['other_us']:.0f}")
+    return r
+
+
+def parse_servers(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``name[:k=v,k=v];...``: a name starting with ``bare`` is the bare app (option
+    ``switch``: its GIL switch interval in µs); any other is a shmmel instance (option ``w``:
+    compute workers, else the first of ``--configs``; other options are environment
+    variables, e.g. ``SHMMEL_HTTP_LINGER_MS=0``)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, opts = part.partition(":")
+        out.append((name, dict(kv.split("=", 1) for kv in opts.split(",") if kv)))
+    return out
+
+
+def _median_cpu(runs: list[dict], group: str, key: str) -> float | None:
+    xs = [r["cpu"][group][key] for r in runs if group in r.get("cpu", {})
+          and key in r["cpu"][group]]
+    return round(statistics.median(xs), 2) if xs else None
+
+
+def item_cpu(a, out: Path) -> dict:
+    http, workers = a.configs[0]
+    servers = parse_servers(a.cpu_servers)
+    up: list[tuple[str, str, dict[str, list[int]], dict]] = []
+    res: dict = {"http_workers": http, "threads": a.threads, "conns": a.conns,
+                 "servers": {}}
+    with contextlib.ExitStack() as stack:
+        for name, opts in servers:
+            if name.startswith("bare"):
+                before = _baseline_masters()
+                b = stack.enter_context(bare(out, http, a.threads,
+                                             switch_us=int(opts.get("switch", 0))))
+                up.append((name, b.url, bare_groups(sorted(_baseline_masters() - before)),
+                           {"switch_us": int(opts.get("switch", 0))}))
+            else:
+                env = {k: v for k, v in opts.items() if k != "w"}
+                w = int(opts.get("w", workers))
+                inst = stack.enter_context(Instance(out, http, a.threads, w, a.kind, env=env,
+                                                    tag=f"c{len(up)}"))
+                up.append((name, inst.url, shmmel_groups(inst),
+                           {"workers": w, "env": env, "inst": inst}))
+        for name, url, _g, _d in up:
+            process_wrk(url, a.conns, 1, f"cpu {name} warm-up", out)
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in up}
+        for i in range(a.reps):
+            k = i % len(up)
+            for name, url, groups, _d in up[k:] + up[:k]:
+                runs[name].append(measured_run(url, a.conns, a.dur, groups,
+                                               f"cpu {name} #{i + 1}", out))
+    anchor = next((name for name, *_ in up if name.startswith("bare")), None)
+    for name, _url, groups, desc in up:
+        rs = runs[name]
+        row: dict = {k: v for k, v in desc.items() if k != "inst"}
+        if "inst" in desc:
+            row["health"] = desc["inst"].health
+        row["rps"] = [r["rps"] for r in rs]
+        row["p99_ms"] = [r["p99_ms"] for r in rs]
+        row["non_2xx"] = sum(r["non_2xx"] for r in rs)
+        row["timeouts"] = sum(r["timeouts"] for r in rs)
+        row["cpu_median"] = {g: {key: _median_cpu(rs, g, key)
+                                 for key in ("us", "user_us", "sys_us", "vcs", "ivcs")
+                                 if _median_cpu(rs, g, key) is not None}
+                             for g in (*groups, "wrk")}
+        row["cpu_runs"] = [r["cpu"] for r in rs]
+        if anchor and name != anchor:
+            row["ratio_rps"] = [round(x["rps"] / y["rps"], 3) for x, y in
+                                zip(rs, runs[anchor])]
+        res["servers"][name] = row
+    return res
