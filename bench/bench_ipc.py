@@ -12,8 +12,13 @@ first, as the floor any design built on these semaphores can reach.
 ``--spin-us``: the workers' ``worker_spin_us`` (poll for more work after serving);
 ``--reply-spin-us``: the producers' poll for the reply before sleeping on its semaphore
 (``Producer(reply_spin=...)``, default ``channel.REPLY_SPIN``). Both poll only on a host
-with cores to spare (``channel.spare_cores``: 4 or more, runnable threads under half), so on a
-small or busy host every case runs without polling.
+with cores to spare (``channel.spare_cores``: 4 or more, runnable threads under three
+quarters of them), so on a small or busy host every case runs without polling.
+
+Besides the latencies each case reports ``per_batch`` (requests per worker scan), and the CPU
+time per round trip of the workers (``worker_cpu_us``, from /proc, spinning included) and of
+the producers (``producer_cpu_us``, polling and the histogram included): on a host where
+the workers are the bottleneck (8 producers, 2 workers) the first sets the queueing.
 """
 
 from __future__ import annotations
@@ -88,6 +93,13 @@ def sem_pingpong(seconds: float) -> dict[str, float]:
             s.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (clock ticks, from /proc)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def producer(instance: str, seconds: float, payload: bytes, wfd: int,
              reply_spin: float) -> None:
     shm = Shm.attach(instance)
@@ -97,6 +109,7 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int,
         prod.call(L.OP_PING, payload, timeout=5)
     end = time.perf_counter() + seconds
     t_start = time.perf_counter()
+    cpu0 = time.process_time()
     while True:
         t0 = time.perf_counter_ns()
         prod.call(L.OP_PING, payload, timeout=5)
@@ -104,7 +117,9 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int,
         if time.perf_counter() > end:
             break
     elapsed = time.perf_counter() - t_start
-    os.write(wfd, (json.dumps({"hist": h.encode().decode(), "elapsed": elapsed}) + "\n").encode())
+    cpu = time.process_time() - cpu0
+    os.write(wfd, (json.dumps({"hist": h.encode().decode(), "elapsed": elapsed, "cpu": cpu})
+                   + "\n").encode())
 
 
 def channel_round_trip(n_producers: int, seconds: float, workers: int,
@@ -129,6 +144,9 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
             time.sleep(0.01)
         r, w = os.pipe()
         prods = []
+        served0 = int(shm.workers["served"].sum())
+        batches0 = int(shm.workers["batches"].sum())
+        cpu0 = sum(cpu_seconds(pid) for pid in pids)
         payload = os.urandom(payload_bytes)
         for _ in range(n_producers):
             pid = os.fork()
@@ -141,13 +159,22 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
         os.close(w)
         for pid in prods:
             os.waitpid(pid, 0)
+        worker_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
         with os.fdopen(r) as fh:
             lines = [json.loads(line) for line in fh]
         merged = new_hist()
         for line in lines:
             merged.decode_and_add(line["hist"])
         elapsed = max(line["elapsed"] for line in lines)
-        return summarise(merged, elapsed)
+        out = summarise(merged, elapsed)
+        # requests per worker batch (one scan's take) and CPU per round trip, warm-up included
+        served = int(shm.workers["served"].sum()) - served0
+        batches = int(shm.workers["batches"].sum()) - batches0
+        out["per_batch"] = round(served / max(batches, 1), 2)
+        out["worker_cpu_us"] = round(worker_cpu / max(served, 1) * 1e6, 2)
+        out["producer_cpu_us"] = round(sum(line["cpu"] for line in lines)
+                                       / max(out["count"], 1) * 1e6, 2)
+        return out
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
@@ -182,12 +209,15 @@ def main() -> None:
         return
     print(f"# IPC round trip, {results['date']}, {results['cpus']} CPUs, Python "
           f"{results['python']}, {args.workers} workers, {args.payload} B payload")
-    print("| case | round trips/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | round trips/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | per batch "
+          "| worker CPU µs | producer CPU µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         if isinstance(r, dict):
             print(f"| {key} | {r['per_s']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | "
-                  f"{r['p99_us']:.1f} | {r['p999_us']:.1f} | {r['max_us']:.0f} |")
+                  f"{r['p99_us']:.1f} | {r['p999_us']:.1f} | {r['max_us']:.0f} | "
+                  f"{r.get('per_batch', '')} | {r.get('worker_cpu_us', '')} | "
+                  f"{r.get('producer_cpu_us', '')} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ _SO_OP = _SO["op"]
 _REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xIIIiqqqq"
                          f"{_SO['t_submit'] - _SO['r0']}xd")
 assert _SO["worker"] == _SO["op"] + 4 and _SO["gen"] == _SO["op"] + 8
+assert L.R_OK == 0  # answer() tests the status as a truth value
 assert _SO["r0"] == _SO["arg3"] + 8 and _SO["t_submit"] + 8 - _SO["op"] == _REQUEST.size
 _monotonic = time.monotonic
 
@@ -117,13 +118,14 @@ class Inbox:
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:
         """Answer slot ``j``: the reply's words, then DONE, then its post. ``r0``..``f1``
-        are written only when one of them is not zero: the producer zeroes them at submit
-        (Slot.submit), so a plain answer is five stores."""
+        are written only for an error or when one of them is not zero: the producer zeroes
+        them at submit (Slot.submit), so a plain OK answer is five stores (an error also
+        resets the progress word of parts published before it, as it always did)."""
         w4, w8 = self._words[j]
         u32, u64 = self._u32, self._u64
         u32[w4 + _RESPLEN] = resp_len
         u32[w4 + _STATUS] = status
-        if r0 or r1 or f0 or f1:
+        if status or r0 or r1 or f0 or f1:  # status: R_OK is 0
             i64, f64 = self._i64, self._f64
             i64[w8 + _R0] = r0
             i64[w8 + _R1] = r1
