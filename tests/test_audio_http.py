@@ -260,7 +260,7 @@ def _binary_mel(raw: bytes) -> np.ndarray:
 def test_uploads_larger_than_a_slot_through_gunicorn_equal_offline(audio_daemon):
     """Through gunicorn, a body with a Content-Length larger than a slot is received
     straight into the slot, a push at a time: s16le, WAV (its header's extra bytes first)
-    and float32, padded, JSON; two uploads pipelined on one keep-alive connection (the
+    and float32, padded, JSON, answered whole up to 1 MiB and streamed beyond; two uploads pipelined on one keep-alive connection (the
     second one's bytes arrive with the first: each body is read to its length, no further)
     each equal offline bit for bit; nothing left behind."""
     x = speechlike(10.0, seed=21)
@@ -273,9 +273,15 @@ def test_uploads_larger_than_a_slot_through_gunicorn_equal_offline(audio_daemon)
              ("format=binary&n_mels=128", x.tobytes(), "audio/x-f32le;rate=16000", x,
               {"n_mels": 128})]
     for query, body, ctype, ref_in, kw in cases:
-        status, _, raw = post(audio_daemon, f"/audio/stream?{query}", body, ctype)
+        status, headers, raw = post(audio_daemon, f"/audio/stream?{query}", body, ctype)
         assert status == 200, raw
+        assert int(headers["content-length"]) == len(raw)  # up to 1 MiB: answered whole
         assert np.array_equal(_binary_mel(raw), mel.log_mel_spectrogram(ref_in, **kw)), query
+    long = as_i16(speechlike(33.0, seed=24))  # over 1 MiB: frames stream back as computed
+    status, headers, raw = post(audio_daemon, "/audio/stream?format=binary", long.tobytes(),
+                                "audio/L16;rate=16000")
+    assert status == 200 and headers.get("transfer-encoding") == "chunked"
+    assert np.array_equal(_binary_mel(raw), mel.log_mel_spectrogram(long))
     status, _, raw = post(audio_daemon, "/audio/stream?format=json", i16.tobytes(),
                           "audio/L16;rate=16000")
     assert status == 200

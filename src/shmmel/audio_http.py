@@ -28,7 +28,7 @@ from .config import Config
 from .errors import BadRequest
 from .mel import N_SAMPLES, FrameBatch
 from .audio_calls import AudioCalls
-from .upload import AudioBody, Spec, Upload
+from .upload import WHOLE_ANSWER_BYTES, AudioBody, Spec, Upload
 
 log = logging.getLogger("shmmel.audio")
 
@@ -118,17 +118,22 @@ class AudioStreamResource:
             up.close()
             raise
         resp.content_type = out
-        if out in wire.STREAMING and not up.done:
+        if out in wire.STREAMING and not up.done and not (
+                body.exact and body.content_length <= WHOLE_ANSWER_BYTES):
             header = self.calls.shm.header
             resp.stream = up.stream(head, body, out,
                                     lambda: header["state"] == L.INST_STOPPING)
             return
-        try:  # a body answered whole in start() (every sample had arrived) goes out as
-            up.to_end(body)  # one answer with a Content-Length, streaming formats too
+        # a body answered whole in start() (every sample had arrived), or a short one of
+        # known size, goes out as one answer with a Content-Length, streaming formats too
+        parts = [head]
+        try:
+            up.to_end(body, parts)
         finally:
             up.close()
             body.reader.drain()  # if the answer ends before the upload did
-        resp.data = head + up.sink.result() if head else up.sink.result()
+        parts.append(up.sink.result())
+        resp.data = b"".join(parts)
 
 
 def session_reply(out: str, fb: FrameBatch) -> bytes:

@@ -32,6 +32,9 @@ from .stream_table import Handle
 
 log = logging.getLogger("shmmel.audio")
 READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio per read
+# a body of known size up to this many bytes is answered whole, with a Content-Length, in
+# the streaming formats too (~32 s of s16le): one write, no chunked framing
+WHOLE_ANSWER_BYTES = 1 << 20
 
 
 class AudioBody:
@@ -301,10 +304,13 @@ class Upload:
             if chunk:
                 yield chunk
 
-    def to_end(self, body: AudioBody) -> None:
-        """Feed the rest of the body with nothing to send meanwhile (whole-result formats)."""
+    def to_end(self, body: AudioBody, out: list[bytes] | None = None) -> None:
+        """Feed the rest of the body with nothing to send meanwhile (whole-result formats,
+        or a streaming format answered whole: its output appended to ``out``)."""
         while not self.done:
-            self._next(body)
+            chunk = self._next(body)
+            if out is not None and chunk:
+                out.append(chunk)
 
     def _next(self, body: AudioBody) -> bytes:
         """The next read of the body and its push (the finish once it has ended)."""
