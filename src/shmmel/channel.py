@@ -368,8 +368,10 @@ class Slot:
 
     def _take_post(self) -> None:
         self._drain = False
-        with contextlib.suppress(posix_ipc.BusyError):
+        try:  # not contextlib.suppress: this runs on the polled request's path
             self.shm.replies[self.index].acquire(0)
+        except posix_ipc.BusyError:
+            pass  # not posted yet: the slot's next wait takes it (its seq tells it apart)
 
     def orphan(self) -> None:
         """Give the slot to the supervisor, which frees it once its worker is done with it."""

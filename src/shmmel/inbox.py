@@ -30,10 +30,11 @@ _S_DONE = L.S_DONE
 _SIZE = L.SLOT.itemsize
 _SO_OP = _SO["op"]
 # a submitted request in one read, from op: op, (worker), gen, (seq, resp_seq, owner),
-# req_len, resp_len, status, stream, arg0..arg3, (r0, r1, f0, f1), t_submit
-_REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xIIIiqqqq"
+# req_len, (resp_len, status), stream, arg0..arg3, (r0, r1, f0, f1), t_submit
+_REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xI8xiqqqq"
                          f"{_SO['t_submit'] - _SO['r0']}xd")
 assert _SO["worker"] == _SO["op"] + 4 and _SO["gen"] == _SO["op"] + 8
+assert _SO["stream"] == _SO["req_len"] + 12
 assert L.R_OK == 0  # answer() tests the status as a truth value
 assert _SO["r0"] == _SO["arg3"] + 8 and _SO["t_submit"] + 8 - _SO["op"] == _REQUEST.size
 _monotonic = time.monotonic
@@ -53,10 +54,14 @@ class Inbox:
         self._slots_off = shm.layout.slots_off
         self._u32, self._u64, self._i64, self._f64 = shm.u32, shm.u64, shm.i64, shm.f64
         self._replies = shm.replies
-        # (4-byte, 8-byte) word index of every slot's header, for the single stores
-        first = self._slots_off
-        self._words = [((first + j * _SIZE) >> 2, (first + j * _SIZE) >> 3)
-                       for j in range(len(self._states))]
+        # per slot, computed once: the (4-byte, 8-byte) word index of its header, for the
+        # single stores; what take needs (the request's offset, the t_taken and state
+        # words); and what ok needs (resp_len, status, resp_seq, seq, t_done, state)
+        offs = [self._slots_off + j * _SIZE for j in range(len(self._states))]
+        self._words = [(o >> 2, o >> 3) for o in offs]
+        self._take_at = [(o + _SO_OP, (o >> 3) + _TTAKEN, (o >> 2) + _ST) for o in offs]
+        self._ok_at = [((o >> 2) + _RESPLEN, (o >> 2) + _STATUS, (o >> 3) + _RSEQ,
+                        (o >> 3) + _SEQ, (o >> 3) + _TDONE, (o >> 2) + _ST) for o in offs]
 
     def wait(self, timeout: float) -> bool:
         try:
@@ -77,15 +82,15 @@ class Inbox:
         if not mine.size:
             return []
         ctl, u32, f64, gen, taken = self.shm.ctl_view, self._u32, self._f64, self.gen, self._taken
-        first, words, unpack = self._slots_off + _SO_OP, self._words, _REQUEST.unpack_from
+        at, unpack = self._take_at, _REQUEST.unpack_from
         out = []
         for j in mine.tolist():
-            op, g, req_len, _n, _s, stream, a0, a1, a2, a3, t_sub = unpack(ctl, first + j * _SIZE)
+            off, t_taken, state = at[j]
+            op, g, req_len, stream, a0, a1, a2, a3, t_sub = unpack(ctl, off)
             if g != gen:
                 continue  # queued on a dead generation; its producer frees it
-            w4, w8 = words[j]
-            f64[w8 + _TTAKEN] = now
-            u32[w4 + _ST] = taken
+            f64[t_taken] = now
+            u32[state] = taken
             out.append((t_sub, j, (op, req_len, stream, a0, a1, a2, a3)))
         if len(out) > 1:
             out.sort()  # by t_submit (slots are unique, so a tie compares slot numbers)
@@ -114,6 +119,18 @@ class Inbox:
         self.shm.payload[j, : len(data)] = memoryview(data)
         self.answer(j, status, len(data))
         return 1
+
+    def ok(self, j: int, resp_len: int) -> None:
+        """``answer(j, R_OK, resp_len)``, the short requests' answer: four stores, DONE,
+        the post (the word indexes computed once per slot)."""
+        resp_len_at, status_at, rseq_at, seq_at, done_at, state_at = self._ok_at[j]
+        u32, u64 = self._u32, self._u64
+        u32[resp_len_at] = resp_len
+        u32[status_at] = 0  # R_OK
+        u64[rseq_at] = u64[seq_at]
+        self._f64[done_at] = _monotonic()
+        u32[state_at] = _S_DONE
+        self._replies[j].release()
 
     def answer(self, j: int, status: int, resp_len: int, r0: int = 0, r1: int = 0,
                f0: float = 0.0, f1: float = 0.0) -> None:

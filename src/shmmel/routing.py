@@ -157,7 +157,6 @@ class Routing:
             if self._depth_list[k] < self.queue_depth:
                 return k, gen
         for fresh in (False, True):
-
             depths = self._cached_depths(fresh)
             for i in range(len(ready)):
                 k, gen, _ = ready[(first + i) % len(ready)]

@@ -25,7 +25,7 @@ from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
 _monotonic = time.monotonic
-OP_TEXT, OP_PING, R_OK = L.OP_TEXT, L.OP_PING, L.R_OK
+OP_TEXT, OP_PING = L.OP_TEXT, L.OP_PING
 
 
 EXIT_OK = 0
@@ -212,15 +212,15 @@ class Worker:
             if op == OP_TEXT:
                 errors += self.serve_text(j, req[1], req[3], req[4] != 0)
             elif op == OP_PING:
-                inbox.answer(j, R_OK, req[1])
+                inbox.ok(j, req[1])
             elif op in L.AUDIO_OPS and self.audio:
                 audio.append((j, req))
             elif op in L.WHISPER_OPS and self.whisper:
                 whisper.append(j)
             else:
                 errors += self.fail(j, L.R_ERROR, f"unknown op {op}")
-        self.shm.f64[self._beat] = now = _monotonic()  # see beat()
         if audio or whisper:
+            self.beat()
             if audio:
                 errors += self.audio.serve(audio, inbox)
                 self.samples += self.audio.take_samples()  # counted by serve alone
@@ -228,10 +228,11 @@ class Worker:
             if whisper:
                 errors += self.whisper.serve(whisper)
                 self.beat()
-            now = _monotonic()
-            self.publish_counters(errors, len(taken), now - t0)
+            self.publish_counters(errors, len(taken), _monotonic() - t0)
             return
-        # publish_counters, inline for the short requests (samples unchanged)
+        # publish_counters, inline for the short requests (samples unchanged; the heartbeat
+        # as stamped at the wake-up, microseconds ago)
+        now = _monotonic()
         (v0, i0), (v1, i1), (v2, i2), (v3, i3), _ = self._counter_words
         v0[i0] = self.served = self.served + len(taken)
         if errors:
@@ -284,7 +285,7 @@ class Worker:
         if len(out) > size:
             return self.fail(j, L.R_ERROR, "result larger than a slot")
         data[off : off + len(out)] = out
-        self.inbox.answer(j, L.R_OK, len(out))
+        self.inbox.ok(j, len(out))
         return 0
 
 
