@@ -208,6 +208,17 @@ def test_process_content_types_and_exact_limits(hard):
     assert status == 200 and body["result"] == "😀" * 1024
 
 
+@pytest.mark.parametrize("message", ['say "hi"\\', "tab\there\nnew\r\x00\x1f\x7f", "é😀\u2028\u2029",
+                                     "</script>", ""])
+def test_process_answer_bytes_are_falcons_json(hard, message):
+    """The answer is serialised by hand (app.result_json): the same bytes Falcon's JSON
+    handler writes (ensure_ascii off), escapes included."""
+    status, headers, raw = hard.request("POST", "/process",
+                                        json.dumps({"message": message, "op": "upper"}), JSON_CT)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert raw == json.dumps({"result": message.upper()}, ensure_ascii=False).encode()
+
+
 def test_process_chunked_body_over_the_limit_is_413(hard):
     reply = post_chunked(hard, "/process", "application/json",
                          [b'{"message": "'] + [b"a" * 8192] * 10 + [b'"}'])

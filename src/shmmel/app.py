@@ -30,8 +30,17 @@ from .whisper.openai import openai_errors
 log = logging.getLogger("shmmel.http")
 NDJSON = "application/x-ndjson"
 
+_encode_str = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept
 MAX_JSON_BODY = 64 * 1024  # a 4 KiB message may grow six-fold as JSON \\u escapes
 TEXT_OP_INDEX = {name: i for i, name in enumerate(L.TEXT_OPS)}
+
+
+def result_json(data: bytes) -> bytes:
+    """``{"result": <data as a JSON string>}`` from the worker's UTF-8 answer: the bytes
+    Falcon's JSON handler (``json.dumps(..., ensure_ascii=False)``) writes, made with the
+    string encoder that dumps calls (C) and no encoder object, dict or generator (~130
+    bytecodes a request less)."""
+    return b'{"result": ' + _encode_str(data.decode("utf-8")).encode() + b"}"
 
 
 def error_serializer(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
@@ -112,7 +121,7 @@ class ProcessResource:
         if not isinstance(stream, bool):
             raise falcon.HTTPBadRequest(title="Bad Request",
                                         description='"stream" must be true or false')
-        accept = req.get_header("Accept")
+        accept = req.env.get("HTTP_ACCEPT")  # req.get_header, without its name mangling
         if stream or (accept and "*/*" not in accept and req.client_prefers(
                 [falcon.MEDIA_JSON, NDJSON]) == NDJSON):
             self._stream(resp, data, TEXT_OP_INDEX[op])
@@ -123,11 +132,8 @@ class ProcessResource:
             raise BadRequest(reply.data.decode(errors="replace"))
         if reply.status != L.R_OK:
             raise RuntimeError(f"worker error: {reply.data.decode(errors='replace')}")
-        # serialised here rather than through resp.media: the bytes Falcon's JSON handler
-        # writes (ensure_ascii off), a few microseconds less a request
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = json.dumps({"result": reply.data.decode("utf-8")},
-                               ensure_ascii=False).encode()
+        resp.data = result_json(reply.data)
         resp.set_header("Server-Timing", reply.server_timing())
 
 
