@@ -430,3 +430,19 @@ def test_an_old_holder_never_frees_the_stream_that_reuses_its_entry(small):
     assert int(shm.streams["state"][new.index]) == L.ST_OPEN
     table.free(new.index, new.token)
     assert int(shm.streams["state"][new.index]) == L.ST_FREE
+
+
+def test_streams_go_to_cuda_workers_and_fall_back_at_once_when_none_is_ready(small):
+    """Audio goes to the CUDA workers while one is ready (the kinds are looked at once per
+    audio_calls.KINDS_TTL); when none is ready any more, the next stream goes to another
+    mel worker at once, not after the kinds' time to live (nor a 503)."""
+    shm, _ = small
+    shm.workers["kind"][0], shm.workers["kind"][1] = L.K_CPU, L.K_CUDA
+    calls = AudioCalls(Config(), Producer(shm, queue_depth=4))
+    opened = [calls._allocate(80, 0) for _ in range(2)]
+    assert [h.worker for h in opened] == [1, 1]  # the CUDA worker, though it holds more
+    shm.workers["state"][1] = L.W_DEAD
+    h = calls._allocate(80, 0)
+    assert h.worker == 0 and calls._kinds() == tuple(L.MEL_KINDS)
+    for h in [*opened, h]:
+        calls.table.free(h.index, h.token)

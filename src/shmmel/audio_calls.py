@@ -26,6 +26,7 @@ from .mel import HOP_LENGTH, FrameBatch
 from .stream_table import Handle, StreamTable
 
 OUT_MARGIN = 4096  # bytes kept free in a slot for the frames a push completes beyond its own
+KINDS_TTL = 0.05  # s: how long the kinds of worker audio goes to are taken as last seen
 
 
 def check_reply(slot: Slot, status: int) -> None:
@@ -48,6 +49,8 @@ class AudioCalls:
         self.config, self.producer, self.shm = config, producer, producer.shm
         self.table = StreamTable(self.shm, producer.row)
         self.pid = os.getpid()
+        self._kinds_seen: tuple[int, ...] = tuple(L.MEL_KINDS)
+        self._kinds_at = -1.0
 
     def push_samples(self, fmt: int, n_mels: int) -> int:
         """Samples one push of ``fmt`` takes: they and the frames they complete (a few
@@ -93,11 +96,27 @@ class AudioCalls:
         """A table entry on the least loaded (CUDA, where there is one) worker."""
         if n_mels not in (80, 128):
             raise BadRequest("n_mels must be 80 or 128")
-        w = self.shm.workers
-        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
-        return self.table.allocate(n_mels, padding, lambda t: self.producer.least_loaded(
-            kinds, streams=pinned_streams(self.shm.workers, t)), self.pid)
+        return self.table.allocate(n_mels, padding, self._place, self.pid)
+
+    def _place(self, t: np.ndarray) -> tuple[int, int]:
+        """The worker for a new stream, given the table (its open streams per worker)."""
+        pinned = pinned_streams(self.shm.workers, t)
+        try:
+            return self.producer.least_loaded(self._kinds(), streams=pinned)
+        except ServiceUnavailable:  # no worker of the kinds as last seen: look again
+            self._kinds_at = -1.0
+            return self.producer.least_loaded(self._kinds(), streams=pinned)
+
+    def _kinds(self) -> tuple[int, ...]:
+        """The worker kinds audio goes to: CUDA where a CUDA worker is ready, else any mel
+        worker; looked at again after KINDS_TTL (or when no worker of them was found)."""
+        now = time.monotonic()
+        if now - self._kinds_at > KINDS_TTL:
+            w = self.shm.workers
+            cuda = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
+            self._kinds_seen = (L.K_CUDA,) if cuda else tuple(L.MEL_KINDS)
+            self._kinds_at = now
+        return self._kinds_seen
 
     def drop_entry(self, h: Handle, exc: BaseException) -> None:
         """After a failed open (or opening push): free the entry when its worker answered
@@ -161,11 +180,14 @@ class AudioCalls:
         are a view of the slot, valid until its next request or its release."""
         if n_mels not in (80, 128):
             raise BadRequest("n_mels must be 80 or 128")
-        w = self.shm.workers
-        cuda_ready = bool(((w["state"] == L.W_READY) & (w["kind"] == L.K_CUDA)).any())
-        kinds = [L.K_CUDA] if cuda_ready else list(L.MEL_KINDS)
         deadline = time.monotonic() + self.config.request_timeout
-        k, gen = self.producer.pick_worker(kinds)
+        kinds = self._kinds()
+        try:
+            k, gen = self.producer.pick_worker(kinds)
+        except ServiceUnavailable:  # no worker of the kinds as last seen: look again
+            self._kinds_at = -1.0
+            kinds = self._kinds()
+            k, gen = self.producer.pick_worker(kinds)
         for attempt in (0, 1):
             slot.view(len(data))[:] = data  # again on a retry: the dead worker may have written
             slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
