@@ -114,8 +114,9 @@ def measured_run(url: str, conns: int, dur: float, groups: dict[str, list[int]],
 def parse_servers(text: str) -> list[tuple[str, dict[str, str]]]:
     """``name[:k=v,k=v];...``: a name starting with ``bare`` is the bare app (option
     ``switch``: its GIL switch interval in µs); any other is a shmmel instance (option ``w``:
-    compute workers, else the first of ``--configs``; other options are environment
-    variables, e.g. ``SHMMEL_HTTP_LINGER_MS=0``)."""
+    compute workers, else the first of ``--configs``; ``code``: a checkout with src/ and cli/
+    to run instead of the code on PYTHONPATH, e.g. a patched copy; other options are
+    environment variables, e.g. ``SHMMEL_HTTP_LINGER_MS=0``)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, opts = part.partition(":")
@@ -144,12 +145,14 @@ def item_cpu(a, out: Path) -> dict:
                 up.append((name, b.url, bare_groups(sorted(_baseline_masters() - before)),
                            {"switch_us": int(opts.get("switch", 0))}))
             else:
-                env = {k: v for k, v in opts.items() if k != "w"}
+                env = {k: v for k, v in opts.items() if k not in ("w", "code")}
                 w = int(opts.get("w", workers))
+                code = Path(opts["code"]).resolve() if "code" in opts else None
                 inst = stack.enter_context(Instance(out, http, a.threads, w, a.kind, env=env,
-                                                    tag=f"c{len(up)}"))
+                                                    code=code, tag=f"c{len(up)}"))
                 up.append((name, inst.url, shmmel_groups(inst),
-                           {"workers": w, "env": env, "inst": inst}))
+                           {"workers": w, "env": env, "code": str(code or "PYTHONPATH"),
+                            "inst": inst}))
         for name, url, _g, _d in up:
             process_wrk(url, a.conns, 1, f"cpu {name} warm-up", out)
         runs: dict[str, list[dict]] = {name: [] for name, *_ in up}
