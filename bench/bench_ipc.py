@@ -15,10 +15,13 @@ first, as the floor any design built on these semaphores can reach.
 with cores to spare (``channel.spare_cores``: 4 or more, runnable threads under three
 quarters of them), so on a small or busy host every case runs without polling.
 
-Besides the latencies each case reports ``per_batch`` (requests per worker scan), and the CPU
+Besides the latencies each case reports ``per_batch`` (requests per worker scan), the CPU
 time per round trip of the workers (``worker_cpu_us``, from /proc, spinning included) and of
-the producers (``producer_cpu_us``, polling and the histogram included): on a host where
-the workers are the bottleneck (8 producers, 2 workers) the first sets the queueing.
+the producers (``producer_cpu_us``, polling and the histogram included), and their sleeps
+per round trip (``worker_sleeps``, ``producer_sleeps``: voluntary context switches; near 0
+where the polls catch the posts, about 1 where every request sleeps on a semaphore). On a
+host where the workers are the bottleneck (8 producers, 2 workers) their CPU per round trip
+sets the queueing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import sys
 import time
@@ -100,6 +104,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of process ``pid`` so far (from /proc)."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def producer(instance: str, seconds: float, payload: bytes, wfd: int,
              reply_spin: float) -> None:
     shm = Shm.attach(instance)
@@ -109,7 +122,7 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int,
         prod.call(L.OP_PING, payload, timeout=5)
     end = time.perf_counter() + seconds
     t_start = time.perf_counter()
-    cpu0 = time.process_time()
+    cpu0, csw0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     while True:
         t0 = time.perf_counter_ns()
         prod.call(L.OP_PING, payload, timeout=5)
@@ -118,8 +131,9 @@ def producer(instance: str, seconds: float, payload: bytes, wfd: int,
             break
     elapsed = time.perf_counter() - t_start
     cpu = time.process_time() - cpu0
-    os.write(wfd, (json.dumps({"hist": h.encode().decode(), "elapsed": elapsed, "cpu": cpu})
-                   + "\n").encode())
+    csw = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - csw0
+    os.write(wfd, (json.dumps({"hist": h.encode().decode(), "elapsed": elapsed, "cpu": cpu,
+                               "csw": csw}) + "\n").encode())
 
 
 def channel_round_trip(n_producers: int, seconds: float, workers: int,
@@ -147,6 +161,7 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
         served0 = int(shm.workers["served"].sum())
         batches0 = int(shm.workers["batches"].sum())
         cpu0 = sum(cpu_seconds(pid) for pid in pids)
+        csw0 = sum(sleeps(pid) for pid in pids)
         payload = os.urandom(payload_bytes)
         for _ in range(n_producers):
             pid = os.fork()
@@ -160,6 +175,7 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
         for pid in prods:
             os.waitpid(pid, 0)
         worker_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        worker_csw = sum(sleeps(pid) for pid in pids) - csw0
         with os.fdopen(r) as fh:
             lines = [json.loads(line) for line in fh]
         merged = new_hist()
@@ -174,6 +190,9 @@ def channel_round_trip(n_producers: int, seconds: float, workers: int,
         out["worker_cpu_us"] = round(worker_cpu / max(served, 1) * 1e6, 2)
         out["producer_cpu_us"] = round(sum(line["cpu"] for line in lines)
                                        / max(out["count"], 1) * 1e6, 2)
+        out["worker_sleeps"] = round(worker_csw / max(served, 1), 3)
+        out["producer_sleeps"] = round(sum(line["csw"] for line in lines)
+                                       / max(out["count"], 1), 3)
         return out
     finally:
         for pid in pids:
@@ -210,14 +229,15 @@ def main() -> None:
     print(f"# IPC round trip, {results['date']}, {results['cpus']} CPUs, Python "
           f"{results['python']}, {args.workers} workers, {args.payload} B payload")
     print("| case | round trips/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | per batch "
-          "| worker CPU µs | producer CPU µs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| worker CPU µs | producer CPU µs | worker sleeps | producer sleeps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         if isinstance(r, dict):
             print(f"| {key} | {r['per_s']:,} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | "
                   f"{r['p99_us']:.1f} | {r['p999_us']:.1f} | {r['max_us']:.0f} | "
                   f"{r.get('per_batch', '')} | {r.get('worker_cpu_us', '')} | "
-                  f"{r.get('producer_cpu_us', '')} |")
+                  f"{r.get('producer_cpu_us', '')} | {r.get('worker_sleeps', '')} | "
+                  f"{r.get('producer_sleeps', '')} |")
 
 
 if __name__ == "__main__":
