@@ -219,8 +219,9 @@ class Slot:
         shm.u64[w8 + _SEQ] = seq
         # resp_seq, resp_len and status are not cleared: they are read only once the state
         # is DONE with resp_seq equal to this request's seq (unique), i.e. once the worker
-        # has written them for this request. r0..f1 are: the worker writes them only when
-        # one is not zero (Inbox.answer), and r0 is the progress word of a partial reply
+        # has written them for this request. r0..f1 are: the worker writes them only for
+        # an error or when one is not zero (Inbox.answer), and r0 is the progress word of
+        # a partial reply
         i64[w8 + _R0] = 0
         i64[w8 + _R1] = 0
         i64[w8 + _F0] = 0  # 0.0 (all bits zero), through the same view
