@@ -227,6 +227,58 @@ def test_process_chunked_body_over_the_limit_is_413(hard):
 
 # -- lying and slow clients ------------------------------------------------------------------
 
+def test_quiet_socket_makes_no_call_for_the_mode_it_is_in(monkeypatch):
+    """httpworker.QuietSocket: setblocking reaches the system only to change the mode."""
+    from shmmel.httpworker import QuietSocket
+
+    calls: list[bool] = []
+    real = socket.socket.setblocking
+    monkeypatch.setattr(socket.socket, "setblocking",
+                        lambda self, flag: (calls.append(flag), real(self, flag))[1])
+    a, b = socket.socketpair()
+    try:
+        a.__class__ = QuietSocket
+        a.setblocking(True)  # blocking already
+        assert calls == [] and a.gettimeout() is None
+        a.setblocking(False)
+        a.setblocking(False)
+        assert calls == [False] and a.gettimeout() == 0.0
+        a.setblocking(True)
+        assert calls == [False, True] and a.gettimeout() is None
+        a.settimeout(2.0)  # a timeout is not blocking mode
+        a.setblocking(True)
+        assert calls == [False, True, True] and a.gettimeout() is None
+        b.sendall(b"x")
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_keep_alive_after_read_and_unread_bodies(live):
+    """One connection: a body the app read whole (no drain: httpworker.body_read), a body
+    the app never reads (drained before the next request), then a request again: each is
+    answered right, none taken for a piece of another."""
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    body = json.dumps({"message": "abc", "op": "reverse"}).encode()
+    process = (b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    unread = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world"
+    try:
+        for request, expected in ((process, {"result": "cba"}), (unread, {"status": "ok"}),
+                                  (process, {"result": "cba"}), (process, {"result": "cba"})):
+            sock.sendall(request)
+            raw = b""
+            while not _complete(raw):
+                piece = sock.recv(65536)
+                assert piece, raw
+                raw += piece
+            status, _headers, reply = parse_reply(raw)
+            assert status == 200 and json.loads(reply) == expected, raw
+    finally:
+        sock.close()
+
+
 def _declared(path: str, ctype: str, length: int) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode()

@@ -67,6 +67,7 @@ from typing import Any
 
 import numpy as np
 from gunicorn import util
+from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import ThreadWorker
 
 from . import layout as L
@@ -142,6 +143,28 @@ def json_error(status_int: int, reason: str, mesg: str) -> bytes:
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """Drop-in for gunicorn.util.write_error (same signature), answering JSON."""
     util.write_nonblock(sock, json_error(status_int, reason, mesg))
+
+
+class QuietSocket(socket.socket):
+    """A connection's socket whose ``setblocking`` makes no ioctl (with the GIL released: a
+    hand-over to a waiting thread) in the mode it is in already, as gthread asks before every
+    request; the mode is the one Python tracks (``gettimeout()``: None blocking, 0.0 not)."""
+
+    __slots__ = ()
+
+    def setblocking(self, flag: bool) -> None:
+        if (self.gettimeout() is None) if flag else (self.gettimeout() == 0.0):
+            return
+        super().setblocking(flag)
+
+
+def body_read(conn: Any) -> bool:
+    """Whether the request's body (a Content-Length one, or none) was read whole: gunicorn's
+    drain before keep-alive would find nothing, after two ``settimeout`` ioctls."""
+    body = getattr(getattr(conn.parser, "mesg", None), "body", None)
+    reader = getattr(body, "reader", None)
+    return type(reader) is LengthReader and reader.length == 0 and not body.failed \
+        and not body.buf.tell()
 
 
 class AcceptBoard:
@@ -375,6 +398,8 @@ class ShmmelThreadWorker(ThreadWorker):
         they arrive within the linger and no other work waits for a thread: each one so
         served skips the poller's round (hand back, register, wake, unregister, read the
         headers, submit), the wall of an HTTP process under load."""
+        if type(conn.sock) is socket.socket:  # plain TCP (not TLS): see QuietSocket
+            conn.sock.__class__ = QuietSocket
         keep = super().handle(conn)
         work = getattr(self.tpool, "_work_queue", None)
         while keep is True and self.linger_ms > 0 and self.alive and work is not None \
@@ -438,6 +463,8 @@ class ShmmelThreadWorker(ThreadWorker):
         if fd in CLOSE_AFTER:
             CLOSE_AFTER.discard(fd)
             return False
+        if keepalive and body_read(conn):
+            return True  # nothing to drain (see body_read)
         return super()._keepalive_after(conn, keepalive)
 
     def _check_bodies(self, now: float) -> None:
