@@ -182,8 +182,8 @@ def test_http_metrics_count_into_their_row(shm):
     r, c = L.ROUTES.index("process"), L.CODES.index(404)
     counts = shm.metrics["requests"]
     assert counts[1, r, c] == 3 and int(counts.sum()) == 3
-    b = int(np.searchsorted(L.BUCKETS, 0.003))
-    assert shm.metrics["latency"][1, r].sum() == 3 and shm.metrics["latency"][1, r, b] >= 1
+    b = int(np.searchsorted(L.BUCKETS, 0.003))  # 3 ms or more (more on a loaded host)
+    assert shm.metrics["latency"][1, r].sum() == 3 and shm.metrics["latency"][1, r, b:].sum() == 3
     assert shm.metrics["latency_sum"][1, r] >= 0.009
     assert shm.http["requests"][1] == 3 and int(shm.http["requests"].sum()) == 3
 
