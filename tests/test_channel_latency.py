@@ -48,10 +48,13 @@ def test_reply_caught_by_polling_leaves_no_post_behind(shm, spare):
     assert slot.index == index  # the deque hands back the slot just released
     slot.release()
     assert shm.replies[index].value <= 1
-    # and a sleeping wait (no polling) still gets the right answer on that slot
+    # and a sleeping wait (no polling) still gets the right answer on that slot; it takes
+    # one post, so the one left behind is gone, or (when the last polled reply's post came
+    # only now, on a loaded host) its own stays: never two
     prod.reply_spin = 0.0
     assert prod.call(L.OP_PING, b"xyz", timeout=5).data == b"zyx|0"
-    assert shm.replies[index].value == 0
+    time.sleep(0.05)
+    assert shm.replies[index].value <= 1
 
 
 def test_polling_only_while_alone_in_flight(shm, spare):
