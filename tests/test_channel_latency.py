@@ -211,18 +211,18 @@ def test_polling_needs_spare_cores(monkeypatch):
     threads runnable than three quarters of them, looked at most once a second."""
     assert channel._runnable() >= 1  # this test's own thread runs
     monkeypatch.setattr(channel, "_spare", [False, 0.0])
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(channel, "host_cores", lambda: 16)
     monkeypatch.setattr(channel, "_runnable", lambda: 11.0)  # 8 producers, 2 workers, 1 more
     assert channel.spare_cores(100.0)
     monkeypatch.setattr(channel, "_runnable", lambda: 12.0)
     assert channel.spare_cores(100.5)  # looked at most once a second
     assert not channel.spare_cores(101.0)
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr(channel, "host_cores", lambda: 4)
     monkeypatch.setattr(channel, "_runnable", lambda: 2.0)
     assert channel.spare_cores(102.0)
     monkeypatch.setattr(channel, "_runnable", lambda: 3.0)
     assert not channel.spare_cores(103.0)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(channel, "host_cores", lambda: 2)
     monkeypatch.setattr(channel, "_runnable", lambda: 0.0)
     assert not channel.spare_cores(104.0)  # a 2-core host never polls
 

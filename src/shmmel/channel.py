@@ -28,6 +28,7 @@ import numpy as np
 import posix_ipc
 
 from . import layout as L
+from .config import SPARE_CORES_MIN, host_cores
 from .osutil import pid_alive
 from .errors import RequestTimeout, ServiceUnavailable, WorkerDied, WorkerStalled
 from .routing import Routing
@@ -78,8 +79,9 @@ def _runnable() -> float:
 
 
 def spare_cores(now: float) -> bool:
-    """Whether this host has cores to spare for polling instead of sleeping: at least 4, and
-    fewer threads runnable than three quarters of them, the pollers themselves included
+    """Whether this host has cores to spare for polling instead of sleeping: at least 4 that
+    this process may run on (``config.SPARE_CORES_MIN``, ``config.host_cores``: the affinity
+    mask), and fewer threads runnable than three quarters of them, the pollers included
     (looked at most once a second; the instant count, not the load average, which lags a
     finished load by a minute). A quarter of the cores idle leaves room for whatever else
     becomes runnable before the next look, while 8 polling producers and 2 workers on 16
@@ -89,9 +91,9 @@ def spare_cores(now: float) -> bool:
     ms to 1.2-1.4 ms)."""
     if now >= _spare[1]:
         _spare[1] = now + 1.0
-        cores = os.cpu_count() or 1
+        cores = host_cores()  # the affinity mask: a container's share, not the host's
         try:
-            _spare[0] = cores >= 4 and _runnable() < cores * 0.75
+            _spare[0] = cores >= SPARE_CORES_MIN and _runnable() < cores * 0.75
         except OSError:
             _spare[0] = False
     return _spare[0]
