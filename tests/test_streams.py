@@ -442,7 +442,7 @@ def test_streams_go_to_cuda_workers_and_fall_back_at_once_when_none_is_ready(sma
     opened = [calls._allocate(80, 0) for _ in range(2)]
     assert [h.worker for h in opened] == [1, 1]  # the CUDA worker, though it holds more
     shm.workers["state"][1] = L.W_DEAD
-    h = calls._allocate(80, 0)
-    assert h.worker == 0 and calls._kinds() == tuple(L.MEL_KINDS)
-    for h in [*opened, h]:
+    fallback = calls._allocate(80, 0)
+    assert fallback.worker == 0 and calls._kinds() == tuple(L.MEL_KINDS)
+    for h in [*opened, fallback]:
         calls.table.free(h.index, h.token)
