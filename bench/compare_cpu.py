@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_lib import Instance, _children, _cmdline, bare, log, process_wrk  # noqa: E402
+from compare_lib import Instance, _children, _cmdline, bare, log, process_wrk
 
 _TCK = os.sysconf("SC_CLK_TCK")
-_CS = re.compile(rb"^(voluntary|nonvoluntary)_ctxt_switches:\s*(\d+)", re.M)
+_CS = re.compile(rb"^(voluntary|nonvoluntary)_ctxt_switches:\s*(\d+)", re.MULTILINE)
 
 
 def proc_times(pid: int) -> tuple[float, float, int, int]:

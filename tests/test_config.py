@@ -26,7 +26,7 @@ def test_default_toml_matches_the_code_defaults():
     # a default that depends on the host is listed commented out: set, it would be pinned
     for f in fields:
         if f.default is dataclasses.MISSING:
-            assert re.search(rf"^# {f.name} = ", text, re.M), f.name
+            assert re.search(rf"^# {f.name} = ", text, re.MULTILINE), f.name
 
 
 def test_precedence_flags_over_file_over_env(tmp_path):

@@ -58,8 +58,8 @@ import os
 import select
 import selectors
 import socket
-import sys
 import struct
+import sys
 import termios
 import time
 from functools import partial
