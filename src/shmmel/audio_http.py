@@ -118,14 +118,25 @@ class AudioStreamResource:
             up.close()
             raise
         resp.content_type = out
-        if out in wire.STREAMING and not up.done and not (
-                body.exact and body.content_length <= WHOLE_ANSWER_BYTES):
-            header = self.calls.shm.header
-            resp.stream = up.stream(head, body, out,
-                                    lambda: header["state"] == L.INST_STOPPING)
-            return
-        # a body answered whole in start() (every sample had arrived), or a short one of
-        # known size, goes out as one answer with a Content-Length, streaming formats too
+        if out in wire.STREAMING and not up.done:
+            if body.exact and body.content_length <= WHOLE_ANSWER_BYTES:
+                # frames leave as soon as the audio that makes them has arrived, and no
+                # later: while each next push's audio is here already, nothing is waited
+                # for, and a body that is all here gets one answer with a Content-Length
+                # (one write, no chunk framing); the first push that would wait for the
+                # client starts the stream with what was made so far
+                try:
+                    head = up.while_arrived(body, head)
+                except BaseException:
+                    up.close()
+                    raise
+            if not up.done:
+                header = self.calls.shm.header
+                resp.stream = up.stream(head, body, out,
+                                        lambda: header["state"] == L.INST_STOPPING)
+                return
+        # a body answered whole in start() or while_arrived (every sample had arrived)
+        # goes out as one answer with a Content-Length, streaming formats too
         parts = [head]
         try:
             up.to_end(body, parts)

@@ -17,7 +17,9 @@ common little-endian reading, which is what every Whisper client sends.
 
 from __future__ import annotations
 
+import fcntl
 import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +203,23 @@ class BodyReader:
                 break
             got += k
         return got
+
+    def arrived(self) -> int:
+        """Body bytes readable now without waiting: held here, in gunicorn's buffers, or
+        received by the kernel (FIONREAD) and not yet read; 0 where that cannot be known
+        (other servers, chunked bodies), which callers take as "not here"."""
+        body = self._direct()
+        if body is None:
+            return 0
+        un = body.reader.unreader
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(un.sock.fileno(), termios.FIONREAD,
+                                                    b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            queued = 0
+        # beyond the reader's length the bytes are the next pipelined request's
+        later = min(un.buf.getbuffer().nbytes + queued, body.reader.length)
+        return len(self.pending) + body.buf.getbuffer().nbytes + later
 
     def _direct(self):
         """gunicorn's body object (``Body`` > ``LengthReader`` > ``SocketUnreader``) when

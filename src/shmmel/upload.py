@@ -15,6 +15,7 @@ starts propagate (the app maps them once), errors after it arrive in-band.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio 
 # a body of known size up to this many bytes is answered whole, with a Content-Length, in
 # the streaming formats too (~32 s of s16le): one write, no chunked framing
 WHOLE_ANSWER_BYTES = 1 << 20
+# how long an upload of known size may wait, all pushes together, for audio that is on its
+# way before its frames start streaming instead (Upload.while_arrived), and how often it looks
+WHOLE_WAIT, WHOLE_POLL = 0.005, 0.0002
 
 
 class AudioBody:
@@ -303,6 +307,28 @@ class Upload:
             chunk = self._next(body)
             if chunk:
                 yield chunk
+
+    def while_arrived(self, body: AudioBody, head: bytes) -> bytes:
+        """Feed the pushes whose audio has all arrived already (no wait for the client),
+        their output gathered after ``head``: a body that is all here is finished whole, and
+        one still arriving is streamed from the first push that would wait for it."""
+        parts = [head]
+        total = body.content_length or 0
+        reader, clock, deadline = body.reader, time.monotonic, 0.0
+        while not self.done:
+            if reader.arrived() < min(self.piece, total - reader.total):
+                # a client's one send of the body reaches us as we read it (the socket's
+                # receive window): look again for up to WHOLE_WAIT before streaming
+                now = clock()
+                deadline = deadline or now + WHOLE_WAIT
+                if now >= deadline:
+                    break
+                time.sleep(WHOLE_POLL)
+                continue
+            chunk = self._next(body)
+            if chunk:
+                parts.append(chunk)
+        return b"".join(parts) if len(parts) > 1 else head
 
     def to_end(self, body: AudioBody, out: list[bytes] | None = None) -> None:
         """Feed the rest of the body with nothing to send meanwhile (whole-result formats,
