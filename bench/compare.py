@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audio-workers", type=ints, default=ints("1,2,4"))
     ap.add_argument("--audio-dur", type=float, default=4)
     ap.add_argument("--streams-fast", type=int, default=64)
+    ap.add_argument("--audio-fast-workers", type=int, default=2,
+                    help="compute workers of the audio item's instance")
     ap.add_argument("--reps-audio", type=int, default=2)
     ap.add_argument("--reps-ipc", type=int, default=2)
     ap.add_argument("--ipc-seconds", type=float, default=3)

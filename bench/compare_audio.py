@@ -66,7 +66,8 @@ def item_audio(a, out: Path) -> dict:
     reps = []
     for i in range(a.reps_audio):
         save = out / f"audio_fast64_{i + 1}.json"
-        rc, _ = bench_cli(["audio", "--spawn", "--worker-kind", a.audio_kind, "-w", "2",
+        rc, _ = bench_cli(["audio", "--spawn", "--worker-kind", a.audio_kind,
+                           "-w", str(a.audio_fast_workers),
                            "--http-workers", str(a.audio_http), "--streams", str(a.streams_fast),
                            "--pace", "fast", "--baseline", "-d", f"{a.audio_dur:g}",
                            "--warmup", "1", "--save", str(save), "--log-dir", str(out)],
