@@ -81,6 +81,7 @@ def test_http_switch_interval_default_depends_on_the_host_cores(monkeypatch):
     the GIL waiters' wake-ups take the CPU the request path needs; a set value is kept."""
     from shmmel import config as config_module
 
+    monkeypatch.setattr(config_module, "CGROUP_ROOT", Path("/nonexistent-cgroup"))
     assert config_module.host_cores() == len(os.sched_getaffinity(0))
     assert config_module.default_switch_interval_us(2) == 0
     assert config_module.default_switch_interval_us(config_module.SPARE_CORES_MIN - 1) == 0
@@ -95,6 +96,40 @@ def test_http_switch_interval_default_depends_on_the_host_cores(monkeypatch):
     assert Config.from_json(Config(http_switch_interval_us=200).to_json()).http_switch_interval_us == 200
     c = resolve({}, None, {"SHMMEL_HTTP_SWITCH_INTERVAL_US": "200"})
     assert c.http_switch_interval_us == 200 and c.sources["http_switch_interval_us"] == "env"
+
+
+def test_host_cores_counts_the_cgroup_cpu_quota(monkeypatch, tmp_path):
+    """A container limited by CPU quota (``docker run --cpus=2`` on a many-core host) has the
+    quota's cores, rounded up, not the affinity mask's; no quota ("max", -1), missing or
+    garbage files leave the affinity count."""
+    from shmmel import config as config_module
+
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(config_module, "CGROUP_ROOT", tmp_path)
+    assert config_module.host_cores() == 64  # no files: no quota
+    v2 = tmp_path / "cpu.max"
+    for text, cores in [("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000", 1),
+                        ("max 100000\n", 64), ("garbage\n", 64), ("x y\n", 64), ("", 64),
+                        ("-1 100000", 64), ("100000 0", 64), ("12800000 100000", 64)]:
+        v2.write_text(text)
+        assert config_module.host_cores() == cores, text
+    v2.write_bytes(b"\xff\xfe 1")
+    assert config_module.host_cores() == 64
+    v2.write_text("200000 100000\n")
+    assert config_module.Config().http_switch_interval_us == 0  # 2 cores: nothing to spare
+    v2.unlink()
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    for text, cores in [("300000\n", 3), ("-1\n", 64), ("garbage", 64), ("", 64)]:
+        (v1 / "cpu.cfs_quota_us").write_text(text)
+        assert config_module.host_cores() == cores, text
+    (v1 / "cpu.cfs_period_us").unlink()  # a quota without its period: ignored
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    assert config_module.host_cores() == 64
+    v2.mkdir()  # unreadable (a directory): ignored, the v1 files are looked at
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert config_module.host_cores() == 3
 
 
 def test_http_switch_interval_is_validated_and_applied_by_the_http_process():

@@ -80,18 +80,20 @@ def _runnable() -> float:
 
 def spare_cores(now: float) -> bool:
     """Whether this host has cores to spare for polling instead of sleeping: at least 4 that
-    this process may run on (``config.SPARE_CORES_MIN``, ``config.host_cores``: the affinity
-    mask), and fewer threads runnable than three quarters of them, the pollers included
-    (looked at most once a second; the instant count, not the load average, which lags a
-    finished load by a minute). A quarter of the cores idle leaves room for whatever else
-    becomes runnable before the next look, while 8 polling producers and 2 workers on 16
-    cores still count as spare (at half, their own polls turned them off every other
-    second). A poll on a busy or small host takes the CPU from the process it waits for (on
-    the 2-core machine a worker's 500 us spin took a sequential client's p50 from 0.44-0.8
-    ms to 1.2-1.4 ms)."""
+    this process may use (``config.SPARE_CORES_MIN``, ``config.host_cores``: the affinity
+    mask, at most the cgroup's CPU quota), and fewer threads runnable than three quarters of
+    them, the pollers included (looked at most once a second; the instant count, not the
+    load average, which lags a finished load by a minute). The runnable count is the whole
+    host's (/proc/loadavg), not this container's: on a shared host others' load turns the
+    polls off too, which errs on the side of sleeping. A quarter of the cores idle leaves
+    room for whatever else becomes runnable before the next look, while 8 polling producers
+    and 2 workers on 16 cores still count as spare (at half, their own polls turned them off
+    every other second). A poll on a busy or small host takes the CPU from the process it
+    waits for (on the 2-core machine a worker's 500 us spin took a sequential client's p50
+    from 0.44-0.8 ms to 1.2-1.4 ms)."""
     if now >= _spare[1]:
         _spare[1] = now + 1.0
-        cores = host_cores()  # the affinity mask: a container's share, not the host's
+        cores = host_cores()  # a container's share (affinity, CPU quota), not the host's
         try:
             _spare[0] = cores >= SPARE_CORES_MIN and _runnable() < cores * 0.75
         except OSError:

@@ -28,13 +28,39 @@ MAX_MESSAGE_BYTES = 4096  # the /process contract: 4 KiB of UTF-8, counted in by
 SPARE_CORES_MIN = 4  # a host with fewer cores has none to spare for the HTTP processes
 
 
-def host_cores() -> int:
-    """CPUs this process may run on: its affinity mask (a container's or taskset's share of
-    the host), else ``os.cpu_count()``."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where host_cores looks for a CPU quota (tests move it)
+
+
+def _cgroup_quota_cores(root: Path) -> int:
+    """The CPU quota of this process's cgroup, in whole cores (rounded up): cgroup v2
+    ``cpu.max`` ("200000 100000": 2 cores; "max": none), else cgroup v1
+    ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (-1: none). 0 where no quota is set
+    or the files are missing, unreadable or garbage."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError, UnicodeError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except (OSError, UnicodeError):
+            return 0
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max" or garbage: no quota
+        return 0
+    return -(-q // p) if q > 0 and p > 0 else 0
+
+
+def host_cores() -> int:
+    """CPUs this process may use: its affinity mask (a container's cpuset or taskset's share
+    of the host, else ``os.cpu_count()``), at most its cgroup's CPU quota rounded up
+    (``docker run --cpus=2`` on a 64-core host: 2, though all 64 are in the mask)."""
+    try:
+        cores = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota_cores(CGROUP_ROOT)
+    return min(cores, quota) if quota else cores
 
 
 def default_switch_interval_us(cores: int | None = None) -> int:
