@@ -9,6 +9,7 @@ test_hardening.py.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -18,10 +19,10 @@ from shmmel import layout as L
 from shmmel.audio_calls import AudioCalls, check_reply
 from shmmel.audio_worker import MelJobs
 from shmmel.channel import Producer, claim_row
-from shmmel.inbox import Inbox
 from shmmel.config import Config
 from shmmel.errors import (BadRequest, RequestTimeout, ServiceUnavailable, StreamBusy,
                            StreamLost, UnknownStream, WorkerDied, WorkerStalled)
+from shmmel.inbox import Inbox
 from shmmel.mel import create_engine
 from shmmel.shm import Shm
 from shmmel.stream_table import StreamTable
@@ -446,3 +447,40 @@ def test_streams_go_to_cuda_workers_and_fall_back_at_once_when_none_is_ready(sma
     assert fallback.worker == 0 and calls._kinds() == tuple(L.MEL_KINDS)
     for h in [*opened, fallback]:
         calls.table.free(h.index, h.token)
+
+
+def test_a_oneshot_whose_last_cuda_worker_dies_is_retried_on_a_cpu_worker(small):
+    """A one-shot's retry after its worker died picks the kinds again: when that was the
+    only CUDA worker, the retry goes to a ready CPU worker, not a 503 (nor 'worker died')."""
+    shm, _ = small
+    shm.workers["kind"][0], shm.workers["kind"][1] = L.K_CPU, L.K_CUDA
+    shm.workers["heartbeat"][0] = shm.workers["heartbeat"][1] = time.monotonic() + 60
+    calls = AudioCalls(Config(), Producer(shm, queue_depth=4, reply_spin=0.0))
+    stop, seen = threading.Event(), {0: [], 1: []}
+
+    def fake_worker(k: int) -> None:
+        """Worker 0 (CPU) answers every one-shot; worker 1 (CUDA) dies on its first."""
+        inbox = Inbox(shm, k, 1)
+        while not stop.is_set():
+            for j in inbox.pending():
+                seen[k].append(j)
+                if k == 1:
+                    shm.workers["state"][1] = L.W_DEAD
+                else:
+                    inbox.answer(j, L.R_OK, 0, r0=0, r1=0, f0=-1.0)
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=fake_worker, args=(k,), daemon=True) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    slot = calls.producer.claim()
+    try:
+        assert calls._kinds() == (L.K_CUDA,)
+        batch = calls.oneshot(slot, np.zeros(1600, "<i2").tobytes(), L.FMT_S16LE, 80, 0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        slot.release()
+    assert len(seen[1]) == 1 and len(seen[0]) == 1  # tried on CUDA, served on the CPU worker
+    assert batch.log10.shape == (0, 80) and calls._kinds() == tuple(L.MEL_KINDS)

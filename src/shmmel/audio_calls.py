@@ -198,8 +198,9 @@ class AudioCalls:
             except WorkerDied:  # stateless: once more on another worker (the slot is ours)
                 if attempt:
                     raise
+                self._kinds_at = -1.0  # the dead one may have been the last CUDA worker
                 try:
-                    k, gen = self.producer.pick_worker(kinds)
+                    k, gen = self.producer.pick_worker(self._kinds())
                 except ServiceUnavailable:
                     raise WorkerDied("the worker handling this request died") from None
         r = slot.reply(copy=False)
