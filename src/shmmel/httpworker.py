@@ -126,8 +126,8 @@ def set_switch_interval(app_cfg: Any) -> None:
     The pool threads, the poller and the reply wake-ups share the process's GIL. A thread
     woken by its reply (or by readable bytes) waits for the running one to block, or to be
     asked to drop the GIL once the switch interval has passed: 5 ms by default, and at c100
-    that wait is the p99. 200 µs took the p99 from 14.0 to 9.8 ms at an unchanged throughput
-    ratio against the bare app (docs/PERFORMANCE.md, issue 12, third round)."""
+    that wait is the p99. On the 16-core host 200 µs took the p99 at c100 from 11.7-12.4 to
+    8.6-9.6 ms for 5-13 % of throughput (docs/PERFORMANCE.md, issue 12, third round)."""
     switch_us = int(getattr(app_cfg, "http_switch_interval_us", 0))
     if switch_us:
         sys.setswitchinterval(switch_us / 1e6)
