@@ -5,6 +5,7 @@ and full-duplex uploads with the client, limits and kills go through the daemon.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import math
@@ -585,3 +586,63 @@ def test_many_concurrent_streams_get_their_own_frames(audio_daemon):
         t.join(60)
     assert results == {i: True for i in signals}
     assert_clean(audio_daemon)
+
+
+@pytest.mark.e2e
+def test_a_session_chunk_still_arriving_holds_no_slot(audio_daemon):
+    """A session chunk is received straight into a slot only once it has all arrived: while
+    a client has sent its headers and half the chunk, no slot of the instance is claimed
+    (a slow sender would hold one until the min_body_rate cut). Then the rest; a chunk sent
+    whole (received into the slot) and the close; the frames equal offline bit for bit."""
+    from shmmel import layout as L
+    from shmmel.shm import Shm
+
+    d = audio_daemon
+    x = as_i16(speechlike(2.5, seed=21))
+    status, _, raw = d.request("POST", "/audio/streams?n_mels=80")
+    assert status == 201, raw
+    sid = json.loads(raw)["stream_id"]
+    shm = Shm.attach(d.instance)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    try:
+        def claimed() -> int:
+            return L.slot_counts(shm.slots["state"])["claimed"]
+
+        wait_for(lambda: claimed() == 0, timeout=5, what="no slot claimed before the chunk")
+        frames = []
+
+        def chunk(body: bytes, split: bool) -> None:
+            conn.putrequest("POST", f"/audio/streams/{sid}")
+            conn.putheader("Content-Type", "audio/L16;rate=16000")
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(None if split else body)
+            if split:
+                conn.send(body[: len(body) // 2])
+                seen, end = 0, time.monotonic() + 1.0  # the HTTP process awaits the rest
+                while time.monotonic() < end:
+                    seen = max(seen, claimed())
+                    time.sleep(0.002)
+                assert seen == 0, "a slot was held while the chunk was arriving"
+                conn.send(body[len(body) // 2 :])
+            resp = conn.getresponse()
+            raw = resp.read()
+            assert resp.status == 200, raw
+            rec = json.loads(raw)
+            assert rec["offset"] == sum(f.shape[0] for f in frames)
+            frames.append(np.asarray(rec["mel"], np.float32).reshape(rec["frames"], 80))
+
+        chunk(x[:16000].tobytes(), split=True)  # 1 s: fits one push
+        chunk(x[16000:32000].tobytes(), split=False)
+        chunk(x[32000:].tobytes(), split=True)
+        conn.request("DELETE", f"/audio/streams/{sid}")
+        resp = conn.getresponse()
+        raw = resp.read()
+        assert resp.status == 200, raw
+        rec = json.loads(raw)
+        frames.append(np.asarray(rec["mel"], np.float32).reshape(rec["frames"], 80))
+        got = np.maximum(np.concatenate(frames), np.float32(rec["floor"])).T
+        assert np.array_equal(got, mel.log_mel_spectrogram(x))
+    finally:
+        conn.close()
+        shm.close()
+    assert_clean(d)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import falcon
 import numpy as np
@@ -28,7 +29,7 @@ from .config import Config
 from .errors import BadRequest
 from .mel import N_SAMPLES, FrameBatch
 from .audio_calls import AudioCalls
-from .upload import WHOLE_ANSWER_BYTES, AudioBody, Spec, Upload
+from .upload import WHOLE_ANSWER_BYTES, WHOLE_POLL, WHOLE_WAIT, AudioBody, Spec, Upload
 
 log = logging.getLogger("shmmel.audio")
 
@@ -187,10 +188,14 @@ class StreamResource:
                fmt: int | None = None) -> None:
         """Push the request's body (``fmt`` None: finish the stream instead) and answer
         with the frames it made. The body is read first, so a bad one is refused before
-        the stream is looked up; one that fits a push is received straight into the slot."""
+        the stream is looked up; one that fits a push and has all arrived is received
+        straight into the slot. A slot is claimed only once the body is here: a client
+        slow to send its chunk holds none while it is awaited."""
         out = output_media(req, wire.JSON, self.OUTPUTS)
+        data = None if fmt is None else self._body(req, fmt)
         with self.producer.claim() as slot:
-            data = None if fmt is None else self._body(req, slot, fmt)
+            if type(data) is BodyReader:
+                data = self._receive(data, slot, req.content_length)
             h = self.calls.find(stream_id)
             try:
                 if data is None:
@@ -202,14 +207,34 @@ class StreamResource:
         resp.content_type = out
         resp.data = session_reply(out, fb)
 
-    def _body(self, req: falcon.Request, slot, fmt: int) -> bytes | int:
-        """The chunk: a declared length that one push takes (at either n_mels) is received
-        into ``slot`` (its byte count returned); any other body is read as bytes."""
+    def _body(self, req: falcon.Request, fmt: int) -> bytes | BodyReader:
+        """The chunk: the body's reader when its declared length fits one push (at either
+        n_mels) and all of it has arrived (:meth:`BodyReader.arrived`, looked at for up to
+        WHOLE_WAIT while it is on its way), to be received into the slot
+        (:meth:`_receive`); any other body read as bytes, before a slot is claimed."""
         limit = min(self.config.max_body_bytes, 16 << 20)
         length = req.content_length
-        if not length or length > min(limit, self.calls.push_samples(fmt, 128) * L.FMT_WIDTH[fmt]):
-            return read_body(req, limit)
-        n = BodyReader(req.env["wsgi.input"], limit, length).readinto(slot.view(length))
+        if length and length <= min(limit, self.calls.push_samples(fmt, 128) * L.FMT_WIDTH[fmt]):
+            reader = BodyReader(req.env["wsgi.input"], limit, length)
+            if reader.sees_arrival and self._arrives(reader, length):
+                return reader
+        return read_body(req, limit)
+
+    @staticmethod
+    def _arrives(reader: BodyReader, length: int) -> bool:
+        """Whether ``length`` body bytes are here, or come within WHOLE_WAIT (a client's
+        one send of headers and chunk reaches us as we look)."""
+        deadline = time.monotonic() + WHOLE_WAIT
+        while reader.arrived() < length:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(WHOLE_POLL)
+        return True
+
+    @staticmethod
+    def _receive(reader: BodyReader, slot, length: int) -> int:
+        """Read the chunk, all arrived, into ``slot``; its byte count."""
+        n = reader.readinto(slot.view(length))
         if n < length:
             raise falcon.HTTPBadRequest(title="Bad Request",
                                         description=f"the body ended after {n} of the "

@@ -221,6 +221,12 @@ class BodyReader:
         later = min(un.buf.getbuffer().nbytes + queued, body.reader.length)
         return len(self.pending) + body.buf.getbuffer().nbytes + later
 
+    @property
+    def sees_arrival(self) -> bool:
+        """Whether :meth:`arrived` can tell what has arrived (gunicorn, a body with a
+        Content-Length)."""
+        return self._direct() is not None
+
     def _direct(self):
         """gunicorn's body object (``Body`` > ``LengthReader`` > ``SocketUnreader``) when
         its socket may be read directly; else None."""
