@@ -22,14 +22,14 @@ from falcon import mediatypes
 
 from . import layout as L
 from . import wire
-from .audio_io import BodyReader, Media, parse_media
+from .audio_io import ARRIVAL_WAIT, BodyReader, Media, parse_media
 from .channel import Producer
 from .httputil import read_body
 from .config import Config
 from .errors import BadRequest
 from .mel import N_SAMPLES, FrameBatch
 from .audio_calls import AudioCalls
-from .upload import WHOLE_ANSWER_BYTES, WHOLE_POLL, WHOLE_WAIT, AudioBody, Spec, Upload
+from .upload import WHOLE_ANSWER_BYTES, AudioBody, Spec, Upload
 
 log = logging.getLogger("shmmel.audio")
 
@@ -210,26 +210,16 @@ class StreamResource:
     def _body(self, req: falcon.Request, fmt: int) -> bytes | BodyReader:
         """The chunk: the body's reader when its declared length fits one push (at either
         n_mels) and all of it has arrived (:meth:`BodyReader.arrived`, looked at for up to
-        WHOLE_WAIT while it is on its way), to be received into the slot
+        ARRIVAL_WAIT while it is on its way), to be received into the slot
         (:meth:`_receive`); any other body read as bytes, before a slot is claimed."""
         limit = min(self.config.max_body_bytes, 16 << 20)
         length = req.content_length
         if length and length <= min(limit, self.calls.push_samples(fmt, 128) * L.FMT_WIDTH[fmt]):
             reader = BodyReader(req.env["wsgi.input"], limit, length)
-            if reader.sees_arrival and self._arrives(reader, length):
+            if reader.sees_arrival and reader.wait_arrived(length,
+                                                           time.monotonic() + ARRIVAL_WAIT):
                 return reader
         return read_body(req, limit)
-
-    @staticmethod
-    def _arrives(reader: BodyReader, length: int) -> bool:
-        """Whether ``length`` body bytes are here, or come within WHOLE_WAIT (a client's
-        one send of headers and chunk reaches us as we look)."""
-        deadline = time.monotonic() + WHOLE_WAIT
-        while reader.arrived() < length:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(WHOLE_POLL)
-        return True
 
     @staticmethod
     def _receive(reader: BodyReader, slot, length: int) -> int:

@@ -17,20 +17,22 @@ common little-endian reading, which is what every Whisper client sends.
 
 from __future__ import annotations
 
-import fcntl
 import struct
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import layout as L
 from .errors import BadRequest, BodyTooLarge, ShmmelError
+from .osutil import unread_bytes
 
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
 S16_TYPES = ("audio/l16", "application/octet-stream")
 F32_TYPES = ("audio/x-f32le",)
 SAMPLE_RATE = 16000
+# how long a request may wait, in all, for body bytes that are on their way before it takes
+# the path for a body still arriving (BodyReader.wait_arrived), and how often it looks
+ARRIVAL_WAIT, ARRIVAL_POLL = 0.005, 0.0002
 WAVE_FORMAT_PCM, WAVE_FORMAT_FLOAT, WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
 
 
@@ -212,14 +214,20 @@ class BodyReader:
         if body is None:
             return 0
         un = body.reader.unreader
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(un.sock.fileno(), termios.FIONREAD,
-                                                    b"\0\0\0\0"))[0]
-        except (OSError, ValueError):
-            queued = 0
         # beyond the reader's length the bytes are the next pipelined request's
-        later = min(un.buf.getbuffer().nbytes + queued, body.reader.length)
+        later = min(un.buf.getbuffer().nbytes + unread_bytes(un.sock), body.reader.length)
         return len(self.pending) + body.buf.getbuffer().nbytes + later
+
+    def wait_arrived(self, n: int, deadline: float) -> bool:
+        """Whether ``n`` body bytes are here (:meth:`arrived`), looking again every
+        ARRIVAL_POLL until ``deadline`` (time.monotonic) while they are on their way: a
+        client's one send of headers and body reaches us as we look, crossing the socket's
+        receive window as we read."""
+        while self.arrived() < n:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(ARRIVAL_POLL)
+        return True
 
     @property
     def sees_arrival(self) -> bool:

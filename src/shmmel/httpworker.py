@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
 import json
 import mmap
@@ -60,7 +59,6 @@ import selectors
 import socket
 import struct
 import sys
-import termios
 import time
 from functools import partial
 from typing import Any
@@ -72,7 +70,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from . import layout as L
 from .errors import InstanceError
-from .osutil import pid_alive
+from .osutil import pid_alive, unread_bytes
 from .shm import Shm
 
 HEADER_END = b"\r\n\r\n"
@@ -110,14 +108,6 @@ def tcp_bytes_received(sock: socket.socket) -> int | None:
     if len(info) < _TCP_INFO_LEN:
         return None
     return _BYTES_RECEIVED.unpack_from(info, _BYTES_RECEIVED_OFF)[0]
-
-
-def unread_bytes(sock: socket.socket) -> int:
-    """Bytes received by the kernel on ``sock`` and not read yet (FIONREAD)."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-    except OSError:
-        return 0
 
 
 def set_switch_interval(app_cfg: Any) -> None:

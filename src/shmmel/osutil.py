@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
+import struct
+import termios
+from typing import Any
 
 
 def pid_alive(pid: int) -> bool:
@@ -27,3 +31,12 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
         libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the getppid() check in the loop remains
         pass
+
+
+def unread_bytes(sock: Any) -> int:
+    """Bytes received by the kernel on ``sock`` and not read yet (FIONREAD); 0 where that
+    cannot be asked (a closed socket's fileno is -1: ValueError)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0

@@ -25,7 +25,7 @@ import numpy as np
 from . import layout as L
 from . import wire
 from .audio_calls import AudioCalls
-from .audio_io import BadAudio, BodyReader, Media, read_wav_header
+from .audio_io import ARRIVAL_WAIT, BadAudio, BodyReader, Media, read_wav_header
 from .channel import Slot
 from .errors import BadRequest, BodyTooLarge, ShmmelError
 from .mel import N_SAMPLES, FrameBatch
@@ -36,9 +36,6 @@ READ_BLOCK_S = 0.1  # chunked uploads: never wait for more than this much audio 
 # a body of known size up to this many bytes is answered whole, with a Content-Length, in
 # the streaming formats too (~32 s of s16le): one write, no chunked framing
 WHOLE_ANSWER_BYTES = 1 << 20
-# how long an upload of known size may wait, all pushes together, for audio that is on its
-# way before its frames start streaming instead (Upload.while_arrived), and how often it looks
-WHOLE_WAIT, WHOLE_POLL = 0.005, 0.0002
 
 
 class AudioBody:
@@ -314,17 +311,13 @@ class Upload:
         one still arriving is streamed from the first push that would wait for it."""
         parts = [head]
         total = body.content_length or 0
-        reader, clock, deadline = body.reader, time.monotonic, 0.0
+        reader, deadline = body.reader, 0.0
         while not self.done:
-            if reader.arrived() < min(self.piece, total - reader.total):
-                # a client's one send of the body reaches us as we read it (the socket's
-                # receive window): look again for up to WHOLE_WAIT before streaming
-                now = clock()
-                deadline = deadline or now + WHOLE_WAIT
-                if now >= deadline:
+            need = min(self.piece, total - reader.total)
+            if reader.arrived() < need:  # ARRIVAL_WAIT for all the pushes together
+                deadline = deadline or time.monotonic() + ARRIVAL_WAIT
+                if not reader.wait_arrived(need, deadline):
                     break
-                time.sleep(WHOLE_POLL)
-                continue
             chunk = self._next(body)
             if chunk:
                 parts.append(chunk)
