@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -101,11 +102,16 @@ class AudioCalls:
     def _place(self, t: np.ndarray) -> tuple[int, int]:
         """The worker for a new stream, given the table (its open streams per worker)."""
         pinned = pinned_streams(self.shm.workers, t)
+        return self._pick(lambda kinds: self.producer.least_loaded(kinds, streams=pinned))
+
+    def _pick(self, pick: Callable[[tuple[int, ...]], tuple[int, int]]) -> tuple[int, int]:
+        """``pick(kinds)`` with the kinds as last seen (:meth:`_kinds`); when no worker of
+        them is found, once more with the kinds looked at again."""
         try:
-            return self.producer.least_loaded(self._kinds(), streams=pinned)
-        except ServiceUnavailable:  # no worker of the kinds as last seen: look again
+            return pick(self._kinds())
+        except ServiceUnavailable:
             self._kinds_at = -1.0
-            return self.producer.least_loaded(self._kinds(), streams=pinned)
+            return pick(self._kinds())
 
     def _kinds(self) -> tuple[int, ...]:
         """The worker kinds audio goes to: CUDA where a CUDA worker is ready, else any mel
@@ -181,13 +187,7 @@ class AudioCalls:
         if n_mels not in (80, 128):
             raise BadRequest("n_mels must be 80 or 128")
         deadline = time.monotonic() + self.config.request_timeout
-        kinds = self._kinds()
-        try:
-            k, gen = self.producer.pick_worker(kinds)
-        except ServiceUnavailable:  # no worker of the kinds as last seen: look again
-            self._kinds_at = -1.0
-            kinds = self._kinds()
-            k, gen = self.producer.pick_worker(kinds)
+        k, gen = self._pick(self.producer.pick_worker)
         for attempt in (0, 1):
             slot.view(len(data))[:] = data  # again on a retry: the dead worker may have written
             slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
