@@ -36,6 +36,7 @@ _REQUEST = struct.Struct(f"<I4xI{_SO['req_len'] - _SO['gen'] - 4}xI8xiqqqq"
 assert _SO["worker"] == _SO["op"] + 4 and _SO["gen"] == _SO["op"] + 8
 assert _SO["stream"] == _SO["req_len"] + 12
 assert L.R_OK == 0  # answer() tests the status as a truth value
+_R_OK = L.R_OK
 assert _SO["r0"] == _SO["arg3"] + 8 and _SO["t_submit"] + 8 - _SO["op"] == _REQUEST.size
 _monotonic = time.monotonic
 
@@ -120,13 +121,14 @@ class Inbox:
         self.answer(j, status, len(data))
         return 1
 
-    def ok(self, j: int, resp_len: int) -> None:
-        """``answer(j, R_OK, resp_len)``, the short requests' answer: four stores, DONE,
-        the post (the word indexes computed once per slot)."""
+    def done(self, j: int, resp_len: int, status: int = _R_OK) -> None:
+        """The end of every answer: resp_len and status (two stores), resp_seq from seq,
+        t_done, DONE, the post; the word indexes computed once per slot. A short request's
+        whole answer (r0..f1 are zero since submit): see :meth:`answer`."""
         resp_len_at, status_at, rseq_at, seq_at, done_at, state_at = self._ok_at[j]
         u32, u64 = self._u32, self._u64
         u32[resp_len_at] = resp_len
-        u32[status_at] = 0  # R_OK
+        u32[status_at] = status
         u64[rseq_at] = u64[seq_at]
         self._f64[done_at] = _monotonic()
         u32[state_at] = _S_DONE
@@ -137,19 +139,15 @@ class Inbox:
         """Answer slot ``j``: the reply's words, then DONE, then its post. ``r0``..``f1``
         are written only for an error or when one of them is not zero: the producer zeroes
         them at submit (Slot.submit), so a plain OK answer is five stores (an error also
-        resets the progress word of parts published before it, as it always did)."""
-        w4, w8 = self._words[j]
-        u32, u64 = self._u32, self._u64
-        u32[w4 + _RESPLEN] = resp_len
-        u32[w4 + _STATUS] = status
+        resets the progress word of parts published before it, as it always did). The
+        producer reads none of the reply's words before DONE but r0, the progress word of a
+        partial reply, so their order before it does not matter."""
         if status or r0 or r1 or f0 or f1:  # status: R_OK is 0
+            w8 = self._words[j][1]
             i64, f64 = self._i64, self._f64
             i64[w8 + _R0] = r0
             i64[w8 + _R1] = r1
             f64[w8 + _F0] = f0
             f64[w8 + _F1] = f1
-        u64[w8 + _RSEQ] = u64[w8 + _SEQ]
-        self._f64[w8 + _TDONE] = _monotonic()
-        u32[w4 + _ST] = _S_DONE
-        self._replies[j].release()
+        self.done(j, resp_len, status)
 

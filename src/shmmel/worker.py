@@ -212,7 +212,7 @@ class Worker:
             if op == OP_TEXT:
                 errors += self.serve_text(j, req[1], req[3], req[4] != 0)
             elif op == OP_PING:
-                inbox.ok(j, req[1])
+                inbox.done(j, req[1])
             elif op in L.AUDIO_OPS and self.audio:
                 audio.append((j, req))
             elif op in L.WHISPER_OPS and self.whisper:
@@ -285,7 +285,7 @@ class Worker:
         if len(out) > size:
             return self.fail(j, L.R_ERROR, "result larger than a slot")
         data[off : off + len(out)] = out
-        self.inbox.ok(j, len(out))
+        self.inbox.done(j, len(out))
         return 0
 
 
