@@ -82,6 +82,7 @@ from compare_lib import (
     log,
     per_run,
     process_wrk,
+    rotating,
     summary_runs,
     wrk,
 )
@@ -180,22 +181,16 @@ def item_linger(a, out: Path) -> dict:
             Instance(out, http, a.threads, workers, a.kind,
                      env={"SHMMEL_HTTP_LINGER_MS": "0"}, tag="l") as off, \
             bare(out, http, a.threads) as b:
-        servers = [("linger", on.url), ("no_linger", off.url), ("bare", b.url)]
-        for who, url in servers:
+        urls = {"linger": on.url, "no_linger": off.url, "bare": b.url}
+        for who, url in urls.items():
             process_wrk(url, a.conns, 1, f"linger {who} warm-up", out)
         for conns, threads, key in ((a.conns, 4, "process"), (1, 1, "seq")):
-            runs: dict = {who: [] for who, _ in servers}
-            for i in range(a.reps):
-                k = i % len(servers)
-                for who, url in servers[k:] + servers[:k]:
-                    runs[who].append(process_wrk(url, conns, a.dur if key == "process" else
-                                                 a.seq_dur, f"{key} {who} #{i + 1}", out,
-                                                 threads=threads))
-            res[key] = {
-                who: {"rps": [r["rps"] for r in rs], "p50_ms": [r["p50_ms"] for r in rs],
-                      "p99_ms": [r["p99_ms"] for r in rs],
-                      "non_2xx": sum(r["non_2xx"] for r in rs),
-                      "timeouts": sum(r["timeouts"] for r in rs)} for who, rs in runs.items()}
+            def run(who: str, i: int, conns: int = conns, threads: int = threads,
+                    key: str = key) -> dict:
+                return process_wrk(urls[who], conns, a.dur if key == "process" else a.seq_dur,
+                                   f"{key} {who} #{i + 1}", out, threads=threads)
+            runs = rotating(list(urls), a.reps, run)
+            res[key] = {who: summary_runs(rs) for who, rs in runs.items()}
             for who in ("linger", "no_linger"):
                 res[key][who]["ratio_rps"] = [round(x["rps"] / y["rps"], 3) for x, y in
                                               zip(runs[who], runs["bare"])]

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_lib import Instance, _children, _cmdline, bare, log, process_wrk
+from compare_lib import Instance, _children, _cmdline, bare, log, process_wrk, rotating
 
 _TCK = os.sysconf("SC_CLK_TCK")
 _CS = re.compile(rb"^(voluntary|nonvoluntary)_ctxt_switches:\s*(\d+)", re.MULTILINE)
@@ -155,12 +155,9 @@ def item_cpu(a, out: Path) -> dict:
                             "inst": inst}))
         for name, url, _g, _d in up:
             process_wrk(url, a.conns, 1, f"cpu {name} warm-up", out)
-        runs: dict[str, list[dict]] = {name: [] for name, *_ in up}
-        for i in range(a.reps):
-            k = i % len(up)
-            for name, url, groups, _d in up[k:] + up[:k]:
-                runs[name].append(measured_run(url, a.conns, a.dur, groups,
-                                               f"cpu {name} #{i + 1}", out))
+        by_name = {name: (url, groups) for name, url, groups, _d in up}
+        runs = rotating(list(by_name), a.reps, lambda name, i: measured_run(
+            by_name[name][0], a.conns, a.dur, by_name[name][1], f"cpu {name} #{i + 1}", out))
     anchor = next((name for name, *_ in up if name.startswith("bare")), None)
     for name, _url, groups, desc in up:
         rs = runs[name]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_lib import Instance, bare, process_wrk  # noqa: E402
+from compare_lib import Instance, bare, process_wrk, rotating, summary_runs  # noqa: E402
 
 from shmmel.config import SPARE_CORES_MIN, default_switch_interval_us  # noqa: E402
 
@@ -28,22 +28,15 @@ def item_switch(a, out: Path) -> dict:
                          env={"SHMMEL_HTTP_SWITCH_INTERVAL_US": "0"}, tag="w") as stock, \
                 bare(out, http, a.threads, switch_us=0) as b0, \
                 bare(out, http, a.threads, switch_us=us) as b1:
-            servers = [("shmmel", short.url), ("shmmel_5ms", stock.url), ("bare_5ms", b0.url),
-                       ("bare", b1.url)]
-            for who, url in servers:
+            urls = {"shmmel": short.url, "shmmel_5ms": stock.url, "bare_5ms": b0.url,
+                    "bare": b1.url}
+            for who, url in urls.items():
                 process_wrk(url, a.conns, 1, f"switch {who} warm-up", out)
-            runs: dict = {who: [] for who, _ in servers}
-            for i in range(a.reps):
-                k = i % len(servers)
-                for who, url in servers[k:] + servers[:k]:
-                    runs[who].append(process_wrk(url, a.conns, a.dur,
-                                                 f"switch h{http} w{workers} {who} #{i + 1}", out))
+            def run(who: str, i: int, urls: dict = urls, tag: str = f"h{http} w{workers}") -> dict:
+                return process_wrk(urls[who], a.conns, a.dur, f"switch {tag} {who} #{i + 1}", out)
+            runs = rotating(list(urls), a.reps, run)
             row: dict = {"http_workers": http, "workers": workers, "conns": a.conns}
-            for who, rs in runs.items():
-                row[who] = {"rps": [r["rps"] for r in rs], "p99_ms": [r["p99_ms"] for r in rs],
-                            "p50_ms": [r["p50_ms"] for r in rs],
-                            "non_2xx": sum(r["non_2xx"] for r in rs),
-                            "timeouts": sum(r["timeouts"] for r in rs)}
+            row.update((who, summary_runs(rs)) for who, rs in runs.items())
             for mine in ("shmmel", "shmmel_5ms"):
                 for anchor in ("bare", "bare_5ms"):
                     row[f"{mine}/{anchor}"] = {

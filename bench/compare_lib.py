@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shmmel.loadgen import targets
@@ -222,6 +223,18 @@ def mean(xs: list[float]) -> float:
 def spread(xs: list[float]) -> float:
     """(max - min) / max: how much the repeats moved."""
     return (max(xs) - min(xs)) / max(xs) if xs and max(xs) else float("nan")
+
+
+def rotating(names: list[str], reps: int, run: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """``reps`` rounds of ``run(name, round)`` for each of ``names`` (servers all up at
+    once), the order rotating every round so a shared host's drift falls on all alike:
+    {name: its results, round by round}."""
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for i in range(reps):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            runs[n].append(run(n, i))
+    return runs
 
 
 def summary_runs(runs: list[dict]) -> dict:
