@@ -72,8 +72,8 @@ def default_switch_interval_us(cores: int | None = None) -> int:
     requests at once (each awaits its reply mid-request), a short interval means many more
     wake-ups and context switches. On a host with cores to spare they run beside the
     process, and 200 µs cut the p99 at c100 by a quarter to a third on the 16-core host for
-    5-13 % of throughput; on 2 cores they take the CPU the HTTP processes, the workers and the clients
-    need: /process at c32 lost about a third of its throughput (futex calls per request
+    5-13 % of throughput; on 2 cores they take the CPU the HTTP processes, the workers and
+    the clients need: /process at c32 lost about a third of its throughput (futex calls per request
     ~7 -> ~17, HTTP-side CPU per request +25 %; docs/PERFORMANCE.md, issue 12)."""
     return 200 if (host_cores() if cores is None else cores) >= SPARE_CORES_MIN else 0
 
