@@ -7,7 +7,8 @@ cross-process lock:
 
 * **open** (:meth:`StreamTable.allocate`): the entries are partitioned by producer row
   (``layout.stream_partition``) like the slots, and only the partition's process takes its
-  FREE (or stale) entries, under a thread lock held across no syscall. The entry is
+  FREE (or stale) entries, under a thread lock held across no syscall (from the choice
+  of worker to the publish, so a process's concurrent opens see each other's). The entry is
   reserved first and the open streams counted after (publish, then check), so opens racing in
   several processes at the limit are refused rather than admitted past it.
 * **lookup** (:meth:`StreamTable.find`): any process reads the entry (state, token, worker
@@ -56,8 +57,9 @@ class Handle:
         return f"{self.index}-{self.token:016x}"
 
 
-# choose(table) -> (worker, generation), called before the entry is taken: opens racing in
-# other threads and processes may place their streams without seeing each other's
+# choose(table) -> (worker, generation), called under the process's table lock before the
+# entry is taken: the process's own earlier opens are counted, opens racing in other
+# processes may place their streams without seeing each other's
 Chooser = Callable[[np.ndarray], tuple[int, int]]
 
 
@@ -145,21 +147,25 @@ class StreamTable:
         with process ``pid``; 503 past max_streams (or when the partition is full). The
         worker frees it when it drops the state."""
         t = self.t
-        k, gen = choose(t)
+        rand = secrets.randbits(L.TOKEN_RANDOM_BITS)  # getrandom, a syscall: before the lock
+        # This process's opens go one at a time from the choice to the publish (numpy and
+        # stores, no syscall), so each one's choice counts the streams the ones before it
+        # placed: without it, threads opening at once picked the same least-loaded worker.
         with self._lock:
+            k, gen = choose(t)
             i = self._take()
-        if self.over_limit():  # ours is counted: racing opens refuse each other
-            t["state"][i] = L.ST_FREE
-            self._idle.append(i)
-            raise ServiceUnavailable(f"too many open streams (max {self.limit})")
-        token = L.stream_token(int(t["token"][i]), secrets.randbits(L.TOKEN_RANDOM_BITS))
-        # the token first: a reader that sees the old token after reading the other fields
-        # read the old stream's fields (see find)
-        t["token"][i] = token
-        t["worker"][i], t["gen"][i], t["n_mels"][i] = k, gen, n_mels
-        t["last_used"][i], t["frames"][i], t["samples"][i] = time.monotonic(), 0, 0
-        t["busy"][i], t["padding"][i] = pid, padding
-        t["state"][i] = L.ST_OPEN  # publish last
+            if self.over_limit():  # ours is counted: racing opens refuse each other
+                t["state"][i] = L.ST_FREE
+                self._idle.append(i)
+                raise ServiceUnavailable(f"too many open streams (max {self.limit})")
+            token = L.stream_token(int(t["token"][i]), rand)
+            # the token first: a reader that sees the old token after reading the other
+            # fields read the old stream's fields (see find)
+            t["token"][i] = token
+            t["worker"][i], t["gen"][i], t["n_mels"][i] = k, gen, n_mels
+            t["last_used"][i], t["frames"][i], t["samples"][i] = time.monotonic(), 0, 0
+            t["busy"][i], t["padding"][i] = pid, padding
+            t["state"][i] = L.ST_OPEN  # publish last
         return Handle(i, token, k, gen, n_mels, held=True)
 
     def find(self, stream_id: str, idle_timeout: float) -> Handle:
