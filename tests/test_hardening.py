@@ -255,6 +255,113 @@ def test_quiet_socket_makes_no_call_for_the_mode_it_is_in(monkeypatch):
         b.close()
 
 
+def test_quiet_socket_settimeout_makes_no_call_for_the_timeout_it_has(monkeypatch):
+    """httpworker.QuietSocket: settimeout reaches the system only to change the timeout
+    (gunicorn's parser sets None back on a blocking socket before every request)."""
+    from shmmel.httpworker import QuietSocket
+
+    calls: list[float | None] = []
+    real = socket.socket.settimeout
+    monkeypatch.setattr(socket.socket, "settimeout",
+                        lambda self, t: (calls.append(t), real(self, t))[1])
+    a, b = socket.socketpair()
+    try:
+        a.__class__ = QuietSocket
+        a.settimeout(None)  # blocking already
+        assert calls == [] and a.gettimeout() is None
+        a.settimeout(2.5)
+        a.settimeout(2.5)
+        assert calls == [2.5] and a.gettimeout() == 2.5
+        a.settimeout(None)
+        assert calls == [2.5, None] and a.gettimeout() is None
+        a.settimeout(0.0)
+        assert calls == [2.5, None, 0.0] and a.gettimeout() == 0.0
+        with pytest.raises(ValueError):
+            a.settimeout(-1.0)  # still checked by the socket
+        b.sendall(b"x")
+        a.settimeout(None)
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
+
+
+class _Sends:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+
+class _Req:
+    version, method = (1, 1), "POST"
+
+    def should_close(self) -> bool:
+        return False
+
+
+def _gunicorn_response(one_send: bool, headers: list[tuple[str, str]], pieces: list[bytes],
+                       method: str = "POST") -> list[bytes]:
+    from gunicorn.config import Config as GConfig
+
+    from shmmel import httpworker
+
+    req = _Req()
+    req.method = method
+    sock = _Sends()
+    # gunicorn's own response: the class OneSendResponse derives from
+    cls = httpworker.OneSendResponse if one_send else httpworker.OneSendResponse.__mro__[1]
+    resp = cls(req, sock, GConfig())
+    resp.start_response("200 OK", headers)
+    for piece in pieces:
+        resp.write(piece)
+    resp.close()
+    return sock.sent
+
+
+def _same_date(raw: bytes) -> bytes:
+    import re
+
+    return re.sub(rb"Date: [^\r]*\r\n", b"Date: -\r\n", raw)
+
+
+def test_one_send_response_writes_the_headers_and_a_whole_body_at_once():
+    """httpworker.OneSendResponse: a body in one piece with its Content-Length goes out with
+    the headers in one send, the same bytes gunicorn sends in two; anything else (no length,
+    pieces, a HEAD) goes gunicorn's way."""
+    body = b'{"result": "cba"}'
+    hdrs = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("Server-Timing", "queue;dur=0.010")]
+    one = _gunicorn_response(True, hdrs, [body])
+    two = _gunicorn_response(False, hdrs, [body])
+    assert len(one) == 1 and len(two) == 2
+    assert _same_date(one[0]) == _same_date(b"".join(two))
+    assert one[0].startswith(b"HTTP/1.1 200 OK\r\n") and one[0].endswith(b"\r\n\r\n" + body)
+    # two pieces, a length that is not the piece's, no length (chunked), HEAD: unchanged
+    for hd, pieces, method in ((hdrs, [body[:5], body[5:]], "POST"),
+                               ([("Content-Length", "3")], [b"abcd"], "POST"),
+                               ([("Content-Type", "text/plain")], [b"ab", b"cd"], "POST"),
+                               (hdrs, [body], "HEAD")):
+        got = _gunicorn_response(True, hd, pieces, method)
+        ref = _gunicorn_response(False, hd, pieces, method)
+        assert [_same_date(x) for x in got] == [_same_date(x) for x in ref], (hd, pieces)
+
+
+def test_cached_http_date_is_gunicorns_text():
+    from shmmel import httpworker
+
+    for _ in range(3):
+        t = int(time.time())
+        got = httpworker.http_date()
+        if int(time.time()) == t:  # not across a second's edge
+            assert got == httpworker._http_date(t)
+            break
+    else:
+        pytest.fail("three looks each crossed a second")
+    assert httpworker.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"  # a given time: as is
+
+
 def test_keep_alive_after_read_and_unread_bodies(live):
     """One connection: a body the app read whole (no drain: httpworker.body_read), a body
     the app never reads (drained before the next request), then a request again: each is

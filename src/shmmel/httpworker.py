@@ -65,6 +65,7 @@ from typing import Any
 
 import numpy as np
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -147,6 +148,69 @@ class QuietSocket(socket.socket):
             return
         super().setblocking(flag)
 
+    def settimeout(self, timeout: float | None) -> None:
+        """No ioctl when the timeout is the one set already: gunicorn's parser puts the
+        timeout back (``settimeout(None)`` on a blocking socket) after its look for an
+        unread body before every request on a connection."""
+        if timeout == self.gettimeout():
+            return
+        super().settimeout(timeout)
+
+
+_http_date = util.http_date
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date(timestamp: float | None = None) -> str:
+    """gunicorn's ``util.http_date``, the ``Date`` header of every response: the same text
+    (whole seconds), made once a second instead of once a request (``email.utils.formatdate``
+    is ~40 bytecodes and several objects)."""
+    global _date_cache
+    if timestamp is not None:
+        return _http_date(timestamp)
+    now = int(time.time())
+    at, text = _date_cache
+    if at != now:
+        text = _http_date(now)
+        _date_cache = (now, text)  # one tuple store: threads read it whole
+    return text
+
+
+class OneSendResponse(wsgi.Response):
+    """gunicorn's response, but a body given in one piece with its Content-Length goes out
+    with the headers in one ``sendall`` (gunicorn sends the headers, then the body: two
+    syscalls and two TCP segments, each send releasing the GIL, a hand-over to a waiting
+    thread under load, and each segment a wake-up of the client). Anything else (chunked,
+    several pieces, HEAD, a length that does not match) takes gunicorn's own path."""
+
+    def write(self, arg: bytes) -> None:
+        if self.headers_sent or type(arg) is not bytes or self.chunked or self.sent \
+                or self.response_length != len(arg) or self._omits_body:
+            return super().write(arg)
+        tosend = self.default_headers()
+        tosend.extend([f"{k}: {v}\r\n" for k, v in self.headers])
+        tosend.append("\r\n")
+        head = "".join(tosend).encode("latin-1")  # the bytes send_headers makes
+        self.headers_sent = True
+        self.sent = len(arg)
+        self.sock.sendall(head + arg)
+
+
+def _lean_gunicorn() -> None:
+    """In an HTTP process: the cached Date and the one-send response (each only where this
+    gunicorn has what it replaces)."""
+    if getattr(util, "http_date", None) is _http_date:
+        util.http_date = http_date
+    probe = wsgi.Response.__new__(wsgi.Response)
+    try:
+        wsgi.Response.__init__(probe, None, None, None)
+    except Exception:  # noqa: BLE001 - another gunicorn: keep its response as it is
+        return
+    if all(hasattr(probe, a) for a in ("headers_sent", "chunked", "sent", "response_length",
+                                       "_omits_body", "headers")) and \
+            hasattr(wsgi.Response, "default_headers") and wsgi.Response is not OneSendResponse:
+        wsgi.Response = OneSendResponse
+
 
 def body_read(conn: Any) -> bool:
     """Whether the request's body (a Content-Length one, or none) was read whole: gunicorn's
@@ -213,6 +277,7 @@ class ShmmelThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         util.write_error = write_json_error  # this process is ours: gunicorn's pages as JSON
+        _lean_gunicorn()
         app_cfg = getattr(self.app, "config", None)
         self.header_timeout = float(getattr(app_cfg, "header_timeout", 10.0))
         self.min_body_rate = int(getattr(app_cfg, "min_body_rate", 1024))
