@@ -362,6 +362,63 @@ def test_cached_http_date_is_gunicorns_text():
     assert httpworker.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"  # a given time: as is
 
 
+def test_settled_config_reads_every_setting_as_gunicorn_does():
+    """httpworker.settled_config: the same value for every setting and property, read as a
+    plain attribute; the original is untouched and settings still refuse assignment."""
+    from gunicorn.config import Config as GConfig
+
+    from shmmel.httpworker import settled_config
+
+    cfg = GConfig()
+    cfg.set("threads", 16)
+    cfg.set("forwarded_allow_ips", "10.0.0.0/8,127.0.0.1")
+    snap = settled_config(cfg)
+    assert snap is not cfg
+    for name in cfg.settings:
+        assert getattr(snap, name) == getattr(cfg, name), name
+        assert name in vars(snap)  # no __getattr__ on the way
+    assert snap.threads == 16 and snap.is_ssl == cfg.is_ssl
+    assert snap.forwarded_allow_networks() == cfg.forwarded_allow_networks()
+    assert "threads" not in vars(cfg)
+    with pytest.raises(AttributeError):
+        snap.threads = 4
+    with pytest.raises(AttributeError):
+        snap.no_such_setting  # noqa: B018
+
+
+def test_peer_check_is_gunicorns_answer_kept_per_address():
+    """httpworker.ip_in_allow_list: gunicorn's answer for each address and allow list, asked
+    of gunicorn once per pair; the memo never grows past its bound."""
+    import ipaddress
+
+    from shmmel import httpworker
+
+    allow = ["127.0.0.1", "10.0.0.0/8"]
+    nets = [ipaddress.ip_network(a) for a in allow]
+    httpworker._allowed.clear()
+    asked: list[str] = []
+    real = httpworker._ip_in_allow_list  # gunicorn's
+
+    def counting(ip, al, nw):
+        asked.append(ip)
+        return real(ip, al, nw)
+
+    httpworker._ip_in_allow_list = counting
+    try:
+        for ip, want in (("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.1", False),
+                         ("not an ip", False), ("127.0.0.1", True), ("192.168.0.1", False)):
+            assert httpworker.ip_in_allow_list(ip, allow, nets) is want
+            assert real(ip, allow, nets) == want
+        assert asked == ["127.0.0.1", "10.1.2.3", "192.168.0.1", "not an ip"]
+        assert httpworker.ip_in_allow_list("192.168.0.1", ["*"], []) is True  # another list
+        for i in range(5000):
+            httpworker.ip_in_allow_list(f"10.0.{i // 256}.{i % 256}", allow, nets)
+        assert len(httpworker._allowed) <= 4096
+    finally:
+        httpworker._ip_in_allow_list = real
+        httpworker._allowed.clear()
+
+
 def test_keep_alive_after_read_and_unread_bodies(live):
     """One connection: a body the app read whole (no drain: httpworker.body_read), a body
     the app never reads (drained before the next request), then a request again: each is

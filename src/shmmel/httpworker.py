@@ -49,6 +49,7 @@ not come in time, or whose headers are incomplete, goes to the poller as before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import io
 import json
@@ -65,7 +66,7 @@ from typing import Any
 
 import numpy as np
 from gunicorn import util
-from gunicorn.http import wsgi
+from gunicorn.http import message, wsgi
 from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -196,11 +197,46 @@ class OneSendResponse(wsgi.Response):
         self.sock.sendall(head + arg)
 
 
+_ip_in_allow_list = getattr(message, "_ip_in_allow_list", None)
+_allowed: dict[tuple[str, tuple[str, ...]], bool] = {}
+
+
+def ip_in_allow_list(ip_str: str, allow_list: Any, networks: Any) -> bool:
+    """gunicorn's peer check (is the peer a trusted proxy, for forwarded headers), asked
+    on every request: the answer kept per address and allow list (the networks are made
+    from the list), where gunicorn parses the address anew each time (~240 bytecodes)."""
+    key = (ip_str, tuple(allow_list))
+    hit = _allowed.get(key)
+    if hit is None:
+        hit = bool(_ip_in_allow_list(ip_str, allow_list, networks))
+        if len(_allowed) >= 4096:  # many distinct peers: start over, never grow unbounded
+            _allowed.clear()
+        _allowed[key] = hit
+    return hit
+
+
+def settled_config(cfg: Any) -> Any:
+    """A copy of gunicorn's ``Config`` with every setting's value as a plain attribute: a
+    request reads about twenty settings, each a ``__getattr__`` call and a dict lookup
+    (~370 bytecodes a request). Taken once the process has booted; the settings of a worker
+    process do not change (a reload starts new ones). Properties (``is_ssl`` and the like)
+    stay computed, from these values."""
+    settings = getattr(cfg, "settings", None)
+    if not isinstance(settings, dict):
+        return cfg
+    snap = copy.copy(cfg)
+    for name, setting in settings.items():
+        snap.__dict__[name] = setting.get()  # beside __setattr__, which refuses settings
+    return snap
+
+
 def _lean_gunicorn() -> None:
-    """In an HTTP process: the cached Date and the one-send response (each only where this
-    gunicorn has what it replaces)."""
+    """In an HTTP process: the cached Date, the cached peer check and the one-send response
+    (each only where this gunicorn has what it replaces)."""
     if getattr(util, "http_date", None) is _http_date:
         util.http_date = http_date
+    if _ip_in_allow_list is not None and message._ip_in_allow_list is _ip_in_allow_list:
+        message._ip_in_allow_list = ip_in_allow_list
     probe = wsgi.Response.__new__(wsgi.Response)
     try:
         wsgi.Response.__init__(probe, None, None, None)
@@ -278,6 +314,10 @@ class ShmmelThreadWorker(ThreadWorker):
     def init_process(self) -> None:
         util.write_error = write_json_error  # this process is ours: gunicorn's pages as JSON
         _lean_gunicorn()
+        cfg = settled_config(self.cfg)
+        if getattr(self.log, "cfg", None) is self.cfg:
+            self.log.cfg = cfg  # its access() reads five settings a request
+        self.cfg = cfg
         app_cfg = getattr(self.app, "config", None)
         self.header_timeout = float(getattr(app_cfg, "header_timeout", 10.0))
         self.min_body_rate = int(getattr(app_cfg, "min_body_rate", 1024))
