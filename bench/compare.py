@@ -34,6 +34,9 @@ Items (``--items``, comma-separated; all by default):
 * ``cpu``      CPU per request of each process group (HTTP processes, compute workers, wrk,
   the bare app's processes) and context switches, several servers up at once, rotating
   (``--cpu-servers``; bench/compare_cpu.py).
+* ``audiocpu`` as ``cpu``, with ``bench audio --pace fast`` (``--audio-phase`` files or
+  chunks, ``--streams-fast`` streams) as the load: CPU per file (or chunk) of each group,
+  HTTP processes and workers ``--configs``' first (e.g. 8x2), ``--audio-kind`` workers.
 * ``streams``  1,000 real-time session streams (``bench audio --pace realtime``), then,
   with ``max_streams`` 1,000, 1,000 streams held open (all opened first) while 200 more
   clients try to open streams in the middle window: the refusals' latency and the admitted
@@ -71,7 +74,7 @@ import urllib.request
 from pathlib import Path
 
 from compare_audio import item_audio, item_oneshot, item_streams
-from compare_cpu import item_cpu
+from compare_cpu import item_audio_cpu, item_cpu
 from compare_knobs import item_switch
 from compare_lib import (
     BODY_256,
@@ -341,7 +344,8 @@ def item_flame(a, out: Path) -> dict:
 ITEMS = {"process": item_process, "balance": item_balance, "linger": item_linger,
          "alternate": item_alternate, "seq": item_seq, "soak": item_soak, "sweep": item_sweep,
          "flame": item_flame, "ipc": item_ipc, "oneshot": item_oneshot, "audio": item_audio,
-         "streams": item_streams, "switch": item_switch, "cpu": item_cpu}
+         "streams": item_streams, "switch": item_switch, "cpu": item_cpu,
+         "audiocpu": item_audio_cpu}
 
 
 def pairs(text: str) -> list[tuple[int, int]]:
@@ -401,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--audio-fast-workers", type=int, default=2,
                     help="compute workers of the audio item's instance")
     ap.add_argument("--reps-audio", type=int, default=2)
+    ap.add_argument("--audio-phase", default="files", choices=["files", "chunks"],
+                    help="item audiocpu: the bench audio phase to load with")
     ap.add_argument("--reps-ipc", type=int, default=2)
     ap.add_argument("--ipc-seconds", type=float, default=3)
     ap.add_argument("--streams", type=int, default=1000)

@@ -22,6 +22,7 @@ import pytest
 
 from shmmel import mel, wire
 from shmmel.client import ClientError, MelClient
+from shmmel.stream_table import StreamTable
 
 from .conftest import start_daemon, stop_daemon, wait_for
 from .inproc import InProc
@@ -145,11 +146,18 @@ def test_a_whole_upload_that_fits_a_slot_is_one_round_trip(audio_inproc):
 
 
 @pytest.mark.parametrize("kind", ["s16", "wav16", "f32"])
-def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, kind):
+def test_a_whole_upload_larger_than_a_slot_takes_few_round_trips(audio_inproc, kind,
+                                                                 monkeypatch):
     """10 s with Content-Length: read a push at a time, each push as large as a slot
     holds (s16le: ~4 s), the first one opening the stream, the last one ending it: 3
     round trips for s16le (open + 3 before, and 11 before that: 64 KB reads, each split in
-    two pushes, then a finish), 6 for float32; no stream or slot left; bit-exact."""
+    two pushes, then a finish), 6 for float32; no stream or slot left; bit-exact. The
+    stream is the upload's slot's (PUSH_SLOT): no stream-table entry is ever allocated."""
+
+    def no_table(*_a, **_k):
+        raise AssertionError("an upload allocated a stream-table entry")
+
+    monkeypatch.setattr(StreamTable, "allocate", no_table)
     x = speechlike(10.0, seed=8)
     if kind == "f32":
         body, ctype, ref_in, trips = x.tobytes(), "audio/x-f32le;rate=16000", x, 6

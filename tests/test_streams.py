@@ -261,10 +261,11 @@ class Jobs:
         self.inbox = Inbox(shm, 0, 1)
         self.next = 0
 
-    def serve(self, *requests: tuple[int, ...], audio: bytes = b"") -> list[int]:
+    def serve(self, *requests: tuple[int, ...], audio: bytes = b"",
+              slot: int | None = None) -> list[int]:
         taken = []
         for req in requests:
-            j = self.next
+            j = self.next if slot is None else slot
             self.next = (self.next + 1) % 8
             n = len(audio) if req[0] == L.OP_AUDIO_PUSH else 0
             self.shm.payload[j, :n] = np.frombuffer(audio, np.uint8)
@@ -389,6 +390,106 @@ def test_a_push_that_opens_its_stream(small):
     assert w.serve(push(h.index, h.token, me | 8, final=True), audio=x[:160].tobytes()) == [
         L.R_OK]
     assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states
+
+
+def upload_push(token: int, opens: bool = False, final: bool = False, n_mels: int = 80,
+                fmt: int = L.FMT_S16LE):
+    flags = (L.PUSH_SLOT | L.PUSH_LAST_PIECE | (L.PUSH_FINAL if final else 0)
+             | ((L.PUSH_OPEN | n_mels << L.PUSH_MELS_SHIFT) if opens else 0))
+    return (L.OP_AUDIO_PUSH, -1, fmt, flags, token, 0)
+
+
+def test_an_uploads_stream_is_kept_under_its_slot_not_in_the_table(small):
+    """PUSH_SLOT: an upload's stream lives in its worker under the upload's slot. Its frames
+    are bit for bit a table stream's; the table is never touched; a token that is not the
+    slot's upload's is no stream; the slot's next upload replaces a state left behind; a
+    close, a refusal or the final push drops it, idle expiry one nobody finishes."""
+    shm, _ = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    x = (3000 * np.sin(np.arange(24000) * 0.013) * np.linspace(0.1, 1, 24000)).astype("<i2")
+    pieces = [x[:8000], x[8000:16000], x[16000:]]
+
+    def frames(j: int) -> np.ndarray:
+        k = int(shm.slots["r1"][j])
+        return shm.payload[j].view(np.float32)[: k * 80].reshape(k, 80).copy()
+
+    h = table.allocate(80, 0, on_worker(0), os.getpid())  # the same audio as a table stream
+    assert w.serve((L.OP_AUDIO_OPEN, h.index, 80, 0, h.token, 0)) == [L.R_OK]
+    want = []
+    for i, p in enumerate(pieces):
+        assert w.serve(push(h.index, h.token, 1, final=i == 2), audio=p.tobytes(),
+                       slot=0) == [L.R_OK]
+        want.append(frames(0))
+    assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states
+    before = shm.streams.copy()
+    got = []
+    for i, p in enumerate(pieces):
+        assert w.serve(upload_push(7, opens=i == 0, final=i == 2), audio=p.tobytes(),
+                       slot=5) == [L.R_OK]
+        got.append(frames(5))
+        assert (5 in w.jobs.uploads) == (i < 2)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got)) and len(got) == 3
+    assert np.array_equal(shm.streams, before) and not w.jobs.states
+    assert int(shm.workers["streams"][0]) == 0
+    # another token on the slot is no stream; an open replaces what an upload left there
+    piece = x[:1600].tobytes()
+    assert w.serve(upload_push(8, opens=True), audio=piece, slot=5) == [L.R_OK]
+    assert w.serve(upload_push(9), audio=piece, slot=5) == [L.R_NO_STREAM]
+    assert w.serve(upload_push(8), audio=piece, slot=6) == [L.R_NO_STREAM]
+    assert w.serve(upload_push(9, opens=True), audio=piece, slot=5) == [L.R_OK]
+    assert w.jobs.uploads[5][0] == 9
+    assert w.serve((L.OP_AUDIO_CLOSE, -1, 0, L.PUSH_SLOT, 9, 0), slot=5) == [L.R_OK]
+    assert 5 not in w.jobs.uploads
+    # refused: a bad n_mels opening, then NaN float audio mid-upload: no state stays
+    assert w.serve(upload_push(10, opens=True, n_mels=81), audio=piece, slot=5) == [
+        L.R_BAD_INPUT]
+    assert w.serve(upload_push(11, opens=True), audio=piece, slot=5) == [L.R_OK]
+    nan = np.array([0.1, np.nan] * 80, "<f4").tobytes()
+    assert w.serve(upload_push(11, fmt=L.FMT_F32LE), audio=nan, slot=5) == [L.R_BAD_INPUT]
+    assert not w.jobs.uploads
+    # one left behind (its HTTP process died): idle expiry drops it
+    assert w.serve(upload_push(12, opens=True), audio=piece, slot=4) == [L.R_OK]
+    w.jobs.expire(time.monotonic() + w.jobs.config.stream_idle_timeout / 2)
+    assert 4 in w.jobs.uploads
+    w.jobs._next_expiry = 0.0
+    w.jobs.expire(time.monotonic() + w.jobs.config.stream_idle_timeout + 1)
+    assert not w.jobs.uploads
+
+
+def test_an_upload_never_touches_the_stream_table(small, monkeypatch):
+    """A multi-push upload (larger than a slot) goes through AudioCalls.upload_stream: no
+    placement over the table, no entry (StreamTable.allocate fails the test if called);
+    its pushes carry PUSH_SLOT, the first one PUSH_OPEN, the last PUSH_FINAL."""
+    shm, _ = small
+
+    def no_table(*_a, **_k):
+        raise AssertionError("an upload allocated a stream-table entry")
+
+    monkeypatch.setattr(StreamTable, "allocate", no_table)
+    shm.workers["kind"][0] = shm.workers["kind"][1] = L.K_CPU
+    calls = AudioCalls(Config(), Producer(shm, queue_depth=4))
+    h = calls.upload_stream(80, padding=0)
+    assert h.slot_keyed and not h.opened and h.index == -1
+    with pytest.raises(BadRequest):
+        calls.upload_stream(81, padding=0)
+    sent = []
+
+    def fake_call(slot, h2, op, nbytes, args, lease=0):
+        sent.append((op, args[1]))
+        shm.slots["r1"][slot.index] = 0
+        return type("R", (), {"r0": 0, "r1": 0, "f0": -1.0})()
+
+    monkeypatch.setattr(calls, "call", fake_call)
+    with calls.producer.claim() as slot:
+        step = calls.push_samples(L.FMT_S16LE, 80) * 2
+        calls.push(slot, h, bytes(2 * step + 10), L.FMT_S16LE, final=True)
+    assert [op for op, _ in sent] == [L.OP_AUDIO_PUSH] * 3 and h.opened
+    flags = [f for _, f in sent]
+    assert all(f & L.PUSH_SLOT for f in flags)
+    assert [bool(f & L.PUSH_OPEN) for f in flags] == [True, False, False]
+    assert [bool(f & L.PUSH_FINAL) for f in flags] == [False, False, True]
+    assert flags[0] >> L.PUSH_MELS_SHIFT == 80
 
 
 @pytest.mark.parametrize("exc, freed", [

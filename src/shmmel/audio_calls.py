@@ -1,12 +1,17 @@
 """The HTTP side of audio streams: their calls to the mel workers, through one slot.
 
-A stream is pinned to the worker that holds its state (chosen at open by device load, see
-:mod:`shmmel.devices`); its entry lives in the shared :class:`~shmmel.stream_table.StreamTable`,
-in this process's partition of it when this process opened it. Every call on a stream carries
-its token (the worker refuses a stale one) and every push a lease, so the worker serves one
-request of a stream at a time. A whole upload that fits one slot skips the table altogether
-(:meth:`AudioCalls.oneshot`); a larger one opens its stream with its first push
-(:meth:`AudioCalls.open_push`: no round trip of its own).
+A session stream is pinned to the worker that holds its state (chosen at open by device load,
+see :mod:`shmmel.devices`); its entry lives in the shared
+:class:`~shmmel.stream_table.StreamTable`, in this process's partition of it when this process
+opened it. Every call on a stream carries its token (the worker refuses a stale one) and every
+push a lease, so the worker serves one request of a stream at a time.
+
+An upload's streams skip the table: a whole upload that fits one slot is one message
+(:meth:`AudioCalls.oneshot`); a larger one is a stream its worker keeps under the upload's
+slot (:meth:`AudioCalls.upload_stream`, ``layout.PUSH_SLOT``), opened by its first push. The
+upload holds that slot from its first push to its last, so the slot names the stream, and
+nothing is placed, counted or freed in shared memory: the table's placement (a scan of every
+entry under the process's lock) was the largest cost of a 10 s upload in an HTTP process.
 """
 
 from __future__ import annotations
@@ -75,23 +80,16 @@ class AudioCalls:
             raise
         return h
 
-    def open_push(self, slot: Slot, n_mels: int, padding: int, data: memoryview | bytes | int,
-                  fmt: int, final: bool, copy: bool = True) -> tuple[Handle, FrameBatch]:
-        """Open a stream (as :meth:`open`) and push its first samples, one round trip:
-        the push carries the open (``PUSH_OPEN``). ``data`` is one piece (at most
-        :meth:`push_samples`; an int: that many bytes already in the slot). When the push
-        fails the worker holds no state and the entry goes as after a failed open
-        (:meth:`drop_entry`); with ``final`` the worker drops the stream and frees its
-        entry after answering."""
-        if (data if type(data) is int else len(data)) > \
-                self.push_samples(fmt, n_mels) * L.FMT_WIDTH[fmt]:
-            raise ValueError("an opening push takes one piece")
-        h = self._allocate(n_mels, padding)
-        try:
-            return h, self.push(slot, h, data, fmt, final, copy=copy, opens=True)
-        except BaseException as exc:
-            self.drop_entry(h, exc)
-            raise
+    def upload_stream(self, n_mels: int, padding: int) -> Handle:
+        """A stream for one upload, on the least busy (CUDA, where there is one) worker: kept
+        there under the slot the upload holds (``PUSH_SLOT``), with no table entry and no
+        round trip of its own (its first push opens it, see :meth:`push`). ``padding`` is
+        sent as zero samples by :meth:`finish`."""
+        if n_mels not in (80, 128):
+            raise BadRequest("n_mels must be 80 or 128")
+        k, gen = self._pick(self.producer.pick_worker)
+        return Handle(-1, self.producer.next_seq(), k, gen, n_mels, slot_keyed=True,
+                      padding=padding, opened=False)
 
     def _allocate(self, n_mels: int, padding: int) -> Handle:
         """A table entry on the least loaded (CUDA, where there is one) worker."""
@@ -147,7 +145,17 @@ class AudioCalls:
         self.table.release(h)
 
     def abort(self, slot: Slot | None, h: Handle) -> None:
-        """Drop the stream's state on its worker (client gone or error); best effort."""
+        """Drop the stream's state on its worker (client gone or error); best effort. An
+        upload's stream is dropped through its own slot; once that slot is orphaned (or the
+        stream never opened) its state is left to the worker (replaced by the slot's next
+        upload, else idle expiry)."""
+        if h.slot_keyed:
+            if h.opened and slot is not None and slot.owned:
+                try:
+                    self.call(slot, h, L.OP_AUDIO_CLOSE, 0, (0, L.PUSH_SLOT))
+                except ShmmelError:
+                    pass
+            return
         try:
             if slot is None or not slot.owned:  # orphaned after a timeout: use another
                 with self.producer.claim() as s:
@@ -212,19 +220,20 @@ class AudioCalls:
                copy: bool = True) -> FrameBatch:
         """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames
         and the final max. The worker frees the table entry."""
-        pad = self.table.padding(h.index) + extra_padding
+        pad = (h.padding if h.slot_keyed else self.table.padding(h.index)) + extra_padding
         return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy)
 
     def push(self, slot: Slot, h: Handle, data: memoryview | bytes | int, fmt: int,
-             final: bool, copy: bool = True, opens: bool = False) -> FrameBatch:
+             final: bool, copy: bool = True) -> FrameBatch:
         """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
         return the frames it completed as one batch (raw log10, frame-major). The pieces
         share one lease (the first piece's seq): the worker refuses another request's
         pieces on this stream (409) until the last one. Without ``copy``, frames that came
         in one piece are a view of the slot, valid until its next request or its release
-        (for a caller that encodes them at once). ``opens``: the first piece opens the
-        stream (see :meth:`open_push`). ``data`` an int: that many bytes already in the
-        slot (read there by the caller), one piece."""
+        (for a caller that encodes them at once). An upload's stream
+        (:meth:`upload_stream`) is named by the slot (``PUSH_SLOT``) and opened by its
+        first piece (``PUSH_OPEN``). ``data`` an int: that many bytes already in the slot
+        (read there by the caller), one piece."""
         width = L.FMT_WIDTH[fmt]
         in_slot = type(data) is int
         size = data if in_slot else len(data)
@@ -248,10 +257,12 @@ class AudioCalls:
             last = pos >= size
             is_final = final and last
             flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0)
-            if opens:
-                flags |= L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT
-                opens = False
+            if h.slot_keyed:
+                flags |= L.PUSH_SLOT
+                if not h.opened:
+                    flags |= L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT
             r = self.call(slot, h, L.OP_AUDIO_PUSH, n, (fmt, flags), lease)
+            h.opened = True
             k = r.r1
             if k:
                 frames = np.frombuffer(slot.view(k * h.n_mels * 4), "<f4").reshape(k, h.n_mels)

@@ -25,6 +25,7 @@ from .stream_table import StreamTable
 log = logging.getLogger("shmmel.audio")
 
 DTYPES = {L.FMT_S16LE: np.dtype("<i2"), L.FMT_F32LE: np.dtype("<f4")}
+ONESHOT, UPLOAD = -1, -2  # batch items that are no table entry: a one-shot, an upload's stream
 
 
 class MelJobs:
@@ -38,6 +39,10 @@ class MelJobs:
         # table index -> (lease, time of its last piece): the request whose pieces the stream
         # takes now (one request at a time; another one's push is refused, R_BUSY = 409)
         self.leases: dict[int, tuple[int, float]] = {}
+        # slot index -> (token, StreamState, time of its last push): uploads' streams
+        # (layout.PUSH_SLOT), one per slot at most; a state an upload left (its HTTP process
+        # died, say) is replaced by the slot's next upload or dropped by idle expiry
+        self.uploads: dict[int, tuple[int, Any, float]] = {}
         self._next_expiry = 0.0
         self._samples = 0  # samples turned into frames since take_samples()
         # each slot's payload as float32: the engine writes a reply's frames straight there
@@ -65,9 +70,10 @@ class MelJobs:
         table = self.table
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
-        # (slot, stream index or -1, final, whether the push opened the stream)
+        # (slot, stream index or ONESHOT or UPLOAD, final, whether the push opened the stream)
         batch_slots: list[tuple[int, int, bool, bool]] = []
         pushed: set[int] = set()  # streams with a push in this batch (one per stream)
+        now = -1.0
         for j, (op, n, k, arg0, arg1, arg2, arg3) in taken:
             if op == L.OP_AUDIO_ONESHOT:  # no table entry: state made, used, dropped here
                 dt = DTYPES.get(arg0)
@@ -80,7 +86,40 @@ class MelJobs:
                     errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
                     continue
                 batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt), True))
-                batch_slots.append((j, -1, True, False))
+                batch_slots.append((j, ONESHOT, True, False))
+                continue
+            if arg1 & L.PUSH_SLOT and op in (L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE):
+                # an upload's stream, under its slot: no table entry, no lease (the upload
+                # holds the slot, so one request at a time is given)
+                if op == L.OP_AUDIO_CLOSE:
+                    self.uploads.pop(j, None)
+                    inbox.answer(j, L.R_OK, 0)
+                    continue
+                dt = DTYPES.get(arg0)
+                if dt is None or n % dt.itemsize:
+                    self.uploads.pop(j, None)
+                    errors += inbox.fail(j, L.R_BAD_INPUT, "bad sample format or byte count")
+                    continue
+                if now < 0:
+                    now = time.monotonic()
+                if arg1 & L.PUSH_OPEN:
+                    try:
+                        st = self.engine.new_stream(n_mels=arg1 >> L.PUSH_MELS_SHIFT)
+                    except ValueError as exc:
+                        self.uploads.pop(j, None)
+                        errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
+                        continue
+                else:
+                    up = self.uploads.get(j)
+                    if up is None or up[0] != arg2:
+                        errors += inbox.fail(j, L.R_NO_STREAM,
+                                             "no such stream (its upload is over)")
+                        continue
+                    st = up[1]
+                self.uploads[j] = (arg2, st, now)
+                batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt),
+                              bool(arg1 & L.PUSH_FINAL)))
+                batch_slots.append((j, UPLOAD, bool(arg1 & L.PUSH_FINAL), False))
                 continue
             if not 0 <= k < len(table):
                 errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
@@ -146,6 +185,8 @@ class MelJobs:
             if len(batch) > 1:
                 return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
             j, k, _final, opened = batch_slots[0]
+            if k == UPLOAD:  # its upload ends here
+                self.uploads.pop(j, None)
             self.leases.pop(k, None)  # its request ends here
             if opened and self.states.pop(k, None) is not None:
                 self.shm.workers["streams"][self.index] = len(self.states)
@@ -158,6 +199,8 @@ class MelJobs:
                 self.table.account(k, frames, chunk.shape[0])
                 if final:
                     self._drop(k)
+            elif k == UPLOAD and final:
+                self.uploads.pop(j, None)
             inbox.answer(j, L.R_OK, frames * fb.log10.shape[1] * 4, r0=fb.start, r1=frames,
                          f0=fb.running_max, f1=1.0 if final else 0.0)
         return 0
@@ -183,10 +226,14 @@ class MelJobs:
 
     def expire(self, now: float) -> None:
         """Drop streams idle longer than stream_idle_timeout (checked about once a second)."""
-        if now < self._next_expiry or not self.states:
+        if now < self._next_expiry or not (self.states or self.uploads):
             return
         self._next_expiry = now + 1.0
         limit = self.config.stream_idle_timeout
+        for j in [j for j, up in self.uploads.items() if now - up[2] > limit]:
+            log.info("worker %d: the upload in slot %d sent nothing for %.0f s, dropped",
+                     self.index, j, limit)
+            del self.uploads[j]
         for k in list(self.states):
             lease = self.leases.get(k)
             if lease is not None and now - lease[1] < limit:
@@ -196,5 +243,6 @@ class MelJobs:
                 self._drop(k)
 
     def close(self) -> None:
+        self.uploads.clear()
         for k in list(self.states):
             self._drop(k)

@@ -55,9 +55,10 @@ import struct
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 5  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
+VERSION = 6  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
              # 4: stream-table partitions per producer row, stream tokens in requests;
-             # 5: a push may open its stream (PUSH_OPEN): an older worker would refuse it
+             # 5: a push may open its stream (PUSH_OPEN): an older worker would refuse it;
+             # 6: an upload's stream is kept under its slot (PUSH_SLOT), not in the table
 MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
                # benchmarks and tools that talk to the workers directly
 SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools
@@ -104,6 +105,11 @@ PUSH_FINAL = 1       # the stream ends with this piece
 PUSH_LAST_PIECE = 2  # the last piece of one HTTP request: its lease on the stream ends
 PUSH_OPEN = 4        # the push opens its stream (an entry just allocated, arg2 its token):
 PUSH_MELS_SHIFT = 8  # n_mels in arg1 >> PUSH_MELS_SHIFT; no separate OPEN round trip
+# An upload's stream (one HTTP request, one slot from its first push to its last): the worker
+# keeps its state under the slot's index, with no stream-table entry and no lease; arg2 is the
+# upload's token (a state another upload left under the slot is not this one's). Also on
+# OP_AUDIO_CLOSE (arg1) to drop it.
+PUSH_SLOT = 8
 # transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
 OP_WHISPER_OPEN = 5      # start a job: stream = table index
 OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the window

@@ -51,6 +51,11 @@ class Handle:
     gen: int
     n_mels: int
     held: bool = False  # allocated by this handle: its process marks the entry busy
+    # an upload's stream (layout.PUSH_SLOT): no table entry (index -1), kept by its worker
+    # under the upload's slot; its padding here, and whether its first push has gone
+    slot_keyed: bool = False
+    padding: int = 0
+    opened: bool = True
 
     @property
     def stream_id(self) -> str:

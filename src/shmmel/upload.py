@@ -173,10 +173,10 @@ class Upload:
 
     # -- samples in ------------------------------------------------------------------------
     def _open(self) -> Handle:
-        """A stream opened with no samples (its own round trip): only to end an upload
-        that pushed none; every other stream opens with its first push (see feed)."""
+        """The next stream of this upload (one, or one per window): kept by its worker under
+        this upload's slot, opened by its first push (no round trip of its own)."""
         spec = self.spec
-        self.handle = self.calls.open(self.slot, spec.n_mels, 0 if spec.windows else spec.padding)
+        self.handle = self.calls.upload_stream(spec.n_mels, 0 if spec.windows else spec.padding)
         self.in_window = 0
         return self.handle
 
@@ -195,27 +195,18 @@ class Upload:
         ends = last and not self.carry and not spec.windows and not spec.padding
         out = []
         while len(view):
-            h = self.handle
-            if h is None:  # a new stream (or window): its first push opens it, one piece
-                self.in_window = 0
+            h = self.handle or self._open()  # a new stream (or window)
             n = len(view) // self.width
             if spec.windows:
                 n = min(n, N_SAMPLES - self.in_window)
-            if h is None:
-                n = min(n, self.piece // self.width)
             piece, view = view[: n * self.width], view[n * self.width :]
             closes = spec.windows and self.in_window + n == N_SAMPLES
             final = closes or (ends and not len(view))
-            if h is None:
-                self.handle, fb = self.calls.open_push(
-                    self.slot, spec.n_mels, 0 if spec.windows else spec.padding, piece,
-                    spec.fmt, final, self.copy)
-            else:
-                fb = self.calls.push(self.slot, h, piece, spec.fmt, final, self.copy)
+            fb = self.calls.push(self.slot, h, piece, spec.fmt, final, self.copy)
             self.in_window += n
             self.total_samples += n
             out.append(self._emit(fb))
-            if final:  # the worker dropped the stream and freed its entry
+            if final:  # the worker dropped the stream
                 self.handle = None
                 if closes:
                     self.window += 1
@@ -348,16 +339,12 @@ class Upload:
         spec = self.spec
         last = body.at_end()
         final = last and not spec.padding
-        if self.handle is None:
-            self.in_window = 0
-            self.handle, fb = self.calls.open_push(self.slot, spec.n_mels, spec.padding, n,
-                                                   spec.fmt, final, self.copy)
-        else:
-            fb = self.calls.push(self.slot, self.handle, n, spec.fmt, final, self.copy)
+        fb = self.calls.push(self.slot, self.handle or self._open(), n, spec.fmt, final,
+                             self.copy)
         self.in_window += n // self.width
         self.total_samples += n // self.width
         out = self._emit(fb)
-        if final:  # the worker dropped the stream and freed its entry
+        if final:  # the worker dropped the stream
             self.handle = None
             self.done = True
         elif last:
