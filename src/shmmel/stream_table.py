@@ -1,8 +1,9 @@
 """The shared stream table (``layout.STREAM`` rows): the one writer of its entries.
 
-A stream (a session stream, a full-duplex ``/audio/stream`` upload, a transcription job) is
-pinned to the worker that holds its state; its entry carries that worker's generation, so a
-dead worker's entries are seen stale. No operation on the request path takes a
+A session stream (``POST /audio/streams``; uploads and transcriptions are kept by their worker
+under their slot instead, see :mod:`shmmel.audio_calls`) is pinned to the worker that holds its
+state; its entry carries that worker's generation, so a dead worker's entries are seen
+stale. No operation on the request path takes a
 cross-process lock:
 
 * **open** (:meth:`StreamTable.allocate`): the entries are partitioned by producer row
@@ -40,7 +41,7 @@ from .errors import ServiceUnavailable, StreamBusy, StreamLost, UnknownStream
 from .osutil import pid_alive
 from .shm import Shm
 
-__all__ = ["Handle", "StreamTable", "StreamBusy", "StreamLost", "UnknownStream"]
+__all__ = ["Handle", "StreamBusy", "StreamLost", "StreamTable", "UnknownStream"]
 
 
 @dataclass
