@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -145,3 +147,41 @@ def test_http_switch_interval_is_validated_and_applied_by_the_http_process():
         assert sys.getswitchinterval() == pytest.approx(300e-6)
     finally:
         sys.setswitchinterval(before)
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+from shmmel.osutil import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+applied = keep_freed_memory(int(sys.argv[1]))
+before = libc.mallinfo2().hblkhd
+buf = bytearray(4 << 20)
+print(int(applied), libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.parametrize("mb, env, applied", [(128, {}, True), (0, {}, False),
+                                              (128, {"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
+def test_keep_freed_memory_serves_large_buffers_from_the_heap(mb, env, applied):
+    """malloc_keep_mb: a 4 MiB buffer comes from the heap (reused after a free), not from a
+    fresh mapping, once applied; 0, or the operator's MALLOC_ variables, leave glibc's
+    default (a mapping: mallinfo2's hblkhd grows by the buffer)."""
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc 2.33 or newer (mallinfo2)")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, str(mb)], capture_output=True,
+                         text=True, env={**environ, **env}, timeout=60, check=True).stdout
+    got, mapped = map(int, out.split())
+    assert bool(got) is applied
+    assert (mapped == 0) if applied else (mapped >= 4 << 20), out
+
+
+def test_malloc_keep_mb_is_checked():
+    assert resolve({"malloc_keep_mb": 0}, None, {}).malloc_keep_mb == 0
+    with pytest.raises(ConfigError, match="malloc_keep_mb"):
+        resolve({"malloc_keep_mb": 4096}, None, {})

@@ -110,6 +110,7 @@ class Config:
     # the HTTP processes' GIL switch interval (sys.setswitchinterval; 0: Python's 5 ms); by
     # default 200 µs with 4 or more cores, 0 on fewer (default_switch_interval_us)
     http_switch_interval_us: int = field(default_factory=default_switch_interval_us)
+    malloc_keep_mb: int = 128         # freed C heap each process keeps for reuse (0: the C library's default; see osutil.keep_freed_memory)
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
     prefix: str = "shmmel: "
@@ -221,6 +222,7 @@ def _validate(c: Config) -> None:
          "must be 0..50 ms (0: off); queued requests of the process wait up to this long")
     need(c.http_switch_interval_us == 0 or 50 <= c.http_switch_interval_us <= 100_000,
          "http_switch_interval_us", "must be 0 (Python's default) or 50..100000")
+    need(0 <= c.malloc_keep_mb <= 2047, "malloc_keep_mb", "must be 0..2047 MiB (0: off)")
     need(len(c.prefix.encode("utf-8", "surrogatepass")) <= 256, "prefix", "at most 256 bytes")
     need(c.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024")
     need(0 <= c.whisper_workers <= 64, "whisper_workers", "must be 0..64")

@@ -72,7 +72,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from . import layout as L
 from .errors import InstanceError
-from .osutil import pid_alive, unread_bytes
+from .osutil import keep_freed_memory, pid_alive, unread_bytes
 from .shm import Shm
 
 HEADER_END = b"\r\n\r\n"
@@ -323,6 +323,7 @@ class ShmmelThreadWorker(ThreadWorker):
         self.min_body_rate = int(getattr(app_cfg, "min_body_rate", 1024))
         self.linger_ms = float(getattr(app_cfg, "http_linger_ms", 0.0))
         set_switch_interval(app_cfg)
+        keep_freed_memory(int(getattr(app_cfg, "malloc_keep_mb", 0)))
         self._plain = not self.cfg.is_ssl  # constant; a property lookup on every read
         self.reading: dict[Any, float] = {}      # conn -> header deadline
         self.bodies: dict[Any, tuple[float, int, int]] = {}  # conn -> (start, need, bytes0)

@@ -40,3 +40,32 @@ def unread_bytes(sock: Any) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
     except (OSError, ValueError):
         return 0
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 8 << 20  # bytes: a buffer up to this size comes from the heap, reused
+
+
+def keep_freed_memory(megabytes: int) -> bool:
+    """Make this process's C heap keep up to ``megabytes`` of freed memory for reuse, and
+    serve buffers of up to MMAP_THRESHOLD from it (glibc ``mallopt``: M_TRIM_THRESHOLD,
+    M_MMAP_THRESHOLD); whether it was applied.
+
+    Why: an HTTP process answering a 10 s upload allocates and frees a few buffers of
+    100-400 KB a request (records, the joined answer, its copy with the headers). glibc
+    gives such blocks fresh mappings (above its mmap threshold, 128 KiB at first) or trims
+    them off its heaps, so every request paid page faults and mmap/munmap, serialised on
+    the process's memory-map lock across its 16 threads: on the GPU host that was about a
+    sixth of the CPU of a file (docs/PERFORMANCE.md). Not applied with ``megabytes`` 0,
+    without glibc, or when the environment sets MALLOC_TRIM_THRESHOLD_ or
+    MALLOC_MMAP_THRESHOLD_ (the operator's choice stands)."""
+    if megabytes <= 0 or any(k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_",
+                                                       "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and \
+        mallopt(M_TRIM_THRESHOLD, min(megabytes, 2047) << 20) == 1

@@ -20,7 +20,7 @@ from . import layout as L
 from .channel import spare_cores
 from .inbox import Inbox
 from .config import Config
-from .osutil import set_parent_death_signal
+from .osutil import keep_freed_memory, set_parent_death_signal
 from .shm import Shm
 
 log = logging.getLogger("shmmel.worker")
@@ -293,6 +293,7 @@ def worker_main(config: Config, shm: Shm, index: int, gen: int, parent: int) -> 
     """Entry point in the forked child. Never returns."""
     code = 1
     try:
+        keep_freed_memory(config.malloc_keep_mb)
         code = Worker(config, shm, index, gen, parent).run()
     except BaseException:  # noqa: BLE001
         log.exception("worker %d crashed", index)
