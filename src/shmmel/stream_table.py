@@ -1,8 +1,8 @@
 """The shared stream table (``layout.STREAM`` rows): the one writer of its entries.
 
-A session stream (``POST /audio/streams``; uploads and transcriptions are kept by their worker
-under their slot instead, see :mod:`shmmel.audio_calls`) is pinned to the worker that holds its
-state; its entry carries that worker's generation, so a dead worker's entries are seen
+A session stream (``POST /audio/streams``) or a transcription job (on a whisper worker) is
+pinned to the worker that holds its state (an upload's mel stream is kept by its worker under
+the upload's slot instead, see :mod:`shmmel.audio_calls`); its entry carries that worker's generation, so a dead worker's entries are seen
 stale. No operation on the request path takes a
 cross-process lock:
 
