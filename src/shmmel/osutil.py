@@ -51,12 +51,13 @@ def keep_freed_memory(megabytes: int) -> bool:
     serve buffers of up to MMAP_THRESHOLD from it (glibc ``mallopt``: M_TRIM_THRESHOLD,
     M_MMAP_THRESHOLD); whether it was applied.
 
-    Why: an HTTP process answering a 10 s upload allocates and frees a few buffers of
-    100-400 KB a request (records, the joined answer, its copy with the headers). glibc
-    gives such blocks fresh mappings (above its mmap threshold, 128 KiB at first) or trims
-    them off its heaps, so every request paid page faults and mmap/munmap, serialised on
-    the process's memory-map lock across its 16 threads: on the GPU host that was about a
-    sixth of the CPU of a file (docs/PERFORMANCE.md). Not applied with ``megabytes`` 0,
+    Why: a request for a 10 s upload allocates and frees buffers of 100 KB to a few MB (a
+    NumPy worker's STFT temporaries, an HTTP process's records and joined answer). glibc
+    gives blocks that size fresh mappings (above its mmap threshold, 128 KiB at first) or
+    trims them back off its heaps once freed, so each request faulted its pages in again: a
+    NumPy worker took ~1,350 page faults a 10 s file, 1 with this (its CPU a file 8.0 ->
+    4.7 ms on the 2-core machine), and on the GPU host the files rate rose from 0.75 to
+    0.83-0.93 of the bare app's (docs/PERFORMANCE.md). Not applied with ``megabytes`` 0,
     without glibc, or when the environment sets MALLOC_TRIM_THRESHOLD_ or
     MALLOC_MMAP_THRESHOLD_ (the operator's choice stands)."""
     if megabytes <= 0 or any(k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_",
