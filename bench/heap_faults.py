@@ -9,23 +9,29 @@ and resident memory read from /proc/PID/stat before and after.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_cpu import group_times
 from compare_lib import Instance
 
 
-def stat(pids: list[int]) -> tuple[int, list[int], int]:
-    """Minor faults (summed), resident MiB (each), utime + stime ticks (summed)."""
-    faults, rss, cpu = 0, [], 0
+def faults_rss(pids: list[int]) -> tuple[int, list[int]]:
+    """Minor faults (summed) and resident MiB (each) of ``pids``."""
+    faults, rss = 0, []
     for p in pids:
         x = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         faults += int(x[7])
-        rss.append(int(x[21]) * 4096 >> 20)
-        cpu += int(x[11]) + int(x[12])
-    return faults, rss, cpu
+        rss.append(int(x[21]) * os.sysconf("SC_PAGE_SIZE") >> 20)
+    return faults, rss
+
+
+def stat(pids: list[int]) -> tuple[int, list[int], float]:
+    """Minor faults, resident MiB (each), CPU seconds (user + system) of ``pids``."""
+    return (*faults_rss(pids), sum(group_times(pids)[:2]))
 
 
 def main() -> None:
@@ -54,9 +60,9 @@ def main() -> None:
                 c1, h1, w1 = inst.http_counts(), stat(hp), stat(wp)
             n = max(1, sum(c1.values()) - sum(c0.values()))
             print(f"malloc_keep_mb {name}: {n} requests; HTTP faults/request "
-                  f"{(h1[0] - h0[0]) / n:.0f}, CPU {(h1[2] - h0[2]) * 1e4 / n:.0f} us, RSS "
+                  f"{(h1[0] - h0[0]) / n:.0f}, CPU {(h1[2] - h0[2]) * 1e6 / n:.0f} us, RSS "
                   f"{h1[1]} MiB; workers faults/request {(w1[0] - w0[0]) / n:.0f}, CPU "
-                  f"{(w1[2] - w0[2]) * 1e4 / n:.0f} us, RSS {w1[1]} MiB", flush=True)
+                  f"{(w1[2] - w0[2]) * 1e6 / n:.0f} us, RSS {w1[1]} MiB", flush=True)
 
 
 if __name__ == "__main__":

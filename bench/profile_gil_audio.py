@@ -19,19 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_cpu import group_times
 from compare_lib import Instance, _children, _cmdline, bare
-
-
-def ticks(pids: list[int]) -> int:
-    """utime + stime of ``pids``, in clock ticks."""
-    t = 0
-    for p in pids:
-        try:
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        t += int(f[11]) + int(f[12])
-    return t
 
 
 def profile(out: Path, url: str, pids: list[int], tag: str, phase: str, streams: str,
@@ -47,14 +36,14 @@ def profile(out: Path, url: str, pids: list[int], tag: str, phase: str, streams:
             if "/10 s" in log.read_text():
                 break
             time.sleep(0.1)
-        c0, t0 = ticks(pids), time.time()
+        c0, t0 = sum(group_times(pids)[:2]), time.time()
         subprocess.run(["py-spy", "record", "--gil", "-f", "raw", "-r", "500", "-d", "5",
                         "-o", str(out / f"gil_{tag}.txt"), "--pid", str(pids[0])],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        c1, t1 = ticks(pids), time.time()
+        c1, t1 = sum(group_times(pids)[:2]), time.time()
         b.wait()
     rates = [line for line in log.read_text().splitlines() if "/s " in line][-2:]
-    print(tag, "cores", round((c1 - c0) / 100 / (t1 - t0), 2), rates, flush=True)
+    print(tag, "cores", round((c1 - c0) / (t1 - t0), 2), rates, flush=True)
 
 
 def main() -> None:

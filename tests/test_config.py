@@ -161,24 +161,29 @@ libc.mallinfo2.restype = Info
 applied = keep_freed_memory(int(sys.argv[1]))
 before = libc.mallinfo2().hblkhd
 buf = bytearray(4 << 20)
-print(int(applied), libc.mallinfo2().hblkhd - before)
+mapped = libc.mallinfo2().hblkhd - before
+held = libc.mallinfo2().arena
+del buf
+print(int(applied), mapped, held - libc.mallinfo2().arena)
 """
 
 
 @pytest.mark.parametrize("mb, env, applied", [(128, {}, True), (0, {}, False),
                                               (128, {"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
 def test_keep_freed_memory_serves_large_buffers_from_the_heap(mb, env, applied):
-    """malloc_keep_mb: a 4 MiB buffer comes from the heap (reused after a free), not from a
-    fresh mapping, once applied; 0, or the operator's MALLOC_ variables, leave glibc's
-    default (a mapping: mallinfo2's hblkhd grows by the buffer)."""
+    """malloc_keep_mb: a 4 MiB buffer comes from the heap, not from a fresh mapping, and
+    the heap keeps it once freed (not trimmed back: the arena does not shrink) for the next
+    one, once applied; 0, or the operator's MALLOC_ variables, leave glibc's default (a
+    mapping: mallinfo2's hblkhd grows by the buffer)."""
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("needs glibc 2.33 or newer (mallinfo2)")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", MALLOC_PROBE, str(mb)], capture_output=True,
                          text=True, env={**environ, **env}, timeout=60, check=True).stdout
-    got, mapped = map(int, out.split())
+    got, mapped, trimmed = map(int, out.split())
     assert bool(got) is applied
     assert (mapped == 0) if applied else (mapped >= 4 << 20), out
+    assert trimmed == 0, out  # applied: kept on the heap; else it was a mapping, unmapped
 
 
 def test_malloc_keep_mb_is_checked():

@@ -2,9 +2,9 @@
 
 A session stream (``POST /audio/streams``) or a transcription job (on a whisper worker) is
 pinned to the worker that holds its state (an upload's mel stream is kept by its worker under
-the upload's slot instead, see :mod:`shmmel.audio_calls`); its entry carries that worker's generation, so a dead worker's entries are seen
-stale. No operation on the request path takes a
-cross-process lock:
+the upload's slot instead, see :mod:`shmmel.audio_calls`); its entry carries that worker's
+generation, so a dead worker's entries are seen stale. No operation on the request path
+takes a cross-process lock:
 
 * **open** (:meth:`StreamTable.allocate`): the entries are partitioned by producer row
   (``layout.stream_partition``) like the slots, and only the partition's process takes its
