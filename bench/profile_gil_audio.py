@@ -10,7 +10,8 @@ py-spy==0.4.3). Usage:
     GP_REPS=2 GP_VARIANTS="off:SHMMEL_MALLOC_KEEP_MB=0" \
         python3 bench/profile_gil_audio.py OUT files|chunks STREAMS HTTP KIND WORKERS
 
-GP_VARIANTS: ``name:K=V,K=V;name2:...``; GP_BARE=0 leaves the bare app out.
+GP_VARIANTS: ``name:K=V,K=V;name2:...``; GP_BARE=0 leaves the bare app out; GP_NATIVE=1 also
+records a second HTTP process with ``py-spy --idle --native`` (where its threads wait).
 """
 import os
 import subprocess
@@ -36,14 +37,26 @@ def profile(out: Path, url: str, pids: list[int], tag: str, phase: str, streams:
             if "/10 s" in log.read_text():
                 break
             time.sleep(0.1)
-        c0, t0 = sum(group_times(pids)[:2]), time.time()
+        native = None
+        if os.environ.get("GP_NATIVE") == "1" and len(pids) > 1:  # where threads wait, C
+            native = subprocess.Popen(  # frames included (take_gil: waiting for the GIL)
+                ["py-spy", "record", "--idle", "--native", "-f", "raw", "-r", "200", "-d", "5",
+                 "-o", str(out / f"native_{tag}.txt"), "--pid", str(pids[1])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        g0, t0 = group_times(pids), time.time()
         subprocess.run(["py-spy", "record", "--gil", "-f", "raw", "-r", "500", "-d", "5",
                         "-o", str(out / f"gil_{tag}.txt"), "--pid", str(pids[0])],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        c1, t1 = sum(group_times(pids)[:2]), time.time()
+        g1, t1 = group_times(pids), time.time()
+        if native is not None:
+            native.wait()
         b.wait()
     rates = [line for line in log.read_text().splitlines() if "/s " in line][-2:]
-    print(tag, "cores", round((c1 - c0) / (t1 - t0), 2), rates, flush=True)
+    # user and system cores, voluntary and involuntary context switches a second: the CPU
+    # a request spent outside the GIL shows as system time or as switches (GIL hand-overs)
+    per_s = [round((b1 - a1) / (t1 - t0), 2) for a1, b1 in zip(g0, g1)]
+    print(tag, "cores", round(per_s[0] + per_s[1], 2), "user/sys/vcs/ivcs a second", per_s,
+          rates, flush=True)
 
 
 def main() -> None:

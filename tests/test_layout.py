@@ -10,7 +10,7 @@ def offsets(dt):
 
 
 def test_record_sizes_are_pinned():
-    assert L.VERSION == 6
+    assert L.VERSION == 7
     assert L.HEADER.itemsize == 192
     assert L.WORKER.itemsize == 112
     assert L.METRICS.itemsize == 3072

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from shmmel import layout as L
+from shmmel import wire
 from shmmel.audio_calls import AudioCalls, check_reply
 from shmmel.audio_worker import MelJobs
 from shmmel.channel import Producer, claim_row
@@ -23,7 +24,7 @@ from shmmel.config import Config
 from shmmel.errors import (BadRequest, RequestTimeout, ServiceUnavailable, StreamBusy,
                            StreamLost, UnknownStream, WorkerDied, WorkerStalled)
 from shmmel.inbox import Inbox
-from shmmel.mel import create_engine
+from shmmel.mel import FrameBatch, create_engine
 from shmmel.shm import Shm
 from shmmel.stream_table import StreamTable
 
@@ -267,7 +268,7 @@ class Jobs:
         for req in requests:
             j = self.next if slot is None else slot
             self.next = (self.next + 1) % 8
-            n = len(audio) if req[0] == L.OP_AUDIO_PUSH else 0
+            n = len(audio) if req[0] in (L.OP_AUDIO_PUSH, L.OP_AUDIO_ONESHOT) else 0
             self.shm.payload[j, :n] = np.frombuffer(audio, np.uint8)
             taken.append((j, (req[0], n, *req[1:])))
         self.jobs.serve(taken, self.inbox)
@@ -390,6 +391,46 @@ def test_a_push_that_opens_its_stream(small):
     assert w.serve(push(h.index, h.token, me | 8, final=True), audio=x[:160].tobytes()) == [
         L.R_OK]
     assert int(shm.streams["state"][h.index]) == L.ST_FREE and not w.jobs.states
+
+
+def test_frames_the_worker_normalises_are_the_bits_the_http_side_would_make(small):
+    """PUSH_PROVISIONAL and ONESHOT_PROVISIONAL: the worker normalises the reply's frames in
+    the slot with the push's running max (a running max that grows between two pushes), and
+    the record the HTTP side sends of them is byte for byte the one it makes of raw frames."""
+    shm, _ = small
+    table = StreamTable(shm, claim_row(shm))
+    w = Jobs(shm)
+    ramp = np.linspace(0.01, 1.0, 8000)  # louder later: the second push raises the max
+    x = (20000 * np.sin(np.arange(8000) * 0.01) * ramp).astype("<i2")
+    me = os.getpid() << 32
+
+    def reply(status: list[int]) -> tuple[int, int, float, np.ndarray]:
+        assert status == [L.R_OK]
+        r0, r1, f0 = (int(shm.slots["r0"][0]), int(shm.slots["r1"][0]),
+                      float(shm.slots["f0"][0]))
+        return r0, r1, f0, shm.payload[0, : r1 * 320].view("<f4").reshape(r1, 80).copy()
+
+    got: dict[bool, list] = {}
+    for norm in (False, True):
+        h = table.allocate(80, 0, on_worker(0), os.getpid())
+        extra = L.PUSH_PROVISIONAL if norm else 0
+        first = open_push(h.index, h.token, me | 1)
+        first = (*first[:3], first[3] | extra, *first[4:])
+        second = push(h.index, h.token, me | 2, final=True)
+        second = (*second[:3], second[3] | extra, *second[4:])
+        got[norm] = [reply(w.serve(first, audio=x[:3500].tobytes(), slot=0)),
+                     reply(w.serve(second, audio=x[3500:].tobytes(), slot=0))]
+        oneshot = (L.OP_AUDIO_ONESHOT, -1, L.FMT_S16LE, 80, 0,
+                   L.ONESHOT_PROVISIONAL if norm else 0)
+        got[norm].append(reply(w.serve(oneshot, audio=x.tobytes(), slot=0)))
+    assert got[False][0][2] < got[False][1][2]  # the running max grew
+    for (r0, r1, f0, raw), (n0, n1, nf0, frames) in zip(got[False], got[True]):
+        assert (r0, r1, f0) == (n0, n1, nf0) and r1 > 0
+        assert not np.array_equal(raw, frames)  # normalised, not raw
+        for final in (False, True):
+            assert wire.batch_record(3, FrameBatch(r0, raw, f0, final)) == \
+                wire.batch_record(3, FrameBatch(r0, frames, f0, final, True))
+            np.testing.assert_array_equal(FrameBatch(r0, raw, f0, final).provisional(), frames)
 
 
 def upload_push(token: int, opens: bool = False, final: bool = False, n_mels: int = 80,

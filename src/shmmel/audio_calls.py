@@ -188,10 +188,12 @@ class AudioCalls:
         return nbytes <= self.shm.slot_bytes and frames * n_mels * 4 <= self.shm.slot_bytes
 
     def oneshot(self, slot: Slot, data: memoryview | bytes, fmt: int, n_mels: int,
-                padding: int, copy: bool = True) -> FrameBatch:
+                padding: int, copy: bool = True, provisional: bool = False) -> FrameBatch:
         """A whole upload in one round trip: no stream entry, padding sent as a count, every
         frame back in the same slot (see :meth:`fits_oneshot`); without ``copy`` the frames
-        are a view of the slot, valid until its next request or its release."""
+        are a view of the slot, valid until its next request or its release. With
+        ``provisional`` the worker normalises them (``FrameBatch.normalised``), for a caller
+        that only wants :meth:`FrameBatch.provisional` (layout.ONESHOT_PROVISIONAL)."""
         if n_mels not in (80, 128):
             raise BadRequest("n_mels must be 80 or 128")
         deadline = time.monotonic() + self.config.request_timeout
@@ -199,7 +201,7 @@ class AudioCalls:
         for attempt in (0, 1):
             slot.view(len(data))[:] = data  # again on a retry: the dead worker may have written
             slot.submit(k, gen, L.OP_AUDIO_ONESHOT, len(data), self.producer.next_seq(),
-                        (fmt, n_mels, padding))
+                        (fmt, n_mels, padding, L.ONESHOT_PROVISIONAL if provisional else 0))
             try:
                 slot.wait(max(0.0, deadline - time.monotonic()))
                 break
@@ -214,17 +216,18 @@ class AudioCalls:
         r = slot.reply(copy=False)
         check_reply(slot, r.status)
         frames = np.frombuffer(slot.view(r.r1 * n_mels * 4), "<f4").reshape(r.r1, n_mels)
-        return FrameBatch(r.r0, frames.copy() if copy else frames, r.f0, True)
+        return FrameBatch(r.r0, frames.copy() if copy else frames, r.f0, True, provisional)
 
     def finish(self, slot: Slot, h: Handle, extra_padding: int = 0,
-               copy: bool = True) -> FrameBatch:
+               copy: bool = True, provisional: bool = False) -> FrameBatch:
         """End the stream: its padding (and ``extra_padding``) as zeros, then the last frames
         and the final max. The worker frees the table entry."""
         pad = (h.padding if h.slot_keyed else self.table.padding(h.index)) + extra_padding
-        return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy)
+        return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy,
+                         provisional=provisional)
 
     def push(self, slot: Slot, h: Handle, data: memoryview | bytes | int, fmt: int,
-             final: bool, copy: bool = True) -> FrameBatch:
+             final: bool, copy: bool = True, provisional: bool = False) -> FrameBatch:
         """Send ``data`` (whole samples of ``fmt``) through ``slot``, in pieces that fit;
         return the frames it completed as one batch (raw log10, frame-major). The pieces
         share one lease (the first piece's seq): the worker refuses another request's
@@ -233,7 +236,10 @@ class AudioCalls:
         (for a caller that encodes them at once). An upload's stream
         (:meth:`upload_stream`) is named by the slot (``PUSH_SLOT``) and opened by its
         first piece (``PUSH_OPEN``). ``data`` an int: that many bytes already in the slot
-        (read there by the caller), one piece."""
+        (read there by the caller), one piece. With ``provisional``, data that goes as one
+        piece comes back normalised by the worker (``FrameBatch.normalised``: for a caller
+        that only wants :meth:`FrameBatch.provisional`; layout.PUSH_PROVISIONAL); pieces of
+        a longer one come back raw, as their batch is normalised with the last one's max."""
         width = L.FMT_WIDTH[fmt]
         in_slot = type(data) is int
         size = data if in_slot else len(data)
@@ -243,6 +249,7 @@ class AudioCalls:
         if in_slot and size > step:
             raise ValueError("samples already in the slot go as one piece")
         view = None if in_slot else memoryview(data)
+        norm = provisional and size <= step
         parts: list[np.ndarray] = []
         start, running_max, pos = -1, float("-inf"), 0
         lease = self.producer.next_seq()
@@ -256,7 +263,8 @@ class AudioCalls:
                 slot.view(n)[:] = piece
             last = pos >= size
             is_final = final and last
-            flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0)
+            flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0) | \
+                (L.PUSH_PROVISIONAL if norm else 0)
             if h.slot_keyed:
                 flags |= L.PUSH_SLOT
                 if not h.opened:
@@ -278,4 +286,4 @@ class AudioCalls:
                 break
         log10 = np.concatenate(parts) if len(parts) > 1 else (
             parts[0] if parts else np.empty((0, h.n_mels), np.float32))
-        return FrameBatch(max(start, 0), log10, running_max, final)
+        return FrameBatch(max(start, 0), log10, running_max, final, norm)

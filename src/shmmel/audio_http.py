@@ -22,13 +22,13 @@ from falcon import mediatypes
 
 from . import layout as L
 from . import wire
+from .audio_calls import AudioCalls
 from .audio_io import ARRIVAL_WAIT, BodyReader, Media, parse_media
 from .channel import Producer
-from .httputil import read_body
 from .config import Config
 from .errors import BadRequest
+from .httputil import read_body
 from .mel import N_SAMPLES, FrameBatch
-from .audio_calls import AudioCalls
 from .upload import WHOLE_ANSWER_BYTES, AudioBody, Spec, Upload
 
 log = logging.getLogger("shmmel.audio")
@@ -198,14 +198,18 @@ class StreamResource:
                 data = self._receive(data, slot, req.content_length)
             h = self.calls.find(stream_id)
             try:
+                # the frames come back normalised (the worker's NumPy calls, not this
+                # process's, which would let the GIL go) and are encoded from the slot
+                # before it is released: no copy
                 if data is None:
-                    fb = self.calls.finish(slot, h)
+                    fb = self.calls.finish(slot, h, copy=False, provisional=True)
                 else:
-                    fb = self.calls.push(slot, h, data, fmt, final=False)
+                    fb = self.calls.push(slot, h, data, fmt, final=False, copy=False,
+                                         provisional=True)
             finally:
                 self.calls.release(h)  # after finish the entry is free: release checks the token
+            resp.data = session_reply(out, fb)
         resp.content_type = out
-        resp.data = session_reply(out, fb)
 
     def _body(self, req: falcon.Request, fmt: int) -> bytes | BodyReader:
         """The chunk: the body's reader when its declared length fits one push (at either

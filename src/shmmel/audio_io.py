@@ -214,8 +214,12 @@ class BodyReader:
         if body is None:
             return 0
         un = body.reader.unreader
-        # beyond the reader's length the bytes are the next pipelined request's
-        later = min(un.buf.getbuffer().nbytes + unread_bytes(un.sock), body.reader.length)
+        length = body.reader.length
+        held = un.buf.getbuffer().nbytes
+        # beyond the reader's length the bytes are the next pipelined request's; the kernel
+        # is asked only when the buffers fall short (the headers' read usually took the
+        # whole body): the ioctl lets the GIL go, and under load taking it back is a wait
+        later = min(held if held >= length else held + unread_bytes(un.sock), length)
         return len(self.pending) + body.buf.getbuffer().nbytes + later
 
     def wait_arrived(self, n: int, deadline: float) -> bool:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from . import layout as L
-from .inbox import Inbox
 from .config import Config
+from .inbox import Inbox
+from .mel.stream import normalise_into
 from .osutil import pid_alive
 from .shm import Shm
 from .stream_table import StreamTable
@@ -70,8 +71,9 @@ class MelJobs:
         table = self.table
         errors = 0
         batch: list[tuple[Any, np.ndarray, bool]] = []
-        # (slot, stream index or ONESHOT or UPLOAD, final, whether the push opened the stream)
-        batch_slots: list[tuple[int, int, bool, bool]] = []
+        # (slot, stream index or ONESHOT or UPLOAD, final, whether the push opened the stream,
+        # whether its frames go back normalised: layout.PUSH_PROVISIONAL)
+        batch_slots: list[tuple[int, int, bool, bool, bool]] = []
         pushed: set[int] = set()  # streams with a push in this batch (one per stream)
         now = -1.0
         for j, (op, n, k, arg0, arg1, arg2, arg3) in taken:
@@ -86,7 +88,8 @@ class MelJobs:
                     errors += inbox.fail(j, L.R_BAD_INPUT, str(exc))
                     continue
                 batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt), True))
-                batch_slots.append((j, ONESHOT, True, False))
+                batch_slots.append((j, ONESHOT, True, False,
+                                    bool(arg3 & L.ONESHOT_PROVISIONAL)))
                 continue
             if arg1 & L.PUSH_SLOT and op in (L.OP_AUDIO_PUSH, L.OP_AUDIO_CLOSE):
                 # an upload's stream, under its slot: no table entry, no lease (the upload
@@ -119,7 +122,8 @@ class MelJobs:
                 self.uploads[j] = (arg2, st, now)
                 batch.append((st, np.frombuffer(self.shm.payload[j, :n], dtype=dt),
                               bool(arg1 & L.PUSH_FINAL)))
-                batch_slots.append((j, UPLOAD, bool(arg1 & L.PUSH_FINAL), False))
+                batch_slots.append((j, UPLOAD, bool(arg1 & L.PUSH_FINAL), False,
+                                    bool(arg1 & L.PUSH_PROVISIONAL)))
                 continue
             if not 0 <= k < len(table):
                 errors += inbox.fail(j, L.R_ERROR, f"stream index {k} out of range")
@@ -166,14 +170,14 @@ class MelJobs:
                 continue
             assert entry is not None
             batch.append((entry[1], np.frombuffer(self.shm.payload[j, :n], dtype=dt), final))
-            batch_slots.append((j, k, final, opens))
+            batch_slots.append((j, k, final, opens, bool(arg1 & L.PUSH_PROVISIONAL)))
             pushed.add(k)
         if batch:
             errors += self._compute(batch, batch_slots, inbox)
         return errors
 
     def _compute(self, batch: list[tuple[Any, np.ndarray, bool]],
-                 batch_slots: list[tuple[int, int, bool, bool]], inbox: Inbox) -> int:
+                 batch_slots: list[tuple[int, int, bool, bool, bool]], inbox: Inbox) -> int:
         """One engine call for the batch; the engine checks the audio (once). A bad item
         (NaN in float audio, say) fails the whole call and changes no stream: then each item
         goes alone, so only the bad ones are refused. A refused push that opened its stream
@@ -184,7 +188,7 @@ class MelJobs:
         except ValueError as exc:
             if len(batch) > 1:
                 return sum(self._compute([b], [s], inbox) for b, s in zip(batch, batch_slots))
-            j, k, _final, opened = batch_slots[0]
+            j, k, _final, opened, _norm = batch_slots[0]
             if k == UPLOAD:  # its upload ends here
                 self.uploads.pop(j, None)
             self.leases.pop(k, None)  # its request ends here
@@ -192,8 +196,10 @@ class MelJobs:
                 self.shm.workers["streams"][self.index] = len(self.states)
             return inbox.fail(batch_slots[0][0], L.R_BAD_INPUT,
                               re.sub(r"^item \d+: ", "", str(exc)))
-        for (j, k, final, _o), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
+        for (j, k, final, _o, norm), (_st, chunk, _f), fb in zip(batch_slots, batch, results):
             frames = fb.log10.shape[0]
+            if norm and frames:  # in place, in the reply slot (the engine wrote them there)
+                normalise_into(fb.log10, fb.running_max, fb.log10)
             self._samples += chunk.shape[0]
             if k >= 0:
                 self.table.account(k, frames, chunk.shape[0])

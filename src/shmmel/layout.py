@@ -55,10 +55,11 @@ import struct
 import numpy as np
 
 MAGIC = b"SHMMEL\x00\x01"
-VERSION = 6  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
+VERSION = 7  # 2: S_FREE non-zero, respawn backoff; 3: slot partitions per producer row;
              # 4: stream-table partitions per producer row, stream tokens in requests;
              # 5: a push may open its stream (PUSH_OPEN): an older worker would refuse it;
-             # 6: an upload's stream is kept under its slot (PUSH_SLOT), not in the table
+             # 6: an upload's stream is kept under its slot (PUSH_SLOT), not in the table;
+             # 7: replies' frames normalised by the worker (PUSH_PROVISIONAL, ONESHOT_*)
 MAX_HTTP = 64  # producer rows: gunicorn worker processes (respawned ones reuse dead rows),
                # benchmarks and tools that talk to the workers directly
 SPARE_PARTITIONS = 4  # partitions beyond http_workers: respawn overlap, benches, tools
@@ -110,6 +111,12 @@ PUSH_MELS_SHIFT = 8  # n_mels in arg1 >> PUSH_MELS_SHIFT; no separate OPEN round
 # upload's token (a state another upload left under the slot is not this one's). Also on
 # OP_AUDIO_CLOSE (arg1) to drop it.
 PUSH_SLOT = 8
+# The reply's frames provisionally normalised with the push's running max
+# (mel.stream.normalise_into) instead of raw log10: for a request of one piece whose frames go
+# out as they are (a session chunk's record). The worker does the three NumPy calls; in an HTTP process each of them lets
+# the GIL go and, with other threads waiting for it, costs a wait to take it back. An older
+# worker would ignore the bit and answer raw frames (hence VERSION 7).
+PUSH_PROVISIONAL = 16
 # transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
 OP_WHISPER_OPEN = 5      # start a job: stream = table index
 OP_WHISPER_FEATURES = 6  # append float32 features: arg0 = byte offset in the window
@@ -118,8 +125,10 @@ OP_WHISPER_CLOSE = 8     # drop the job (frees its table entry)
 WHISPER_OPS = (OP_WHISPER_OPEN, OP_WHISPER_FEATURES, OP_WHISPER_DECODE, OP_WHISPER_CLOSE)
 # a whole upload in one round trip (no stream entry): payload = samples; arg0 = sample format,
 # arg1 = n_mels, arg2 = padding (zero samples appended by the worker: a count, not bytes);
-# reply = every frame (r0 = first frame index, r1 = frames, f0 = final max)
+# reply = every frame (r0 = first frame index, r1 = frames, f0 = final max); arg3 =
+# ONESHOT_PROVISIONAL: the frames normalised (with the final max), as PUSH_PROVISIONAL
 OP_AUDIO_ONESHOT = 9
+ONESHOT_PROVISIONAL = 1
 AUDIO_OPS = (OP_AUDIO_OPEN, OP_AUDIO_PUSH, OP_AUDIO_CLOSE, OP_AUDIO_ONESHOT)
 
 TEXT_OPS = ("reverse", "upper", "prefix")

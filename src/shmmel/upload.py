@@ -162,6 +162,7 @@ class Upload:
         # blocks of this size, so each read is one message each way
         self.piece = calls.push_samples(spec.fmt, spec.n_mels) * self.width
         self.copy = sink.keeps_frames  # else the frames are views of the slot, encoded at once
+        self.norm = sink.provisional  # pushes of one piece come back normalised by the worker
         self.carry = b""          # a partial sample left by the last read
         self.window = 0
         self.in_window = 0        # samples pushed into the current window
@@ -202,7 +203,7 @@ class Upload:
             piece, view = view[: n * self.width], view[n * self.width :]
             closes = spec.windows and self.in_window + n == N_SAMPLES
             final = closes or (ends and not len(view))
-            fb = self.calls.push(self.slot, h, piece, spec.fmt, final, self.copy)
+            fb = self.calls.push(self.slot, h, piece, spec.fmt, final, self.copy, self.norm)
             self.in_window += n
             self.total_samples += n
             out.append(self._emit(fb))
@@ -223,7 +224,7 @@ class Upload:
             raise BadAudio("the body holds no audio samples")
         spec = self.spec
         fb = self.calls.oneshot(self.slot, data, spec.fmt, spec.n_mels, spec.padding,
-                                self.copy)
+                                self.copy, self.norm)
         self.total_samples = self.in_window = len(data) // self.width
         self.done = True
         return self._emit(fb)
@@ -243,7 +244,7 @@ class Upload:
         if self.handle is not None or not self.spec.windows:
             h = self.handle or self._open()
             extra = N_SAMPLES - self.in_window if self.spec.windows else 0
-            fb = self.calls.finish(self.slot, h, extra, self.copy)
+            fb = self.calls.finish(self.slot, h, extra, self.copy, self.norm)
             self.handle = None
             out = self._emit(fb)
         self.done = True
@@ -340,7 +341,7 @@ class Upload:
         last = body.at_end()
         final = last and not spec.padding
         fb = self.calls.push(self.slot, self.handle or self._open(), n, spec.fmt, final,
-                             self.copy)
+                             self.copy, self.norm)
         self.in_window += n // self.width
         self.total_samples += n // self.width
         out = self._emit(fb)

@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import http_status
 from .mel import FrameBatch, final_floor
-from .mel.spec import DYNAMIC_RANGE
+from .mel.stream import normalise_into
 
 NDJSON, JSON, BINARY, NPY = ("application/x-ndjson", "application/json",
                              "application/octet-stream", "application/x-npy")
@@ -64,24 +64,24 @@ def ndjson_line(window: int, offset: int, provisional: np.ndarray, running_max: 
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
 
 
-_FOUR, _QUARTER = np.float32(4.0), np.float32(0.25)
-
-
 def batch_record(window: int, fb: FrameBatch) -> bytes:
-    """``fb`` as one binary record, its frames provisionally normalised straight into the
-    record's buffer: one allocation and one copy out instead of four temporaries. The same
-    float32 operations as :meth:`FrameBatch.provisional`, so the same bits (``* 0.25`` and
-    ``/ 4`` round the same real number, as 0.25 is exact)."""
+    """``fb`` as one binary record. Frames a worker normalised already (``fb.normalised``)
+    are joined to the header in one copy that keeps the GIL; raw ones are normalised
+    straight into the record's buffer (:func:`~shmmel.mel.stream.normalise_into`: one
+    allocation and one copy out instead of four temporaries)."""
     k, n_mels = fb.log10.shape
     final_max = math.nan if math.isinf(fb.running_max) else fb.running_max
+    if fb.normalised:
+        # bytes.join copies with the GIL held below 1 MiB; numpy's copies of over 500
+        # elements let it go, and under load each let-go is a wait to get it back
+        return b"".join((RECORD.pack(b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k,
+                                     n_mels, fb.running_max, final_max),
+                         fb.log10 if fb.log10.flags.c_contiguous else fb.log10.tobytes()))
     buf = np.empty(RECORD.size + 4 * k * n_mels, np.uint8)  # private memory, not shared
     RECORD.pack_into(buf, 0, b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k,
                      n_mels, fb.running_max, final_max)
     if k:
-        out = buf[RECORD.size:].view("<f4").reshape(k, n_mels)
-        np.maximum(fb.log10, np.float32(fb.running_max) - np.float32(DYNAMIC_RANGE), out=out)
-        out += _FOUR
-        out *= _QUARTER
+        normalise_into(fb.log10, fb.running_max, buf[RECORD.size:].view("<f4").reshape(k, n_mels))
     return buf.tobytes()
 
 
@@ -119,9 +119,12 @@ class Encoder:
     ``frames(window, fb, samples)`` gets each batch of frames (a FrameBatch; ``fb.final`` at
     the end of a window) and returns the bytes to send now; ``result()`` the bytes to send
     at the end (the whole answer, for JSON and .npy). ``keeps_frames``: whether it keeps
-    ``fb.log10`` past the call (then it must be its own copy, not a view of a slot)."""
+    ``fb.log10`` past the call (then it must be its own copy, not a view of a slot).
+    ``provisional``: whether it only wants :meth:`FrameBatch.provisional` of each batch,
+    so a push of one piece may come back normalised by the worker (``fb.normalised``)."""
 
     keeps_frames = True
+    provisional = False
 
     def frames(self, window: int, fb: FrameBatch, samples: int, reason: str | None) -> bytes:
         raise NotImplementedError
@@ -134,6 +137,7 @@ class StreamEncoder(Encoder):
     """NDJSON lines or binary records, provisionally normalised, as frames are computed."""
 
     keeps_frames = False  # encodes each batch at once: the frames may be a view of a slot
+    provisional = True
 
     def __init__(self, media: str) -> None:
         self.media = media

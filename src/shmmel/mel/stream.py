@@ -43,22 +43,45 @@ class FrameBatch:
     ``log10`` holds raw ``log10(max(mel, 1e-10))`` values of frames ``start`` to
     ``start + k - 1``; ``running_max`` is the float32 max over every frame the stream has
     emitted so far (this batch included), ``-inf`` before the first frame. With
-    ``final`` it is the stream's final max.
+    ``final`` it is the stream's final max. With ``normalised``, ``log10`` holds the
+    :meth:`provisional` values already (a mel worker made them, see layout.PUSH_PROVISIONAL).
     """
 
     start: int
     log10: np.ndarray  # (k, n_mels) float32, C-contiguous
     running_max: float
     final: bool
+    normalised: bool = False
 
     def provisional(self) -> np.ndarray:
         """(k, n_mels) float32 normalised as Whisper does, with ``running_max`` in place
         of the final max. Exact for the final batch; an earlier batch becomes exact after
-        ``np.maximum(provisional, final_floor(final_max))``."""
+        ``np.maximum(provisional, final_floor(final_max))``. Normalised already: ``log10``
+        itself, not a copy."""
+        if self.normalised:
+            return self.log10
         if self.log10.shape[0] == 0:
             return self.log10.copy()
-        floor = np.float32(self.running_max) - np.float32(DYNAMIC_RANGE)
-        return (np.maximum(self.log10, floor) + np.float32(4.0)) / np.float32(4.0)
+        return normalise_into(self.log10, self.running_max, None)
+
+
+def normalise_into(log10: np.ndarray, running_max: float,
+                   out: np.ndarray | None) -> np.ndarray:
+    """``log10`` (raw frames) provisionally normalised with ``running_max`` into ``out`` (a
+    new array if None; ``log10`` itself works): ``(max(x, running_max - 8) + 4) / 4`` in
+    float32. The one formula for every place that does it (the HTTP side's records, a mel
+    worker's PUSH_PROVISIONAL replies), so they give the same bits (``* 0.25`` rounds as
+    ``/ 4``: a power of two). Three NumPy calls, each releasing the GIL (over 500 elements),
+    which is why a worker, whose process has no other thread wanting it, does it for the
+    HTTP side where it can."""
+    floor = np.float32(running_max) - np.float32(DYNAMIC_RANGE)
+    out = np.maximum(log10, floor, out=out)
+    out += _FOUR
+    out *= _QUARTER
+    return out
+
+
+_FOUR, _QUARTER = np.float32(4.0), np.float32(0.25)
 
 
 def final_floor(final_max: float) -> np.float32:
