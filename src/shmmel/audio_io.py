@@ -256,11 +256,13 @@ class BodyReader:
         buf.seek(0, 2)
         if not buf.tell() or not len(out):
             return 0
-        data = buf.getvalue()
-        k = min(len(out), len(data))
-        out[:k] = data[:k]
+        with buf.getbuffer() as data:  # no copy of what may be a whole chunk's body
+            k = min(len(out), len(data))
+            out[:k] = data[:k]
+            rest = bytes(data[k:]) if k < len(data) else b""
         holder.buf = type(buf)()
-        holder.buf.write(data[k:])
+        if rest:
+            holder.buf.write(rest)
         return k
 
     @classmethod

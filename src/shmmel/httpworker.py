@@ -483,8 +483,9 @@ class ShmmelThreadWorker(ThreadWorker):
         unreader = conn.parser.unreader
         rest = unreader.take_buffered()
         unreader.buf = io.BytesIO()
-        unreader.buf.write(bytes(buf))
-        unreader.buf.write(rest)
+        unreader.buf.write(buf)  # a bytearray as it is: a chunk's body came with it
+        if rest:
+            unreader.buf.write(rest)
         conn.hbuf = None
         return True
 
