@@ -113,9 +113,10 @@ PUSH_MELS_SHIFT = 8  # n_mels in arg1 >> PUSH_MELS_SHIFT; no separate OPEN round
 PUSH_SLOT = 8
 # The reply's frames provisionally normalised with the push's running max
 # (mel.stream.normalise_into) instead of raw log10: for a request of one piece whose frames go
-# out as they are (a session chunk's record). The worker does the three NumPy calls; in an HTTP process each of them lets
-# the GIL go and, with other threads waiting for it, costs a wait to take it back. An older
-# worker would ignore the bit and answer raw frames (hence VERSION 7).
+# out as they are (a session chunk's record). The worker does the three NumPy calls; in an
+# HTTP process each of them lets the GIL go and, with other threads waiting for it, costs a
+# wait to take it back. An older worker would ignore the bit and answer raw frames (hence
+# VERSION 7).
 PUSH_PROVISIONAL = 16
 # transcription (whisper workers): a job is a stream-table entry pinned to a whisper worker
 OP_WHISPER_OPEN = 5      # start a job: stream = table index

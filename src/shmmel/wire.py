@@ -71,15 +71,15 @@ def batch_record(window: int, fb: FrameBatch) -> bytes:
     allocation and one copy out instead of four temporaries)."""
     k, n_mels = fb.log10.shape
     final_max = math.nan if math.isinf(fb.running_max) else fb.running_max
+    head = (b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k, n_mels, fb.running_max,
+            final_max)
     if fb.normalised:
         # bytes.join copies with the GIL held below 1 MiB; numpy's copies of over 500
         # elements let it go, and under load each let-go is a wait to get it back
-        return b"".join((RECORD.pack(b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k,
-                                     n_mels, fb.running_max, final_max),
+        return b"".join((RECORD.pack(*head),
                          fb.log10 if fb.log10.flags.c_contiguous else fb.log10.tobytes()))
     buf = np.empty(RECORD.size + 4 * k * n_mels, np.uint8)  # private memory, not shared
-    RECORD.pack_into(buf, 0, b"SMEL", F_FINAL if fb.final else 0, window, fb.start, k,
-                     n_mels, fb.running_max, final_max)
+    RECORD.pack_into(buf, 0, *head)
     if k:
         normalise_into(fb.log10, fb.running_max, buf[RECORD.size:].view("<f4").reshape(k, n_mels))
     return buf.tobytes()
