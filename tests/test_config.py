@@ -54,6 +54,7 @@ def test_config_file_from_environment(tmp_path):
     ({"port": 70000}, "port"),
     ({"instance": "a.b"}, "instance"),
     ({"worker_kind": "tpu"}, "worker_kind"),
+    ({"cuda_sync": "sleep"}, "cuda_sync"),
     ({"slot_bytes": 5000}, "slot_bytes"),
     ({"request_timeout": 0}, "request_timeout"),
 ])

@@ -48,6 +48,9 @@ def gpu_daemon(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
     e = mel.CudaEngine(0)
     yield e
     e.close()
@@ -103,3 +106,22 @@ def test_killed_cuda_worker_is_replaced(gpu_daemon, engine):
     x = as_i16(speechlike(2.0, seed=12))
     got = MelClient(f"http://127.0.0.1:{gpu_daemon.port}").mel(x)
     assert np.array_equal(got, mel.log_mel_spectrogram(x, engine=engine))
+
+
+@pytest.mark.parametrize("policy, bits", [("blocking", 0x4), ("yield", 0x2)])
+def test_cuda_sync_sets_how_the_worker_waits_and_leaves_the_bits_alone(engine, tmp_path, policy, bits):
+    # a fresh process: the flags are the primary context's, set before it is first current
+    x = as_i16(speechlike(2.5, seed=13))
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np\n"
+            "from shmmel import devices, mel\n"
+            f"e, kind, dev = devices.create_worker_engine('cuda', 0, sync={policy!r})\n"
+            f"np.save({str(tmp_path / 'y.npy')!r}, mel.log_mel_spectrogram(np.load({str(tmp_path / 'x.npy')!r}), engine=e))\n"
+            "print(devices.cuda_sync_flags(dev))\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) == bits
+    assert np.array_equal(np.load(tmp_path / "y.npy"), mel.log_mel_spectrogram(x, engine=engine))

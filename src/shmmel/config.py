@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 WorkerKind = Literal["auto", "cpu", "cuda"]
 WhisperDevice = Literal["cpu", "cuda"]
+CudaSync = Literal["auto", "spin", "yield", "blocking"]
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 ENV_PREFIX = "SHMMEL_"
 MAX_MESSAGE_BYTES = 4096  # the /process contract: 4 KiB of UTF-8, counted in bytes
@@ -90,6 +91,7 @@ class Config:
     http_workers: int = 2
     http_threads: int = 16
     worker_kind: WorkerKind = "auto"
+    cuda_sync: CudaSync = "auto"      # how a CUDA worker's thread waits for the GPU (devices.set_cuda_sync)
     slots: int = 128
     slot_bytes: int = 128 * 1024
     queue_depth: int = 64
@@ -199,6 +201,8 @@ def _validate(c: Config) -> None:
     need(1 <= c.http_workers <= 256, "http_workers", "must be 1..256")
     need(1 <= c.http_threads <= 1024, "http_threads", "must be 1..1024")
     need(c.worker_kind in ("auto", "cpu", "cuda"), "worker_kind", "must be auto, cpu or cuda")
+    need(c.cuda_sync in ("auto", "spin", "yield", "blocking"), "cuda_sync",
+         "must be auto, spin, yield or blocking")
     need(2 <= c.slots <= 65536, "slots", "must be 2..65536")
     need(16 * 1024 <= c.slot_bytes <= 64 * 1024 * 1024 and c.slot_bytes % 4096 == 0,
          "slot_bytes", "must be a multiple of 4096 between 16 KiB and 64 MiB")

@@ -46,7 +46,8 @@ MAX_ORDINAL = 63
 
 def create_worker_engine(want: str, index: int, devices: tuple[int, ...] | None = None,
                          fake_devices: int = 0,
-                         on_device: Callable[[int], None] | None = None) -> tuple[Any, int, int]:
+                         on_device: Callable[[int], None] | None = None,
+                         sync: str = "auto") -> tuple[Any, int, int]:
     """Return (engine, kind, device) for mel worker ``index``, in the worker after fork.
 
     The engine itself comes from :func:`shmmel.mel.create_engine` (the one place engines
@@ -91,9 +92,59 @@ def create_worker_engine(want: str, index: int, devices: tuple[int, ...] | None 
     if device >= count:
         raise BootError(f"device {device} is not present ({count} CUDA devices visible)")
     try:
+        set_cuda_sync(device, sync)  # before the engine makes the device's context current
         return mel.create_engine("cuda", device), L.K_CUDA, device
     except Exception as exc:  # noqa: BLE001
         raise BootError(f"CUDA engine failed on device {device}: {exc}") from None
+
+
+# CUctx_flags' scheduling bits (cuda.h): how a host thread waits in a synchronize
+CUDA_SYNC_FLAGS = {"auto": 0x0, "spin": 0x1, "yield": 0x2, "blocking": 0x4}
+_SCHED_MASK = 0x7
+
+
+def set_cuda_sync(device: int, policy: str) -> None:
+    """Set how this process's threads wait for ``device`` (``cuda_sync``): the scheduling
+    flags of its primary context, the one CuPy's runtime calls use. Call it before the
+    context is first made current (flags set later apply only from the next context).
+
+    CUDA's ``auto`` spins while the process's contexts are fewer than the host's cores: a
+    CUDA worker then holds a whole core in every stream synchronize (11.7 % of a worker's
+    samples under the chunk load, docs/PERFORMANCE.md), which on a host the HTTP processes
+    already fill is CPU they lack. ``yield`` spins with sched_yield between polls;
+    ``blocking`` sleeps on the driver's interrupt (the core is free, the wake-up costs a
+    few µs more). ``auto`` leaves the flags as they are.
+
+    The driver API through ctypes because CuPy's runtime wrapper has no
+    cudaSetDeviceFlags; the driver library is present wherever CuPy finds a GPU."""
+    if policy == "auto":
+        return
+    import ctypes
+
+    flags = CUDA_SYNC_FLAGS[policy]
+    lib = ctypes.CDLL("libcuda.so.1")
+    dev, old, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), int(device))),
+                       ("cuDevicePrimaryCtxGetState", (dev, ctypes.byref(old), ctypes.byref(active)))):
+        rc = getattr(lib, call)(*args)
+        if rc != 0:
+            raise BootError(f"cuda_sync={policy}: {call} failed on device {device} (CUresult {rc})")
+    rc = lib.cuDevicePrimaryCtxSetFlags_v2(dev, (old.value & ~_SCHED_MASK) | flags)
+    if rc != 0:
+        raise BootError(f"cuda_sync={policy}: cuDevicePrimaryCtxSetFlags failed on device "
+                        f"{device} (CUresult {rc})")
+
+
+def cuda_sync_flags(device: int) -> int:
+    """The scheduling bits of ``device``'s primary context (tests; 0: CUDA's auto)."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    lib.cuInit(0)
+    lib.cuDeviceGet(ctypes.byref(dev), int(device))
+    lib.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+    return flags.value & _SCHED_MASK
 
 
 def parse_devices(text: str) -> tuple[int, ...] | None:

@@ -83,7 +83,8 @@ class Worker:
             self.rec["device"] = device
 
         self.engine, self.kind, device = create_worker_engine(
-            want, self.index, self.config.device_list, self.config.fake_devices, on_device)
+            want, self.index, self.config.device_list, self.config.fake_devices, on_device,
+            self.config.cuda_sync)
         self.rec["kind"] = self.kind
         self.rec["device"] = device
         from .audio_worker import MelJobs
