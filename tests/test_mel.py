@@ -485,3 +485,36 @@ def test_create_engine_cpu_and_auto_without_gpu() -> None:
         assert isinstance(mel.create_engine("auto"), mel.NumpyEngine)
     with mel.create_engine("cpu") as engine:
         assert mel.log_mel_spectrogram(np.zeros(800, np.float32), engine=engine).shape == (80, 5)
+
+
+def test_decode_max_is_the_inverse_of_the_kernels_ordered_bits():
+    from shmmel.mel.cuda import _decode_max
+
+    v = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-45, -8.0,
+                  12.25], np.float32)
+    b = v.view(np.uint32)
+    encoded = np.where(b & 0x80000000, ~b, b | 0x80000000).astype(np.uint32)  # ordered_bits
+    got = _decode_max(encoded)
+    assert got.dtype == np.float32 and got.view(np.uint32).tolist() == b.tolist()
+    assert not np.shares_memory(got, encoded)  # the staging buffer it is read from is reused
+    # every image, not only those of floats the kernel makes (a zeroed max word, say), as
+    # the select it replaced decoded it
+    u = np.concatenate([np.random.default_rng(5).integers(0, 1 << 32, 100_000, dtype=np.uint64),
+                        [0, 1, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFFFFFF]]).astype(np.uint32)
+    old = np.where((u & 0x80000000) == 0, ~u, u & 0x7FFFFFFF).astype(np.uint32)
+    assert np.array_equal(_decode_max(u).view(np.uint32), old)
+
+
+def test_int16_to_float32_is_the_exact_scaled_cast_and_copies_when_asked():
+    from shmmel.mel.spec import as_float32
+
+    x = np.concatenate([np.random.default_rng(6).integers(-32768, 32768, 10_000),
+                        [-32768, -1, 0, 1, 32767]]).astype(np.int16)
+    got = as_float32(x)
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32),
+                          (x.astype(np.float32) * np.float32(1 / 32768)).view(np.uint32))
+    f = got[:100]
+    assert as_float32(f) is f
+    c = as_float32(f, copy=True)
+    assert np.array_equal(c, f) and not np.shares_memory(c, f)

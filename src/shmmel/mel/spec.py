@@ -67,11 +67,15 @@ def check_audio(audio: object, *, allow_none: bool = False, finite: bool = True)
     return audio
 
 
-def as_float32(audio: np.ndarray) -> np.ndarray:
-    """int16 -> float32 scaled by 1/32768 (exact); float32 passes through."""
+def as_float32(audio: np.ndarray, copy: bool = False) -> np.ndarray:
+    """int16 -> a new float32 array scaled by 1/32768 (exact: the cast and the power-of-two
+    scale, in one ufunc pass); float32 passes through (a copy if ``copy``)."""
     if audio.dtype == np.int16:
-        return audio.astype(np.float32) * np.float32(INT16_SCALE)
-    return audio
+        return np.multiply(audio, _INT16_SCALE_F32, dtype=np.float32)
+    return audio.copy() if copy else audio
+
+
+_INT16_SCALE_F32 = np.float32(INT16_SCALE)
 
 
 def pad_or_trim(audio: np.ndarray, length: int = N_SAMPLES, *, axis: int = -1) -> np.ndarray:

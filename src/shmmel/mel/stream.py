@@ -207,7 +207,7 @@ def plan(
     n_frames = max(0, (known - N_FFT) // HOP_LENGTH + 1)
     keep_from = n_frames * HOP_LENGTH
     if keep_from >= pre.size:
-        carry = as_float32(chunk[keep_from - pre.size :]).copy()
+        carry = as_float32(chunk[keep_from - pre.size :], copy=True)
     else:
         carry = np.concatenate([pre[keep_from:], as_float32(chunk)])
     segment = Segment(first, n_frames, pre, chunk, 0, _EMPTY)
