@@ -167,6 +167,21 @@ def test_fake_devices_report_ordinals_and_a_missing_one_fails_boot():
     assert seen[-1] == 2  # reported before the failure, so status shows which device
 
 
+def test_cuda_sync_loads_no_driver_where_no_cuda_engine_is_made(monkeypatch):
+    import ctypes
+
+    from shmmel import devices
+
+    def no_driver(*_a, **_k):
+        raise AssertionError("the CUDA driver was loaded")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    devices.set_cuda_sync(0, "auto")  # CUDA's own choice: nothing to set
+    engine, kind, device = create_worker_engine("cpu", 0, None, 0, None, "blocking")
+    assert (kind, device) == (L.K_CPU, -1)
+    engine.close()
+
+
 # -- per-device figures -------------------------------------------------------------------
 
 def test_device_rows_sum_their_workers_and_skip_stale_streams():
