@@ -106,14 +106,14 @@ _SCHED_MASK = 0x7
 def set_cuda_sync(device: int, policy: str) -> None:
     """Set how this process's threads wait for ``device`` (``cuda_sync``): the scheduling
     flags of its primary context, the one CuPy's runtime calls use. Call it before the
-    context is first made current (flags set later apply only from the next context).
+    engine is made (the GPU test reads the flags back from a worker's engine).
 
     CUDA's ``auto`` spins while the process's contexts are fewer than the host's cores: a
     CUDA worker then holds a whole core in every stream synchronize (11.7 % of a worker's
     samples under the chunk load, docs/PERFORMANCE.md), which on a host the HTTP processes
     already fill is CPU they lack. ``yield`` spins with sched_yield between polls;
-    ``blocking`` sleeps on the driver's interrupt (the core is free, the wake-up costs a
-    few µs more). ``auto`` leaves the flags as they are.
+    ``blocking`` sleeps on the driver's interrupt (the core is free; the wake-up comes
+    later than a spin's). ``auto`` leaves the flags as they are.
 
     The driver API through ctypes because CuPy's runtime wrapper has no
     cudaSetDeviceFlags; the driver library is present wherever CuPy finds a GPU."""
