@@ -119,17 +119,8 @@ def set_cuda_sync(device: int, policy: str) -> None:
     cudaSetDeviceFlags; the driver library is present wherever CuPy finds a GPU."""
     if policy == "auto":
         return
-    import ctypes
-
-    flags = CUDA_SYNC_FLAGS[policy]
-    lib = ctypes.CDLL("libcuda.so.1")
-    dev, old, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
-    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), int(device))),
-                       ("cuDevicePrimaryCtxGetState", (dev, ctypes.byref(old), ctypes.byref(active)))):
-        rc = getattr(lib, call)(*args)
-        if rc != 0:
-            raise BootError(f"cuda_sync={policy}: {call} failed on device {device} (CUresult {rc})")
-    rc = lib.cuDevicePrimaryCtxSetFlags_v2(dev, (old.value & ~_SCHED_MASK) | flags)
+    lib, dev, old = _primary_context(device, f"cuda_sync={policy}")
+    rc = lib.cuDevicePrimaryCtxSetFlags_v2(dev, (old & ~_SCHED_MASK) | CUDA_SYNC_FLAGS[policy])
     if rc != 0:
         raise BootError(f"cuda_sync={policy}: cuDevicePrimaryCtxSetFlags failed on device "
                         f"{device} (CUresult {rc})")
@@ -137,14 +128,22 @@ def set_cuda_sync(device: int, policy: str) -> None:
 
 def cuda_sync_flags(device: int) -> int:
     """The scheduling bits of ``device``'s primary context (tests; 0: CUDA's auto)."""
+    return _primary_context(device, "cuda_sync_flags")[2] & _SCHED_MASK
+
+
+def _primary_context(device: int, what: str) -> tuple[Any, Any, int]:
+    """(the driver library, ``device``'s CUdevice, its primary context's flags), through
+    ctypes; BootError naming ``what`` and the failed call otherwise."""
     import ctypes
 
     lib = ctypes.CDLL("libcuda.so.1")
     dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
-    lib.cuInit(0)
-    lib.cuDeviceGet(ctypes.byref(dev), int(device))
-    lib.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
-    return flags.value & _SCHED_MASK
+    for call, args in (("cuInit", (0,)), ("cuDeviceGet", (ctypes.byref(dev), int(device))),
+                       ("cuDevicePrimaryCtxGetState", (dev, ctypes.byref(flags), ctypes.byref(active)))):
+        rc = getattr(lib, call)(*args)
+        if rc != 0:
+            raise BootError(f"{what}: {call} failed on device {device} (CUresult {rc})")
+    return lib, dev, flags.value
 
 
 def parse_devices(text: str) -> tuple[int, ...] | None:
