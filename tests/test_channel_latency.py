@@ -176,8 +176,11 @@ def test_http_metrics_count_into_their_row(shm):
 
     Req.context.t0 = time.perf_counter() - 0.003
 
-    class Resp:
-        status_code = 404
+    class Resp:  # a status as falcon holds it: its text, or an int
+        status = falcon.HTTP_404
+
+    class Ok:
+        status = 200
 
     req = Req()
     for _ in range(3):
@@ -185,10 +188,17 @@ def test_http_metrics_count_into_their_row(shm):
     r, c = L.ROUTES.index("process"), L.CODES.index(404)
     counts = shm.metrics["requests"]
     assert counts[1, r, c] == 3 and int(counts.sum()) == 3
+    m.process_response(req, Ok(), None, True)  # another status: its own counter
+    assert counts[1, r, L.CODES.index(200)] == 1 and counts[1, r, c] == 3
+    m.process_response(req, Resp(), None, True)
+    m.process_response(req, Resp(), None, True)
+    m.process_response(req, Resp(), None, True)
+    m.process_response(req, Ok(), None, True)
+    assert counts[1, r, c] == 6 and counts[1, r, L.CODES.index(200)] == 2
     b = int(np.searchsorted(L.BUCKETS, 0.003))  # 3 ms or more (more on a loaded host)
-    assert shm.metrics["latency"][1, r].sum() == 3 and shm.metrics["latency"][1, r, b:].sum() == 3
-    assert shm.metrics["latency_sum"][1, r] >= 0.009
-    assert shm.http["requests"][1] == 3 and int(shm.http["requests"].sum()) == 3
+    assert shm.metrics["latency"][1, r].sum() == 8 and shm.metrics["latency"][1, r, b:].sum() == 8
+    assert shm.metrics["latency_sum"][1, r] >= 0.024
+    assert shm.http["requests"][1] == 8 and int(shm.http["requests"].sum()) == 8
 
 
 def test_pending_takes_the_oldest_first(shm):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import socket
 import struct
 import threading
@@ -348,6 +349,46 @@ def test_one_send_response_writes_the_headers_and_a_whole_body_at_once():
         assert [_same_date(x) for x in got] == [_same_date(x) for x in ref], (hd, pieces)
 
 
+class _GatherSends(_Sends):
+    """A plain socket's sends, whose sendmsg takes only ``take`` bytes (a partial send)."""
+
+    def __init__(self, take: int | None) -> None:
+        super().__init__()
+        self.take = take
+
+    def sendmsg(self, buffers) -> int:
+        data = b"".join(bytes(b) for b in buffers)
+        n = len(data) if self.take is None else min(self.take, len(data))
+        self.sent.append(data[:n])
+        return n
+
+
+def test_one_send_response_sends_a_large_body_beside_its_headers(monkeypatch):
+    """A body of GATHER_SEND bytes or more goes out with its headers by one gathering send
+    (no joined copy of it): the same bytes gunicorn sends, whether the send takes them all
+    or stops inside the headers or inside the body (the rest then follows by sendall); a
+    socket that is not a plain one (TLS) gets the joined send."""
+    from gunicorn.config import Config as GConfig
+
+    from shmmel import httpworker
+
+    body = bytes(range(256)) * (httpworker.GATHER_SEND // 256 + 3)
+    hdrs = [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))]
+    ref = _same_date(b"".join(_gunicorn_response(False, hdrs, [body])))
+    monkeypatch.setattr(httpworker, "_PLAIN_SOCKETS", (_GatherSends,))
+    for take, pieces in ((None, 1), (10, 3), (len(ref) - 5, 2)):
+        req, sock = _Req(), _GatherSends(take)
+        resp = httpworker.OneSendResponse(req, sock, GConfig())
+        resp.start_response("200 OK", hdrs)
+        resp.write(body)
+        resp.close()
+        assert len(sock.sent) == pieces, take
+        assert _same_date(b"".join(sock.sent)) == ref, take
+    # not a plain socket: the joined send (the _Sends fake has no sendmsg)
+    one = _gunicorn_response(True, hdrs, [body])
+    assert len(one) == 1 and _same_date(one[0]) == ref
+
+
 def test_cached_http_date_is_gunicorns_text():
     from shmmel import httpworker
 
@@ -439,6 +480,53 @@ def test_keep_alive_after_read_and_unread_bodies(live):
                 raw += piece
             status, _headers, reply = parse_reply(raw)
             assert status == 200 and json.loads(reply) == expected, raw
+    finally:
+        sock.close()
+
+
+@pytest.mark.e2e
+def test_pipelined_requests_with_bodies_in_one_send(live):
+    """Headers, body, the next request's headers and body, all in one send: each request's
+    body reaches its app (the header reader hands the parser the headers alone and puts
+    the rest back after them, httpworker._gather), a session chunk's too."""
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+
+    def answers(n: int) -> list[tuple[int, dict, bytes]]:
+        got, raw = [], b""
+        while len(got) < n:
+            piece = sock.recv(1 << 20)
+            assert piece, (got, raw[:200])
+            raw += piece
+            while _complete(raw):
+                head, _, rest = raw.partition(b"\r\n\r\n")
+                size = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                got.append(parse_reply(head + b"\r\n\r\n" + rest[:size]))
+                raw = rest[size:]
+        assert raw == b""
+        return got
+
+    def chunk(sid: str, pcm: bytes) -> bytes:
+        return (f"POST /audio/streams/{sid} HTTP/1.1\r\nHost: x\r\nAccept: "
+                f"application/octet-stream\r\nContent-Type: audio/L16;rate=16000\r\n"
+                f"Content-Length: {len(pcm)}\r\n\r\n").encode() + pcm
+
+    opened = b"POST /audio/streams HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    try:
+        sock.sendall(opened + opened)  # two streams: one for the pipelined chunk, one alone
+        ids = [json.loads(a[2])["stream_id"] for a in answers(2)]
+        pcm = (np.sin(np.arange(16000) / 5.0) * 8000).astype("<i2").tobytes()
+        words = [json.dumps({"message": m, "op": "reverse"}).encode() for m in ("abc", "xyz")]
+        process = [(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: %d\r\n\r\n" % len(w)) + w for w in words]
+        sock.sendall(process[0] + chunk(ids[0], pcm) + process[1])
+        piped = answers(3)
+        assert [a[0] for a in piped] == [200, 200, 200], piped
+        assert json.loads(piped[0][2]) == {"result": "cba"}
+        assert json.loads(piped[2][2]) == {"result": "zyx"}
+        sock.sendall(chunk(ids[1], pcm))  # the same audio, alone, on a fresh stream
+        (alone,) = answers(1)
+        assert alone[0] == 200 and len(alone[2]) > 1000
+        assert piped[1][2] == alone[2]  # the same frames, bit for bit
     finally:
         sock.close()
 

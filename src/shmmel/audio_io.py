@@ -156,6 +156,7 @@ class BodyReader:
         reader = getattr(stream, "reader", None)
         parser = getattr(reader, "parser", None)
         self._parser = parser if type(reader).__name__ == "ChunkedReader" else None
+        self._body = self._gunicorn_body()  # asked several times a request: once here
 
     def unread(self, data: bytes) -> None:
         self.pending = data + self.pending
@@ -215,12 +216,14 @@ class BodyReader:
             return 0
         un = body.reader.unreader
         length = body.reader.length
-        held = un.buf.getbuffer().nbytes
+        # sizes by seek (every reader of these buffers seeks to their end first):
+        # getbuffer() would copy a buffer that shares its bytes (io.BytesIO(data))
+        held = un.buf.seek(0, 2)
         # beyond the reader's length the bytes are the next pipelined request's; the kernel
         # is asked only when the buffers fall short (the headers' read usually took the
         # whole body): the ioctl lets the GIL go, and under load taking it back is a wait
         later = min(held if held >= length else held + unread_bytes(un.sock), length)
-        return len(self.pending) + body.buf.getbuffer().nbytes + later
+        return len(self.pending) + body.buf.seek(0, 2) + later
 
     def wait_arrived(self, n: int, deadline: float) -> bool:
         """Whether ``n`` body bytes are here (:meth:`arrived`), looking again every
@@ -242,6 +245,9 @@ class BodyReader:
     def _direct(self):
         """gunicorn's body object (``Body`` > ``LengthReader`` > ``SocketUnreader``) when
         its socket may be read directly; else None."""
+        return self._body
+
+    def _gunicorn_body(self):
         s = self.stream
         reader = getattr(s, "reader", None)
         if (type(s).__name__ != "Body" or type(reader).__name__ != "LengthReader"
@@ -253,16 +259,15 @@ class BodyReader:
     def _take(holder, out: memoryview) -> int:
         """Move up to ``len(out)`` bytes from ``holder.buf`` (a BytesIO) into ``out``."""
         buf = holder.buf
-        buf.seek(0, 2)
-        if not buf.tell() or not len(out):
+        if not len(out) or not buf.seek(0, 2):
             return 0
-        with buf.getbuffer() as data:  # no copy of what may be a whole chunk's body
-            k = min(len(out), len(data))
-            out[:k] = data[:k]
-            rest = bytes(data[k:]) if k < len(data) else b""
-        holder.buf = type(buf)()
-        if rest:
-            holder.buf.write(rest)
+        # the buffer's own bytes where it holds them whole (a buffer made from bytes, as the
+        # header reader's is: httpworker._gather): no copy before the one into ``out``
+        data = buf.getvalue()
+        k = min(len(out), len(data))
+        out[:k] = memoryview(data)[:k]
+        holder.buf = rest = type(buf)(data[k:]) if k < len(data) else type(buf)()
+        rest.seek(0, 2)  # at its end, as after a write (gunicorn's Body sizes by tell())
         return k
 
     @classmethod

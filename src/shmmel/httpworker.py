@@ -83,6 +83,7 @@ _BYTES_RECEIVED = struct.Struct("<Q")
 _BYTES_RECEIVED_OFF = 128      # struct tcp_info: tcpi_bytes_received (Linux >= 4.1)
 ACCEPT_HOLD = 0.005            # seconds a process leaves the listener to a less-loaded sibling
 ACCEPT_DEFER_MAX = 0.05        # then takes the connection itself, however loaded
+GATHER_SEND = 8192             # a body this large is sent beside its headers, not joined
 
 
 # Sockets (by descriptor) whose connection must close after the response being written: the
@@ -158,6 +159,7 @@ class QuietSocket(socket.socket):
         super().settimeout(timeout)
 
 
+_PLAIN_SOCKETS = (socket.socket, QuietSocket)
 _http_date = util.http_date
 _date_cache: tuple[int, str] = (0, "")
 
@@ -179,7 +181,7 @@ def http_date(timestamp: float | None = None) -> str:
 
 class OneSendResponse(wsgi.Response):
     """gunicorn's response, but a body given in one piece with its Content-Length goes out
-    with the headers in one ``sendall`` (gunicorn sends the headers, then the body: two
+    with the headers in one send (gunicorn sends the headers, then the body: two
     syscalls and two TCP segments, each send releasing the GIL, a hand-over to a waiting
     thread under load, and each segment a wake-up of the client). Anything else (chunked,
     several pieces, HEAD, a length that does not match) takes gunicorn's own path."""
@@ -194,7 +196,17 @@ class OneSendResponse(wsgi.Response):
         head = "".join(tosend).encode("latin-1")  # the bytes send_headers makes
         self.headers_sent = True
         self.sent = len(arg)
-        self.sock.sendall(head + arg)
+        if len(arg) < GATHER_SEND or type(self.sock) not in _PLAIN_SOCKETS:  # TLS: no sendmsg
+            self.sock.sendall(head + arg)
+            return
+        # a large body (a chunk's frames) goes with the headers by one gathering send: no
+        # copy of it into a joined buffer first
+        n = self.sock.sendmsg((head, arg))
+        if n < len(head):
+            self.sock.sendall(head[n:])
+            n = len(head)
+        if n - len(head) < len(arg):
+            self.sock.sendall(memoryview(arg)[n - len(head):])
 
 
 _ip_in_allow_list = getattr(message, "_ip_in_allow_list", None)
@@ -246,6 +258,12 @@ def _lean_gunicorn() -> None:
                                        "_omits_body", "headers")) and \
             hasattr(wsgi.Response, "default_headers") and wsgi.Response is not OneSendResponse:
         wsgi.Response = OneSendResponse
+
+
+def _take_buffered(unreader: Any) -> bytes:
+    """What gunicorn's unreader holds, taken (``take_buffered``); b"" at the cost of one
+    seek when it holds nothing, as it usually does."""
+    return unreader.take_buffered() if unreader.buf.seek(0, 2) else b""
 
 
 def body_read(conn: Any) -> bool:
@@ -457,36 +475,50 @@ class ShmmelThreadWorker(ThreadWorker):
                 pass
 
     def _gather(self, conn: Any) -> bool:
-        """Read what the socket holds into the connection's parser buffer (non-blocking);
-        True once the headers are complete (or too long: the parser then answers 431)."""
+        """Read what the socket holds (non-blocking) until the request headers are complete
+        (or too long: the parser then answers 431); True then.
+
+        The parser is given the headers alone; the bytes that came after them (a chunk's
+        body, usually all of it: one ``recv`` of up to 64 KiB) wait in ``conn.hbody`` until
+        the headers are parsed (:meth:`handle_request` puts them back). gunicorn's Python
+        parser copies everything its buffer holds several times over while it looks for
+        the end of the headers (a bytearray, ``bytes()`` of it per line and per look, the
+        slice after the headers, the unread), so a 32 KB body that came with its headers
+        was copied about eight times before the app saw it (py-spy on the GPU host: this
+        method and the parse held the GIL ~45 us a session chunk, ~20 us more than the bare
+        app's reads)."""
         if conn.is_http2 or not self._plain:
             return True  # not ours to buffer: gunicorn's own path
-        buf = getattr(conn, "hbuf", None)
-        if buf is None:
-            buf = conn.hbuf = bytearray()
-            if conn.parser is not None:  # a kept-alive connection may hold read-ahead
-                buf += conn.parser.unreader.take_buffered()
-        while HEADER_END not in buf and len(buf) < MAX_HEADER_BYTES:
+        data = getattr(conn, "hbuf", None)  # bytes gathered so far (None: a new request)
+        if data is None:
+            # a kept-alive connection may hold read-ahead (the next request, pipelined)
+            data = _take_buffered(conn.parser.unreader) if conn.parser is not None else b""
+        while (end := data.find(HEADER_END)) < 0 and len(data) < MAX_HEADER_BYTES:
             try:
-                data = conn.sock.recv(65536, socket.MSG_DONTWAIT)  # whatever the socket's mode
+                more = conn.sock.recv(65536, socket.MSG_DONTWAIT)  # whatever the socket's mode
             except (BlockingIOError, InterruptedError):
+                conn.hbuf = data
                 return False
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    conn.hbuf = data
                     return False
                 raise _Closed() from None
-            if not data:
+            if not more:
                 raise _Closed()
-            buf += data
+            data = data + more if data else more  # the usual first read: no copy
+        conn.hbuf = None
         if conn.parser is None:
             conn.init()  # plain HTTP/1: only creates the parser
         unreader = conn.parser.unreader
-        rest = unreader.take_buffered()
-        unreader.buf = io.BytesIO()
-        unreader.buf.write(buf)  # a bytearray as it is: a chunk's body came with it
-        if rest:
-            unreader.buf.write(rest)
-        conn.hbuf = None
+        rest = _take_buffered(unreader)
+        if end < 0:  # too long: all of it to the parser, which refuses it
+            head, conn.hbody = data + rest, None
+        else:
+            end += len(HEADER_END)
+            head, after = data[:end], data[end:] + rest if rest else data[end:]
+            conn.hbody = after or None
+        unreader.buf = io.BytesIO(head)  # shares the bytes: no copy
         return True
 
     # -- keep-alive: the next request in the same thread -------------------------------------
@@ -526,8 +558,10 @@ class ShmmelThreadWorker(ThreadWorker):
         if conn.is_http2 or not self._plain:
             return False
         if getattr(conn, "hbuf", None) is None and not conn.parser.unreader.buf.seek(0, 2):
-            poll = select.poll()
-            poll.register(conn.sock, select.POLLIN)
+            poll = getattr(conn, "lpoll", None)  # one per connection, made at its first linger
+            if poll is None:
+                poll = conn.lpoll = select.poll()
+                poll.register(conn.sock, select.POLLIN)
             if not poll.poll(self.linger_ms):
                 return False
         try:
@@ -536,12 +570,29 @@ class ShmmelThreadWorker(ThreadWorker):
             return None
 
     # -- the body: a minimum rate ---------------------------------------------------------------
+    @staticmethod
+    def _put_back(conn: Any) -> None:
+        """The bytes read after the request's headers (see :meth:`_gather`) back in the
+        parser's buffer, once the headers are parsed: after anything it left unread."""
+        after = getattr(conn, "hbody", None)
+        if after is not None:
+            conn.hbody = None
+            unreader = conn.parser.unreader
+            left = _take_buffered(unreader)
+            unreader.buf = io.BytesIO(left + after if left else after)  # no copy
+
+    def handle_h2c_upgrade(self, conn: Any, req: Any, settings: Any) -> Any:
+        self._put_back(conn)  # the client's first HTTP/2 frames may have come with them
+        return super().handle_h2c_upgrade(conn, req, settings)
+
     def handle_request(self, req: Any, conn: Any) -> bool:
+        self._put_back(conn)
+        unreader = conn.parser.unreader
         need = next((int(v) for n, v in req.headers if n == "CONTENT-LENGTH" and v.isdigit()), 0)
         if self.min_body_rate and need:
             # body bytes still to come: Content-Length minus what the parser holds and what
             # the kernel has received but nobody has read yet (counted in bytes0 already)
-            held = len(conn.parser.unreader.buf.getvalue())
+            held = unreader.buf.seek(0, 2)  # its size (getbuffer() would copy shared bytes)
             if need > held:  # else the whole body is read already: no syscall for it
                 held += unread_bytes(conn.sock)
                 got = tcp_bytes_received(conn.sock)

@@ -59,6 +59,7 @@ class HttpMetrics:
         self._req = (base + L.METRICS.fields["requests"][1]) >> 3
         self._lat = (base + L.METRICS.fields["latency"][1]) >> 3
         self._sum = (base + L.METRICS.fields["latency_sum"][1]) >> 3
+        self._words: dict[tuple[Any, Any], tuple[int, int, int]] = {}  # see _words_of
         self._total = (shm.layout.http_off + max(row, 0) * L.HTTP.itemsize
                        + L.HTTP.fields["requests"][1]) >> 3
 
@@ -71,15 +72,28 @@ class HttpMetrics:
             return
         now = time.perf_counter()
         elapsed = now - getattr(req.context, "t0", now)
-        r = ROUTE_INDEX[ROUTE_OF_TEMPLATE.get(req.uri_template or "", "other")]
-        c = CODE_INDEX.get(resp.status_code, OTHER_CODE)
+        key = (req.uri_template, resp.status)
+        words = self._words.get(key)
+        if words is None:
+            words = self._words_of(*key)
+        req_w, lat_w, sum_w = words
         b = bisect.bisect_left(BUCKETS, elapsed)
         u64 = self.shm.u64
         with self._lock:  # this process's threads; the row is written by this process only
-            u64[self._req + r * N_CODES + c] += 1
-            u64[self._lat + r * N_BUCKETS + b] += 1
-            self.shm.f64[self._sum + r] += elapsed
+            u64[req_w] += 1
+            u64[lat_w + b] += 1
+            self.shm.f64[sum_w] += elapsed
             u64[self._total] += 1
+
+    def _words_of(self, template: str | None, status: Any) -> tuple[int, int, int]:
+        """The counter words of a route template and a status (as the response holds it),
+        kept: the route and code lookups cost more than the counting, on every request."""
+        r = ROUTE_INDEX[ROUTE_OF_TEMPLATE.get(template or "", "other")]
+        c = CODE_INDEX.get(falcon.http_status_to_code(status), OTHER_CODE)
+        words = (self._req + r * N_CODES + c, self._lat + r * N_BUCKETS, self._sum + r)
+        if len(self._words) < 1024:  # templates are the app's; statuses a handful
+            self._words[(template, status)] = words
+        return words
 
 
 class ShmCollector:

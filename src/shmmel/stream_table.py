@@ -98,6 +98,22 @@ class StreamTable:
         self.part = (None if row is None
                      else L.stream_partition(row, len(self.t), shm.partitions))
         self._idle: collections.deque[int] = collections.deque()  # candidates, this partition
+        # Word indexes for find and release, on every request of a session (through the
+        # shared segment's typed views, like the channel's slot words): a structured field
+        # view (t["state"]) is made anew on each access, and find made nine of them
+        # (py-spy on the GPU host: find and release held the GIL ~19 us a chunk)
+        lay, f = shm.layout, L.STREAM.fields
+        assert lay.streams_off % 8 == 0 and L.STREAM.itemsize % 8 == 0
+        self._u32, self._u64, self._i64, self._f64 = shm.u32, shm.u64, shm.i64, shm.f64
+        self._w4, self._w8 = lay.streams_off >> 2, lay.streams_off >> 3  # entry 0's words
+        self._n4, self._n8 = L.STREAM.itemsize >> 2, L.STREAM.itemsize >> 3  # per entry
+        self._state4, self._worker4, self._gen4, self._mels4 = (
+            f[n][1] >> 2 for n in ("state", "worker", "gen", "n_mels"))
+        self._token8, self._last8, self._busy8 = (
+            f[n][1] >> 3 for n in ("token", "last_used", "busy"))
+        self._wgen4 = (lay.workers_off + L.WORKER.fields["gen"][1]) >> 2  # worker 0's gen
+        self._wn4 = L.WORKER.itemsize >> 2
+        self._n_workers = lay.n_workers
         self._lock = threading.Lock()  # this process's takes: numpy and stores, no syscall
         if self.part is not None:  # a dead predecessor's reservations (the row is ours now)
             s = self.t[self.part.start : self.part.stop]
@@ -183,30 +199,30 @@ class StreamTable:
             i, token = int(a), int(b, 16)
         except ValueError:
             raise UnknownStream(f"no stream {stream_id!r}") from None
-        t = self.t
-        if not 0 <= i < len(t):
+        if not 0 <= i < len(self.t):
             raise UnknownStream(f"no stream {stream_id!r}")
-        state, tok = int(t["state"][i]), int(t["token"][i])
-        k, gen, n_mels = int(t["worker"][i]), int(t["gen"][i]), int(t["n_mels"][i])
+        u32, u64 = self._u32, self._u64
+        e4, e8 = self._w4 + i * self._n4, self._w8 + i * self._n8
+        state, tok = u32[e4 + self._state4], u64[e8 + self._token8]
+        k, gen, n_mels = u32[e4 + self._worker4], u32[e4 + self._gen4], u32[e4 + self._mels4]
         # read again: the fields above belong to this token's stream if it is still there
-        if (state != L.ST_OPEN or tok != token or int(t["token"][i]) != token
-                or int(t["state"][i]) != L.ST_OPEN):
+        if (state != L.ST_OPEN or tok != token or u64[e8 + self._token8] != token
+                or u32[e4 + self._state4] != L.ST_OPEN):
             raise UnknownStream(f"no stream {stream_id!r} (never opened, expired after "
                                 f"{idle_timeout:g} s idle, or closed)")
-        w = self.shm.workers
-        if k >= len(w) or int(w["gen"][k]) != gen:
+        if k >= self._n_workers or u32[self._wgen4 + k * self._wn4] != gen:
             raise StreamLost("the worker holding this stream restarted; open a new stream")
-        t["last_used"][i] = time.monotonic()
+        self._f64[e8 + self._last8] = time.monotonic()  # one aligned store
         return Handle(i, token, k, gen, n_mels)
 
     def release(self, h: Handle) -> None:
         """Done with it for now (the idle clock restarts; an entry this handle allocated is
         not busy any more); a no-op once the entry is reused."""
-        t = self.t
-        if int(t["token"][h.index]) == h.token:
-            t["last_used"][h.index] = time.monotonic()
+        e8 = self._w8 + h.index * self._n8
+        if self._u64[e8 + self._token8] == h.token:
+            self._f64[e8 + self._last8] = time.monotonic()
             if h.held:
-                t["busy"][h.index] = 0
+                self._i64[e8 + self._busy8] = 0
                 h.held = False
 
     def padding(self, i: int) -> int:
