@@ -484,6 +484,76 @@ def test_keep_alive_after_read_and_unread_bodies(live):
         sock.close()
 
 
+def _header_reader(proxy: str = "off"):
+    """A ShmmelThreadWorker's header reader alone (no process), and a connection to read
+    with it: gunicorn's own TConn over one end of a socket pair."""
+    from gunicorn.config import Config as GConfig
+    from gunicorn.workers.gthread import TConn
+
+    from shmmel import httpworker
+
+    cfg = GConfig()
+    cfg.set("proxy_protocol", proxy)
+    w = object.__new__(httpworker.ShmmelThreadWorker)
+    w._plain, w._split_head = True, proxy == "off"
+    ours, theirs = socket.socketpair()
+    return w, TConn(cfg, ours, ("127.0.0.1", 1), ("127.0.0.1", 2)), theirs
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_header_reader_hands_the_parser_the_headers_and_puts_the_body_back(drip):
+    """httpworker._gather gives gunicorn's parser the headers alone and keeps what came
+    after them for handle_request (_put_back): two pipelined requests with bodies, sent at
+    once or a byte at a time (the blank line split across reads), are parsed as sent and
+    each body reads whole, then the next request."""
+    w, conn, peer = _header_reader()
+    bodies = [bytes(range(256)) * 130, b'{"message": "abc"}']
+    wire = b"".join(b"POST /p%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (i, len(b), b) for i, b in enumerate(bodies))
+    try:
+        for i, body in enumerate(bodies):
+            if i == 0 and not drip:
+                peer.sendall(wire)
+            got = w._gather(conn)
+            while drip and not got:
+                peer.sendall(wire[:1])
+                wire = wire[1:]
+                got = w._gather(conn)
+            assert got
+            head = conn.parser.unreader.buf.getvalue()  # what the parser is given
+            assert head.startswith(b"POST /p%d " % i) and head.endswith(b"\r\n\r\n"), head
+            assert head.count(b"\r\n\r\n") == 1 and len(head) < 80
+            req = next(conn.parser)
+            w._put_back(conn)
+            assert req.path == f"/p{i}" and conn.hbody is None
+            if drip:
+                peer.sendall(wire[:len(body)])  # the body follows the headers
+                wire = wire[len(body):]
+            assert req.body.read() == body
+    finally:
+        peer.close()
+        conn.sock.close()
+
+
+def test_header_reader_gives_a_proxy_protocol_request_to_the_parser_whole():
+    """With a PROXY protocol header allowed (its v2 signature starts with a blank line),
+    the header reader does not split: gunicorn's parser gets all it read."""
+    w, conn, peer = _header_reader("v2")
+    proxy = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack(">H", 12)
+             + bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack(">HH", 1000, 80))
+    try:
+        peer.sendall(proxy + b"POST /q HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        peer.shutdown(socket.SHUT_WR)  # a parser short of bytes fails rather than waits
+        assert w._gather(conn)
+        assert conn.hbody is None
+        req = next(conn.parser)
+        w._put_back(conn)
+        assert req.path == "/q" and req.body.read() == b"abc"
+    finally:
+        peer.close()
+        conn.sock.close()
+
+
 @pytest.mark.e2e
 def test_pipelined_requests_with_bodies_in_one_send(live):
     """Headers, body, the next request's headers and body, all in one send: each request's

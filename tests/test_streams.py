@@ -237,7 +237,9 @@ def test_the_supervisor_frees_a_dead_producers_reserved_and_stale_entries(small)
     pid = fork(shm, dies_mid_open)
     st = shm.streams["state"]
     deadline = time.monotonic() + 10
-    while int((st == L.ST_RESERVED).sum()) == 0 and time.monotonic() < deadline:
+    # each allocate passes through RESERVED before it publishes OPEN: wait for the end state
+    while (int((st == L.ST_OPEN).sum()) < 2 or int((st == L.ST_RESERVED).sum()) == 0) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     assert int((st == L.ST_OPEN).sum()) == 2 and int((st == L.ST_RESERVED).sum()) == 1
     table = StreamTable(shm)

@@ -343,6 +343,9 @@ class ShmmelThreadWorker(ThreadWorker):
         set_switch_interval(app_cfg)
         keep_freed_memory(int(getattr(app_cfg, "malloc_keep_mb", 0)))
         self._plain = not self.cfg.is_ssl  # constant; a property lookup on every read
+        # the parser gets the headers alone (see _gather) unless a PROXY protocol header may
+        # precede them ("off" in gunicorn >= 24, False before)
+        self._split_head = getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None)
         self.reading: dict[Any, float] = {}      # conn -> header deadline
         self.bodies: dict[Any, tuple[float, int, int]] = {}  # conn -> (start, need, bytes0)
         self._next_body_check = 0.0
@@ -489,11 +492,14 @@ class ShmmelThreadWorker(ThreadWorker):
         app's reads)."""
         if conn.is_http2 or not self._plain:
             return True  # not ours to buffer: gunicorn's own path
-        data = getattr(conn, "hbuf", None)  # bytes gathered so far (None: a new request)
+        data = getattr(conn, "hbuf", None)  # what came so far (None: a new request)
         if data is None:
             # a kept-alive connection may hold read-ahead (the next request, pipelined)
             data = _take_buffered(conn.parser.unreader) if conn.parser is not None else b""
-        while (end := data.find(HEADER_END)) < 0 and len(data) < MAX_HEADER_BYTES:
+            end = data.find(HEADER_END)
+        else:
+            end = -1  # looked through when it was kept
+        while end < 0 and len(data) < MAX_HEADER_BYTES:
             try:
                 more = conn.sock.recv(65536, socket.MSG_DONTWAIT)  # whatever the socket's mode
             except (BlockingIOError, InterruptedError):
@@ -506,13 +512,24 @@ class ShmmelThreadWorker(ThreadWorker):
                 raise _Closed() from None
             if not more:
                 raise _Closed()
-            data = data + more if data else more  # the usual first read: no copy
+            if not data:  # the usual case: the whole request in one read, kept as it is
+                data, end = more, more.find(HEADER_END)
+            else:  # headers in pieces (a slow client): appended, and only the new bytes
+                if type(data) is bytes:  # looked through (with the three before them)
+                    data = bytearray(data)
+                seen = len(data)
+                data += more
+                end = data.find(HEADER_END, max(0, seen - 3))
         conn.hbuf = None
+        if type(data) is bytearray:
+            data = bytes(data)
         if conn.parser is None:
             conn.init()  # plain HTTP/1: only creates the parser
         unreader = conn.parser.unreader
         rest = _take_buffered(unreader)
-        if end < 0:  # too long: all of it to the parser, which refuses it
+        if end < 0 or not self._split_head:
+            # too long (the parser refuses it), or a PROXY protocol header comes first (its
+            # v2 signature starts with the blank line): all of it to the parser
             head, conn.hbody = data + rest, None
         else:
             end += len(HEADER_END)
