@@ -231,25 +231,28 @@ class AudioCalls:
         return self.push(slot, h, bytes(2 * pad), L.FMT_S16LE, final=True, copy=copy,
                          provisional=provisional)
 
+    @staticmethod
+    def _upload_flags(h: Handle) -> int:
+        """A push's flags for an upload's stream: named by its slot (``PUSH_SLOT``), opened
+        by its first piece (``PUSH_OPEN``, with its n_mels); 0 for a session stream."""
+        if not h.slot_keyed:
+            return 0
+        return L.PUSH_SLOT | (0 if h.opened else L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT)
+
     def _push_in_slot(self, slot: Slot, h: Handle, size: int, fmt: int, final: bool,
                       copy: bool, provisional: bool) -> FrameBatch:
-        """:meth:`push` of ``size`` bytes already in the slot to a session stream: one
-        piece, one round trip, its seq its lease (what a session chunk does on every request,
-        without the loop over pieces: py-spy on the GPU host had push's own lines at ~15 us
-        of held GIL a chunk)."""
+        """:meth:`push` of ``size`` bytes the caller read into the slot: one piece, one round
+        trip (a session chunk on every request: without the loop over pieces, whose own
+        lines py-spy on the GPU host had at ~15 us of held GIL a chunk)."""
         width = L.FMT_WIDTH[fmt]
         if size % width:
             raise BadRequest(f"{size} bytes is not a whole number of {width}-byte samples")
         if size > self.push_samples(fmt, h.n_mels) * width:
             raise ValueError("samples already in the slot go as one piece")
         flags = L.PUSH_LAST_PIECE | (L.PUSH_FINAL if final else 0) | \
-            (L.PUSH_PROVISIONAL if provisional else 0)
-        seq = self.producer.next_seq()
-        slot.submit(h.worker, h.gen, L.OP_AUDIO_PUSH, size, seq, (fmt, flags, h.token, seq),
-                    h.index)
-        slot.wait(self.config.request_timeout)
-        r = slot.reply(copy=False)
-        check_reply(slot, r.status)
+            (L.PUSH_PROVISIONAL if provisional else 0) | self._upload_flags(h)
+        r = self.call(slot, h, L.OP_AUDIO_PUSH, size, (fmt, flags), self.producer.next_seq())
+        h.opened = True
         k, n_mels = r.r1, h.n_mels
         if k:
             frames = np.frombuffer(slot.view(k * n_mels * 4), "<f4").reshape(k, n_mels)
@@ -273,37 +276,27 @@ class AudioCalls:
         piece comes back normalised by the worker (``FrameBatch.normalised``: for a caller
         that only wants :meth:`FrameBatch.provisional`; layout.PUSH_PROVISIONAL); pieces of
         a longer one come back raw, as their batch is normalised with the last one's max."""
-        if type(data) is int and not h.slot_keyed:
+        if type(data) is int:
             return self._push_in_slot(slot, h, data, fmt, final, copy, provisional)
         width = L.FMT_WIDTH[fmt]
-        in_slot = type(data) is int
-        size = data if in_slot else len(data)
+        size = len(data)
         if size % width:
             raise BadRequest(f"{size} bytes is not a whole number of {width}-byte samples")
         step = self.push_samples(fmt, h.n_mels) * width
-        if in_slot and size > step:
-            raise ValueError("samples already in the slot go as one piece")
-        view = None if in_slot else memoryview(data)
+        view = memoryview(data)
         norm = provisional and size <= step
         parts: list[np.ndarray] = []
         start, running_max, pos = -1, float("-inf"), 0
         lease = self.producer.next_seq()
         while True:
-            if view is None:
-                n = pos = size
-            else:
-                piece = view[pos : pos + step]
-                n = len(piece)
-                pos += n
-                slot.view(n)[:] = piece
+            piece = view[pos : pos + step]
+            n = len(piece)
+            pos += n
+            slot.view(n)[:] = piece
             last = pos >= size
             is_final = final and last
             flags = (L.PUSH_FINAL if is_final else 0) | (L.PUSH_LAST_PIECE if last else 0) | \
-                (L.PUSH_PROVISIONAL if norm else 0)
-            if h.slot_keyed:
-                flags |= L.PUSH_SLOT
-                if not h.opened:
-                    flags |= L.PUSH_OPEN | h.n_mels << L.PUSH_MELS_SHIFT
+                (L.PUSH_PROVISIONAL if norm else 0) | self._upload_flags(h)
             r = self.call(slot, h, L.OP_AUDIO_PUSH, n, (fmt, flags), lease)
             h.opened = True
             k = r.r1

@@ -156,7 +156,7 @@ class BodyReader:
         reader = getattr(stream, "reader", None)
         parser = getattr(reader, "parser", None)
         self._parser = parser if type(reader).__name__ == "ChunkedReader" else None
-        self._body = self._gunicorn_body()  # asked several times a request: once here
+        self._body = self._direct()  # asked several times a request: looked up once
 
     def unread(self, data: bytes) -> None:
         self.pending = data + self.pending
@@ -188,7 +188,7 @@ class BodyReader:
             got = min(n, len(self.pending))
             out[:got] = self.pending[:got]
             self.pending = self.pending[got:]
-        direct = self._direct()
+        direct = self._body
         while got < n:
             if direct is not None:
                 k = self._recv_into(direct, out[got:])
@@ -211,7 +211,7 @@ class BodyReader:
         """Body bytes readable now without waiting: held here, in gunicorn's buffers, or
         received by the kernel (FIONREAD) and not yet read; 0 where that cannot be known
         (other servers, chunked bodies), which callers take as "not here"."""
-        body = self._direct()
+        body = self._body
         if body is None:
             return 0
         un = body.reader.unreader
@@ -240,14 +240,11 @@ class BodyReader:
     def sees_arrival(self) -> bool:
         """Whether :meth:`arrived` can tell what has arrived (gunicorn, a body with a
         Content-Length)."""
-        return self._direct() is not None
+        return self._body is not None
 
     def _direct(self):
         """gunicorn's body object (``Body`` > ``LengthReader`` > ``SocketUnreader``) when
         its socket may be read directly; else None."""
-        return self._body
-
-    def _gunicorn_body(self):
         s = self.stream
         reader = getattr(s, "reader", None)
         if (type(s).__name__ != "Body" or type(reader).__name__ != "LengthReader"
